@@ -1,0 +1,273 @@
+"""Typed configuration for every part of duet.
+
+Hydra composes YAML from `configs/` at the edge (`launch/run.py`) and turns it into these
+dataclasses; nothing below the launcher ever sees a `DictConfig`. `validate()` returns one
+line per problem (naming the key and the fix) so the launcher can refuse a run before any
+worker starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 2048
+    dim: int = 128
+    n_layers: int = 3
+    n_dense_layers: int = 1  # the first k blocks use a dense SwiGLU instead of MoE
+    dense_inter_dim: int = 384
+    max_seq_len: int = 256
+    norm_eps: float = 1e-6
+    init_std: float = 0.006
+    # Multi-head latent attention (MLA). q_lora_rank == 0 means no query compression (V2-Lite).
+    n_heads: int = 4
+    q_lora_rank: int = 64
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    # RoPE with optional YaRN scaling; rope_factor == 1 means plain RoPE.
+    rope_theta: float = 10000.0
+    rope_factor: float = 1.0
+    original_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    # DeepSeekMoE: shared experts plus fine-grained routed experts.
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2  # top-k
+    moe_inter_dim: int = 64
+    n_expert_groups: int = 4
+    n_limited_groups: int = 2  # top groups kept per token
+    score_func: str = "sigmoid"  # sigmoid (V3) or softmax (V2)
+    route_scale: float = 2.5  # routed_scaling_factor
+    norm_topk_prob: bool = True  # renormalise the selected weights to sum 1
+    # Load balancing: aux-loss-free bias (gamma == 0 disables) and the sequence-wise loss.
+    bias_update_rate: float = 0.001
+    seq_aux_alpha: float = 1e-4
+    # Multi-token prediction: depth D (0 disables) and loss weight lambda.
+    mtp_depth: int = 1
+    mtp_loss_weight: float = 0.3
+
+
+@dataclass
+class ParallelConfig:
+    """Filled by the distributed issues; a single process uses the defaults."""
+
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    schedule: str = "1f1b"  # gpipe, 1f1b, dualpipe, dualpipev
+    micro_batches: int = 1
+
+
+@dataclass
+class PrecisionConfig:
+    compute: str = "bf16"  # fp32, bf16 (fp8 arrives with the FP8 issue)
+    moment_dtype: str = "fp32"  # AdamW moments: fp32 or bf16 (V3 uses bf16)
+
+
+@dataclass
+class DataConfig:
+    # "stdlib" is the embedded corpus: this Python's own standard library sources.
+    # Otherwise a path to a .txt/.py text file, a .jsonl file with a `text` field,
+    # or a pre-tokenized .bin memmap.
+    source: str = "stdlib"
+    bin_dtype: str = "uint16"  # dtype of a .bin memmap: uint16 or uint32
+    tokenizer: str = "bpe"  # bpe (trained locally, cached in the run folder) or byte
+    max_corpus_mb: float = 4.0  # cap on text read for the corpus and tokenizer training
+    seq_len: int = 128
+    batch_size: int = 16  # global batch, in sequences
+    val_fraction: float = 0.05
+    seed: int = 1234
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 20
+    # cosine: warm-up then cosine to min_lr over the run.
+    # deepseek: warm-up, constant until decay_start, cosine to min_lr until decay_end,
+    # then steps down to each of step_lrs at the fractions in step_at.
+    schedule: str = "cosine"
+    decay_start: float = 0.5
+    decay_end: float = 0.9
+    step_lrs: list[float] = field(default_factory=list)
+    step_at: list[float] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # steps between saves; 0 saves only at the end
+    keep_last: int = 2
+    resume: bool = True  # resume from the latest checkpoint in the run folder, if any
+    load_from: str = ""  # an explicit checkpoint folder to start from
+
+
+@dataclass
+class LaunchConfig:
+    """Filled by the distributed-runtime issue."""
+
+    mode: str = "local"  # local, simulated, torchrun, slurm
+    nproc: int = 1
+    dry_run: bool = False
+    max_restarts: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = True
+    log_interval: int = 10  # steps between JSONL records
+    wandb_mode: str = "auto"  # auto (online with a key, else offline), online, offline, disabled
+    wandb_project: str = "duet"
+    sample_tokens: int = 48  # greedy sample printed at the end; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    steps: int = 300
+    eval_interval: int = 100  # 0 evaluates only at the end
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "auto"  # auto (cuda when present), cpu, cuda
+    run_dir: str = "runs/default"
+
+
+SCORE_FUNCS = ("sigmoid", "softmax")
+SCHEDULES = ("gpipe", "1f1b", "dualpipe", "dualpipev")
+COMPUTE_DTYPES = ("fp32", "bf16")
+MOMENT_DTYPES = ("fp32", "bf16")
+LR_SCHEDULES = ("cosine", "deepseek", "constant")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+LAUNCH_MODES = ("local", "simulated", "torchrun", "slurm")
+TOKENIZERS = ("bpe", "byte")
+BIN_DTYPES = ("uint16", "uint32")
+
+
+def _model_problems(m: ModelConfig) -> list[str]:
+    p: list[str] = []
+    positive = ("vocab_size", "dim", "n_layers", "n_heads", "kv_lora_rank", "qk_rope_head_dim",
+                "v_head_dim", "max_seq_len", "n_routed_experts", "n_activated_experts",
+                "moe_inter_dim", "n_expert_groups", "n_limited_groups")
+    for key in positive:
+        if getattr(m, key) <= 0:
+            p.append(f"model.{key}={getattr(m, key)}: must be positive")
+    for key in ("q_lora_rank", "n_shared_experts", "mtp_depth", "qk_nope_head_dim",
+                "bias_update_rate", "seq_aux_alpha", "mtp_loss_weight"):
+        if getattr(m, key) < 0:
+            p.append(f"model.{key}={getattr(m, key)}: must be >= 0")
+    if p:
+        return p
+    if not 0 <= m.n_dense_layers <= m.n_layers:
+        p.append(f"model.n_dense_layers={m.n_dense_layers}: must lie in [0, model.n_layers={m.n_layers}]")
+    if m.n_dense_layers > 0 and m.dense_inter_dim <= 0:
+        p.append(f"model.dense_inter_dim={m.dense_inter_dim}: must be positive when dense layers exist")
+    if m.qk_rope_head_dim % 2:
+        p.append(f"model.qk_rope_head_dim={m.qk_rope_head_dim}: must be even (RoPE rotates pairs)")
+    if m.score_func not in SCORE_FUNCS:
+        p.append(f"model.score_func={m.score_func!r}: choose one of {', '.join(SCORE_FUNCS)}")
+    if m.n_activated_experts > m.n_routed_experts:
+        p.append(f"model.n_activated_experts={m.n_activated_experts}: top-k larger than "
+                 f"model.n_routed_experts={m.n_routed_experts}; lower it")
+    elif m.n_routed_experts % m.n_expert_groups:
+        p.append(f"model.n_expert_groups={m.n_expert_groups}: must divide "
+                 f"model.n_routed_experts={m.n_routed_experts}")
+    elif m.n_limited_groups > m.n_expert_groups:
+        p.append(f"model.n_limited_groups={m.n_limited_groups}: more than "
+                 f"model.n_expert_groups={m.n_expert_groups}")
+    elif m.n_activated_experts > m.n_limited_groups * (m.n_routed_experts // m.n_expert_groups):
+        p.append(f"model.n_activated_experts={m.n_activated_experts}: more than the "
+                 f"{m.n_limited_groups} kept groups hold; raise model.n_limited_groups")
+    if m.rope_factor < 1:
+        p.append(f"model.rope_factor={m.rope_factor}: must be >= 1 (1 disables YaRN)")
+    return p
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every problem with `cfg`, one line each naming the key and the fix; [] means valid."""
+    p = _model_problems(cfg.model)
+    d, o = cfg.data, cfg.optim
+    if d.seq_len <= 0 or d.batch_size <= 0:
+        p.append(f"data.seq_len={d.seq_len}, data.batch_size={d.batch_size}: both must be positive")
+    elif d.seq_len > cfg.model.max_seq_len:
+        p.append(f"data.seq_len={d.seq_len}: longer than model.max_seq_len="
+                 f"{cfg.model.max_seq_len} (the RoPE table); shorten it or raise model.max_seq_len")
+    if not d.source:
+        p.append("data.source is empty: give a .txt/.jsonl/.bin path or data.source=stdlib")
+    elif d.source != "stdlib" and not Path(d.source).expanduser().is_file():
+        p.append(f"data.source={d.source!r}: file not found; give an existing .txt/.jsonl/.bin "
+                 f"path or data.source=stdlib")
+    if d.tokenizer not in TOKENIZERS:
+        p.append(f"data.tokenizer={d.tokenizer!r}: choose one of {', '.join(TOKENIZERS)}")
+    if d.bin_dtype not in BIN_DTYPES:
+        p.append(f"data.bin_dtype={d.bin_dtype!r}: choose one of {', '.join(BIN_DTYPES)}")
+    if d.tokenizer == "byte" and cfg.model.vocab_size < 256:
+        p.append(f"model.vocab_size={cfg.model.vocab_size}: the byte tokenizer needs >= 256")
+    if not 0 < d.val_fraction < 1:
+        p.append(f"data.val_fraction={d.val_fraction}: must lie strictly between 0 and 1")
+    if d.max_corpus_mb <= 0:
+        p.append(f"data.max_corpus_mb={d.max_corpus_mb}: must be positive")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        p.append(f"optim.lr={o.lr}: must be a positive number")
+    elif o.min_lr < 0 or o.min_lr > o.lr:
+        p.append(f"optim.min_lr={o.min_lr}: must lie in [0, optim.lr={o.lr}]")
+    if o.weight_decay < 0 or o.grad_clip < 0 or o.warmup_steps < 0 or o.eps <= 0:
+        p.append("optim.weight_decay, optim.grad_clip and optim.warmup_steps must be >= 0 "
+                 "and optim.eps > 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas={list(o.betas)}: give two numbers in [0, 1)")
+    if o.schedule not in LR_SCHEDULES:
+        p.append(f"optim.schedule={o.schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    if not 0 <= o.decay_start <= o.decay_end <= 1:
+        p.append(f"optim.decay_start={o.decay_start}, optim.decay_end={o.decay_end}: "
+                 "need 0 <= decay_start <= decay_end <= 1")
+    if len(o.step_lrs) != len(o.step_at):
+        p.append("optim.step_lrs and optim.step_at must have the same length")
+    if cfg.precision.compute not in COMPUTE_DTYPES:
+        p.append(f"precision.compute={cfg.precision.compute!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
+    if cfg.precision.moment_dtype not in MOMENT_DTYPES:
+        p.append(f"precision.moment_dtype={cfg.precision.moment_dtype!r}: choose one of "
+                 f"{', '.join(MOMENT_DTYPES)}")
+    if cfg.steps <= 0:
+        p.append(f"steps={cfg.steps}: must be positive")
+    if cfg.eval_interval < 0 or cfg.eval_batches <= 0:
+        p.append("eval_interval must be >= 0 and eval_batches > 0")
+    if cfg.checkpoint.interval < 0 or cfg.checkpoint.keep_last < 1:
+        p.append("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+    if cfg.checkpoint.load_from and not Path(cfg.checkpoint.load_from).is_dir():
+        p.append(f"checkpoint.load_from={cfg.checkpoint.load_from!r}: no such checkpoint folder")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        p.append(f"device={cfg.device!r}: choose auto, cpu or cuda")
+    if cfg.logging.wandb_mode not in WANDB_MODES:
+        p.append(f"logging.wandb_mode={cfg.logging.wandb_mode!r}: choose one of {', '.join(WANDB_MODES)}")
+    par = cfg.parallel
+    if par.schedule not in SCHEDULES:
+        p.append(f"parallel.schedule={par.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if min(par.pp, par.dp, par.ep, par.micro_batches) < 1:
+        p.append("parallel.pp, parallel.dp, parallel.ep and parallel.micro_batches must be >= 1")
+    elif (par.pp, par.dp, par.ep) != (1, 1, 1):
+        p.append("parallel.pp/dp/ep > 1 need the distributed runtime, which is not built yet; "
+                 "leave them at 1")
+    if cfg.launch.mode not in LAUNCH_MODES:
+        p.append(f"launch.mode={cfg.launch.mode!r}: choose one of {', '.join(LAUNCH_MODES)}")
+    return p

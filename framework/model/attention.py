@@ -1,0 +1,78 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3), training form.
+
+Queries optionally go through a low-rank bottleneck (q_lora_rank > 0: wq_a -> RMSNorm -> wq_b;
+0: a plain wq, as in V2-Lite). Keys and values share one compressed latent c_kv (wkv_a ->
+RMSNorm) that wkv_b expands per head into the no-position key part and the value. Position
+enters only through a small decoupled rope key, computed once from the input and shared by all
+heads (wkv_a emits it beside the latent). Training does not need the absorbed inference form;
+the expanded keys/values go through a causal scaled-dot-product attention.
+
+Legend: B batch, T sequence, D model dim, H heads, N no-rope head dim, R rope head dim,
+V value head dim, Q q_lora_rank, C kv_lora_rank.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework.config import ModelConfig
+from framework.model.norm import RMSNorm
+from framework.model.rope import apply_rope, rope_tables, softmax_scale
+
+# DeepSeek's reference and transformers both build the two latent norms with eps 1e-6 regardless
+# of the model's norm eps; keep that so imported checkpoints behave identically.
+LATENT_NORM_EPS = 1e-6
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, N, R, V = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.n_heads, self.nope_dim, self.rope_dim, self.v_dim = H, N, R, V
+        if cfg.q_lora_rank > 0:
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, H * (N + R), bias=False)
+        else:
+            self.wq = nn.Linear(cfg.dim, H * (N + R), bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + R, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, H * (N + V), bias=False)
+        self.wo = nn.Linear(H * V, cfg.dim, bias=False)
+        self.scale = softmax_scale(cfg)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H, N, R, V = self.n_heads, self.nope_dim, self.rope_dim, self.v_dim
+        cos_TF, sin_TF = rope_tables(self.cfg, T, x_BTD.device)
+
+        if self.cfg.q_lora_rank > 0:
+            q_BTX = self.wq_b(self.q_norm(self.wq_a(x_BTD)))
+        else:
+            q_BTX = self.wq(x_BTD)
+        q_BTHK = q_BTX.view(B, T, H, N + R)
+        q_nope_BTHN, q_rope_BTHR = q_BTHK.split([N, R], dim=-1)
+        q_rope_BTHR = apply_rope(q_rope_BTHR, cos_TF, sin_TF)
+
+        kv_BTX = self.wkv_a(x_BTD)
+        c_kv_BTC, k_rope_BTR = kv_BTX.split([self.cfg.kv_lora_rank, R], dim=-1)
+        k_rope_BT1R = apply_rope(k_rope_BTR.unsqueeze(2), cos_TF, sin_TF)
+        kv_BTHX = self.wkv_b(self.kv_norm(c_kv_BTC)).view(B, T, H, N + V)
+        k_nope_BTHN, v_BTHV = kv_BTHX.split([N, V], dim=-1)
+
+        q_BTHK = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1)
+        # The rope key is shared by all heads: broadcast it instead of learning it per head.
+        k_BTHK = torch.cat([k_nope_BTHN, k_rope_BT1R.expand(B, T, H, R)], dim=-1)
+        o_BHTV = F.scaled_dot_product_attention(
+            q_BTHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHV.transpose(1, 2),
+            is_causal=True, scale=self.scale,
+        )
+        return self.wo(o_BHTV.transpose(1, 2).reshape(B, T, H * V))
+
+    def init_weights(self, std: float) -> None:
+        for m in self.children():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, RMSNorm):
+                m.init_weights()

@@ -1,0 +1,192 @@
+"""DeepSeekMoE: router, grouped routed experts, the local dispatcher and the MoE layer.
+
+Routing (V3): s = sigmoid(x Wg^T); selection uses s + expert_bias (aux-loss-free balancing),
+restricted to the best `n_limited_groups` of `n_expert_groups` groups; the gate weights come from
+the *unbiased* s of the chosen experts, optionally renormalised, times route_scale. V2 uses a
+softmax and scores a group by its best expert (transformers' "group_limited_greedy").
+
+Experts are reached through a dispatcher so expert parallelism can swap the communication
+without touching this file. Contract (DeepEP "normal" semantics):
+    recv_x_ND, handle = dispatcher.dispatch(x_TD, topk_idx_TK, topk_weight_TK)
+    y_ND = experts(recv_x_ND, handle.topk_idx, handle.topk_weight)   # ids local to this rank, -1 = elsewhere
+    out_TD = dispatcher.combine(y_ND, handle)                        # unweighted sum back to the tokens
+Each received row is one token; the experts apply the gate weights and sum the local experts.
+
+Legend: B batch, T tokens (or sequence), D model dim, E experts (local ones for GroupedExperts),
+K top-k, G groups, I expert inner dim, N received rows, M routed (token, expert) pairs.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework.config import ModelConfig
+from framework.model.mlp import MLP
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.topk = cfg.n_activated_experts
+        self.n_groups = cfg.n_expert_groups
+        self.topk_groups = cfg.n_limited_groups
+        self.score_func = cfg.score_func
+        self.route_scale = cfg.route_scale
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # Balancing bias: used for selection only; fp32 and saved with the model.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # Tokens routed to each expert since the last update_bias(); a distributed run all-reduces
+        # it first. Not saved: it is transient step state.
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+
+    def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
+        # The gate stays in fp32 (part of the V3 FP8 recipe: routing is precision-sensitive).
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        return logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(-1)
+
+    def select(self, s_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids and gate weights from the scores (group limit and bias applied)."""
+        T, E, G = s_TE.shape[0], self.n_experts, self.n_groups
+        biased_TE = s_TE + self.expert_bias
+        if 1 < G and self.topk_groups < G:
+            biased_TGX = biased_TE.view(T, G, E // G)
+            if self.score_func == "sigmoid":
+                # V3: a group is as good as its two best (biased) experts.
+                group_TG = biased_TGX.topk(min(2, E // G), dim=-1).values.sum(-1)
+            else:
+                group_TG = biased_TGX.amax(-1)
+            keep_TG = group_TG.topk(self.topk_groups, dim=-1).indices
+            mask_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
+            biased_TE = biased_TGX.masked_fill(mask_TG[..., None], float("-inf")).view(T, E)
+        idx_TK = biased_TE.topk(self.topk, dim=-1).indices
+        w_TK = s_TE.gather(1, idx_TK)  # unbiased: the bias steers selection, never the output
+        if self.norm_topk_prob:
+            w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        return idx_TK, w_TK * self.route_scale
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s_TE = self.scores(x_TD)
+        idx_TK, w_TK = self.select(s_TE)
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(idx_TK.flatten(), minlength=self.n_experts).to(
+                    self.expert_load.dtype)
+        return idx_TK, w_TK, s_TE
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> None:
+        """bias += rate * sign(mean_load - load), then reset the counts (rate 0: reset only)."""
+        if rate:
+            load_E = self.expert_load.float()
+            self.expert_bias += rate * torch.sign(load_E.mean() - load_E)
+        self.expert_load.zero_()
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+        with torch.no_grad():
+            self.expert_bias.zero_()
+            self.expert_load.zero_()
+
+
+def seq_balance_loss(s_BTE: torch.Tensor, idx_BTK: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Sequence-wise balance loss alpha * sum_i f_i P_i, averaged over the sequences.
+
+    f_i = E / (K T) * (tokens of the sequence routed to i); P_i = mean_t s_i / sum_j s_j.
+    f is a count (no gradient); the gradient flows through P.
+    """
+    B, T, E = s_BTE.shape
+    K = idx_BTK.shape[-1]
+    p_BE = (s_BTE / s_BTE.sum(-1, keepdim=True)).mean(1)
+    count_BE = torch.zeros(B, E, device=s_BTE.device, dtype=s_BTE.dtype)
+    count_BE.scatter_add_(1, idx_BTK.reshape(B, T * K), torch.ones_like(idx_BTK, dtype=s_BTE.dtype).view(B, -1))
+    f_BE = count_BE * (E / (K * T))
+    return alpha * (f_BE * p_BE).sum(-1).mean()
+
+
+class GroupedExperts(nn.Module):
+    """The routed experts of one layer (or this rank's share), stored stacked for grouped GEMMs."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # gate [E, I, D]
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down [E, D, I]
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up   [E, I, D]
+
+    def grouped_swiglu(self, x_MD: torch.Tensor, count_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert, count_E rows per expert -> expert outputs (same order)."""
+        out, start = [], 0
+        for e, n in enumerate(count_E.tolist()):
+            if n:
+                xe = x_MD[start:start + n]
+                out.append((F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)) @ self.w2[e].T)
+                start += n
+        return torch.cat(out) if out else x_MD.new_zeros(0, self.w2.shape[1])
+
+    def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        E, (N, K) = self.w1.shape[0], idx_NK.shape
+        flat_M = idx_NK.flatten()
+        # Sort (token, slot) pairs by expert; pairs for other ranks (-1) go last and are dropped.
+        order_M = torch.argsort(torch.where(flat_M >= 0, flat_M, E), stable=True)
+        count_E = torch.bincount(flat_M[flat_M >= 0], minlength=E)
+        order_M = order_M[: int(count_E.sum())]
+        token_M = order_M // K
+        y_MD = self.grouped_swiglu(x_ND[token_M], count_E)
+        y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD)
+
+    def init_weights(self, std: float) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.normal_(w, std=std)
+
+
+@dataclass
+class LocalHandle:
+    topk_idx: torch.Tensor  # [N, K] expert ids local to the receiving rank (-1: not here)
+    topk_weight: torch.Tensor  # [N, K]
+
+
+class LocalDispatcher:
+    """Single rank owns every expert: dispatch and combine are identities."""
+
+    def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
+        return x_TD, LocalHandle(topk_idx_TK, topk_weight_TK)
+
+    def combine(self, y_TD, handle):
+        return y_TD
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.seq_aux_alpha = cfg.seq_aux_alpha
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.shared = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        self.dispatcher = LocalDispatcher()  # swapped by parallel/expert_parallel.py under EP
+        # Balance loss of the latest training forward (a graph-carrying 0-dim tensor), else None.
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        idx_TK, w_TK, s_TE = self.router(x_TD)
+        self.aux_loss = None
+        if self.training and self.seq_aux_alpha > 0:
+            self.aux_loss = seq_balance_loss(s_TE.view(B, T, -1), idx_TK.view(B, T, -1), self.seq_aux_alpha)
+        recv_x, handle = self.dispatcher.dispatch(x_TD, idx_TK, w_TK)
+        y = self.experts(recv_x, handle.topk_idx, handle.topk_weight)
+        out_TD = self.dispatcher.combine(y, handle)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        return out_TD.view(B, T, D)
+
+    def init_weights(self, std: float) -> None:
+        self.router.init_weights(std)
+        self.experts.init_weights(std)
+        if self.shared is not None:
+            self.shared.init_weights(std)

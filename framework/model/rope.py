@@ -1,0 +1,85 @@
+"""Rotary position embedding with optional YaRN context extension (DeepSeek-V2/V3 flavour).
+
+Rotation acts on *adjacent* pairs (x0, x1), (x2, x3), ... as DeepSeek's reference does; its
+checkpoints' rope weights are laid out for that, and transformers reads them with
+`rope_interleave=True` (V3) or the complex-pair code (V2).
+
+Tables are computed on the fly from the config (cheap: T x R/2 angles) instead of being kept in
+a buffer, so a model built on the meta device, cast to bf16 or split into pipeline stages never
+carries a stale or low-precision table.
+
+Legend: B batch, T sequence, H heads, R rope head dim, F = R/2 frequencies.
+"""
+
+import math
+
+import torch
+
+from framework.config import ModelConfig
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    # YaRN's attention temperature: 0.1 * m * ln(s) + 1 (1 when not extending).
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """1/sqrt(qk head dim), times mscale(factor, mscale_all_dim)^2 under YaRN.
+
+    DeepSeek corrects the softmax temperature for the interpolated positions on the whole logit
+    (all head dims, hence "all_dim"), not only on the rope part.
+    """
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    if cfg.rope_factor > 1 and cfg.mscale_all_dim:
+        m = _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
+        scale = scale * m * m
+    return scale
+
+
+def _rope_cos_sin_factor(cfg: ModelConfig) -> float:
+    # The rope half of q.k is additionally scaled by (mscale / mscale_all_dim)^2 through cos/sin;
+    # with V3's mscale == mscale_all_dim == 1 this is exactly 1.
+    if cfg.rope_factor <= 1:
+        return 1.0
+    if cfg.mscale and cfg.mscale_all_dim:
+        return _yarn_mscale(cfg.rope_factor, cfg.mscale) / _yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
+    return _yarn_mscale(cfg.rope_factor, 1.0)
+
+
+def inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """[F] rotation speeds; YaRN blends interpolated (slow) and original (fast) frequencies."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    freq_F = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    if cfg.rope_factor <= 1:
+        return freq_F
+
+    def correction_dim(n_rotations: float) -> float:
+        # The dimension whose wavelength fits n_rotations times into the original context.
+        return dim * math.log(cfg.original_seq_len / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp_F = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    # ramp 0: high-frequency dims kept as they are; ramp 1: low-frequency dims interpolated.
+    return freq_F / cfg.rope_factor * ramp_F + freq_F * (1 - ramp_F)
+
+
+def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos_TF, sin_TF) in fp32 for positions 0..seq_len-1."""
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"sequence of {seq_len} tokens is longer than model.max_seq_len={cfg.max_seq_len}")
+    pos_T = torch.arange(seq_len, dtype=torch.float32, device=device)
+    angle_TF = pos_T[:, None] * inv_freq(cfg, device)[None, :]
+    k = _rope_cos_sin_factor(cfg)
+    return angle_TF.cos() * k, angle_TF.sin() * k
+
+
+def apply_rope(x_BTHR: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of the last dim by the per-position angles (computed in fp32)."""
+    x = x_BTHR.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]  # [B, T, H, F]
+    cos, sin = cos_TF[:, None, :], sin_TF[:, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x_BTHR.dtype)

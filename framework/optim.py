@@ -1,0 +1,200 @@
+"""AdamW with FP32 master weights and optional BF16 moments, plus learning-rate schedules.
+
+DeepSeek-V3 trains with BF16 parameters for compute, keeps an FP32 master copy for the
+update (small steps would vanish in BF16 rounding), and stores the AdamW moments in BF16 to
+halve their memory. All arithmetic here is FP32; only storage follows the chosen dtypes.
+The optimizer state holds plain tensors only, in the usual `state_dict()` layout, so
+torch.distributed.checkpoint can save, load and reshard it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from framework.config import OptimConfig
+
+_MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class AdamW(torch.optim.Optimizer):
+    """Adam with decoupled weight decay (Loshchilov & Hutter), as in torch.optim.AdamW.
+
+    State per parameter: `step` (0-d fp32 tensor, like torch's), `exp_avg`, `exp_avg_sq`
+    (in `moment_dtype`) and, for bf16/fp16 parameters, `master` (fp32).
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, moment_dtype: str = "fp32") -> None:
+        if moment_dtype not in _MOMENT_DTYPES:
+            raise ValueError(f"precision.moment_dtype={moment_dtype!r}: choose fp32 or bf16")
+        # Kept off the param groups so that they hold only what torch's AdamW holds.
+        self.moment_dtype = _MOMENT_DTYPES[moment_dtype]
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype,
+                                            memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype,
+                                               memory_format=torch.preserve_format)
+        if p.dtype in _LOW_PRECISION:
+            state["master"] = p.detach().to(torch.float32, copy=True)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                state = self.state[p] if self.state[p] else self._init_state(p)
+                self._update(p, state, lr, wd, eps, beta1, beta2)
+        return loss
+
+    @staticmethod
+    def _update(p: torch.Tensor, state: dict[str, torch.Tensor], lr: float, wd: float,
+                eps: float, beta1: float, beta2: float) -> None:
+        state["step"] += 1
+        t = state["step"].item()
+        # Work on fp32 views: the master copy, or the parameter itself when it is fp32.
+        master = state.get("master")
+        w = master if master is not None else p
+        exact = w.dtype == torch.float32 and state["exp_avg"].dtype == torch.float32
+        grad = p.grad.to(torch.float32)
+        m = state["exp_avg"] if exact else state["exp_avg"].to(torch.float32)
+        v = state["exp_avg_sq"] if exact else state["exp_avg_sq"].to(torch.float32)
+
+        # Same operation order as torch.optim.AdamW, so fp32 results agree to rounding.
+        w.mul_(1 - lr * wd)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias1 = 1 - beta1 ** t
+        bias2_sqrt = math.sqrt(1 - beta2 ** t)
+        denom = (v.sqrt() / bias2_sqrt).add_(eps)
+        w.addcdiv_(m, denom, value=-lr / bias1)
+
+        if not exact:  # store the fp32 results back, rounded to the storage dtypes
+            state["exp_avg"].copy_(m)
+            state["exp_avg_sq"].copy_(v)
+        if master is not None:
+            p.copy_(master)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch's loader casts every floating state tensor to its parameter's dtype, which
+        # would round the fp32 master to bf16 and change the moment dtype. Load, then put
+        # back the saved tensors with their own dtypes.
+        super().load_state_dict(state_dict)
+        saved_groups = state_dict["param_groups"]
+        for saved, group in zip(saved_groups, self.param_groups):
+            for index, p in zip(saved["params"], group["params"]):
+                for key, value in state_dict["state"].get(index, {}).items():
+                    if torch.is_tensor(value) and key != "step":
+                        self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
+                    moment_dtype: str = "fp32") -> AdamW:
+    """AdamW over the trainable parameters; no weight decay on norms and biases (ndim < 2)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # named_parameters drops shared (tied) duplicates
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("build_optimizer: the model has no trainable parameters")
+    return AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                 weight_decay=cfg.weight_decay, moment_dtype=moment_dtype)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def _cosine(lr: float, min_lr: float, progress: float) -> float:
+    """lr at progress 0, min_lr at progress 1, half-cosine in between."""
+    progress = min(max(progress, 0.0), 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Learning rate of update `step` (0-based) in a run of `total_steps` updates.
+
+    Warm-up is linear: update s < warmup_steps uses lr * (s + 1) / warmup_steps, so the
+    first update is not wasted and update warmup_steps - 1 runs at the full lr. Fractions
+    (decay_start, decay_end, step_at) are of total_steps; the cosine reaches min_lr at its
+    end point and stays there.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        span = max(total_steps - cfg.warmup_steps, 1)
+        return _cosine(cfg.lr, cfg.min_lr, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "deepseek":
+        start, end = cfg.decay_start * total_steps, cfg.decay_end * total_steps
+        if step < start:
+            return cfg.lr
+        if step < end:
+            return _cosine(cfg.lr, cfg.min_lr, (step - start) / max(end - start, 1e-12))
+        # After the cosine: min_lr, then each step-down whose fraction has been reached
+        # (V3: 2.2e-5 for the next 333B tokens, 7.3e-6 for the last 167B).
+        lr = cfg.min_lr
+        for at, value in sorted(zip(cfg.step_at, cfg.step_lrs)):
+            if step >= at * total_steps:
+                lr = value
+        return lr
+    raise ValueError(f"optim.schedule={cfg.schedule!r}: choose cosine, deepseek or constant")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+def grad_sq_sum(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of squared gradient entries in fp32 (a 0-d tensor).
+
+    Exposed so that a sharded run can all-reduce it across ranks before clipping.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.stack([g.detach().to(torch.float32).pow(2).sum() for g in grads]).sum()
+
+
+def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float,
+                   total_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most max_norm; return the norm before.
+
+    max_norm 0 only measures. `total_norm` lets a sharded run pass the global norm it
+    already reduced. A non-finite norm leaves the gradients alone so the caller can see it
+    and skip the step instead of writing NaN into every gradient.
+    """
+    params = [p for p in params if p.grad is not None]
+    norm = grad_sq_sum(params).sqrt() if total_norm is None else total_norm.to(torch.float32)
+    if max_norm > 0 and torch.isfinite(norm) and norm > max_norm:
+        # Same coefficient as torch.nn.utils.clip_grad_norm_ (the 1e-6 guards tiny norms).
+        scale = max_norm / (float(norm) + 1e-6)
+        for p in params:
+            p.grad.mul_(scale)
+    return norm
