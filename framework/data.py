@@ -14,9 +14,10 @@ import json
 import math
 import os
 import sysconfig
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,8 +60,12 @@ class ByteTokenizer(Tokenizer):
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
-        # A sampled sequence may cut a multi-byte character; show it rather than fail.
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        # A model with vocab_size > 256 can sample ids that are no byte, and a sample may
+        # cut a multi-byte character: show both as U+FFFD rather than fail.
+        out = bytearray()
+        for i in ids:
+            out += bytes([int(i)]) if 0 <= int(i) < 256 else "\ufffd".encode()
+        return out.decode("utf-8", errors="replace")
 
 
 class BPETokenizer(Tokenizer):
@@ -240,8 +245,9 @@ def _read_jsonl(path: Path, cap: int) -> bytes:
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                why = getattr(e, "msg", "not UTF-8")  # e.msg leaves out JSON's own line count
                 raise DataError(f"data.source={str(path)!r}: line {number} is not valid JSON "
-                                f"({e}); fix or remove that line") from None
+                                f"({why}); fix or remove that line") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f"data.source={str(path)!r}: line {number} has no string "
                                 "`text` field; every line must be an object like "
@@ -410,7 +416,7 @@ def build_data(cfg: DataConfig, vocab_size: int, cache_dir: Path, rank: int = 0,
                         f"token id {top} >= {tok.vocab_size}; use data.tokenizer=bpe for .bin "
                         "files of wider ids")
     # Contiguous split: validation text is never seen in training, not even in part.
-    n_val = max(1, int(math.floor(len(tokens) * cfg.val_fraction)))
+    n_val = max(1, math.floor(len(tokens) * cfg.val_fraction))
     train_tokens, val_tokens = tokens[:-n_val], tokens[-n_val:]
     for name, part in (("train", train_tokens), ("validation", val_tokens)):
         if len(part) < cfg.seq_len + 1:

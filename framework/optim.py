@@ -10,7 +10,8 @@ torch.distributed.checkpoint can save, load and reshard it.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from framework import checkpoint
 from framework.config import TrainConfig
-from framework.data import build_data
+from framework.data import DataError, build_data
 from framework.metrics import MetricsLogger, ProgressBar, flops_per_token, gpu_peak_tflops, gpu_sample
 from framework.model import Transformer, count_params
 from framework.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
@@ -169,15 +169,22 @@ class Trainer:
     @torch.no_grad()
     def sample(self, n_tokens: int, prompt: str = SAMPLE_PROMPT) -> str:
         self.model.eval()
-        ids = torch.tensor([self.data.tokenizer.encode(prompt)], device=self.device)
+        try:
+            prompt_ids = self.data.tokenizer.encode(prompt)
+        except DataError:  # pre-tokenized .bin corpora have no text tokenizer: prompt from val
+            prompt_ids = self.data.val_tokens[:4].tolist()
+        ids = torch.tensor([prompt_ids], device=self.device)
         with autocast(self.device, self.cfg.precision.compute):
             out = self.model.generate(ids, n_tokens)
         self.model.train()
         return self.data.tokenizer.decode(out[0].tolist())
 
     # --- the loop ------------------------------------------------------------------------
-    def run(self) -> TrainResult:
+    def run(self, until_step: int | None = None) -> TrainResult:
+        """Train to `cfg.steps` (or stop early at `until_step`, saving a checkpoint there, as a
+        preempted job would), then evaluate and sample."""
         cfg = self.cfg
+        last = cfg.steps if until_step is None else min(until_step, cfg.steps)
         result = TrainResult(run_dir=self.run_dir, start_step=self.step)
         (self.run_dir / "config.yaml").write_text(_to_yaml(cfg))
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg, resume=self.step > 0)
@@ -190,7 +197,7 @@ class Trainer:
         peak = gpu_peak_tflops()
         window_start, window_steps = time.perf_counter(), 0
         try:
-            while self.step < cfg.steps:
+            while self.step < last:
                 inputs, targets = self.data.train.next()
                 record = self.train_step(inputs, targets)
                 result.losses.append(record["loss"])

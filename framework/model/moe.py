@@ -44,9 +44,18 @@ class Router(nn.Module):
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
                              persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Keep the balancing state fp32 when the model is cast (model.to(torch.bfloat16)):
+        # 0.001-sized bias steps vanish in bf16.
+        super()._apply(fn, recurse)
+        self.expert_bias = self.expert_bias.float()
+        self.expert_load = self.expert_load.float()
+        return self
+
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
-        # The gate stays in fp32 (part of the V3 FP8 recipe: routing is precision-sensitive).
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        # The gate stays in fp32, also under autocast (V3's recipe: routing is precision-sensitive).
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         return logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(-1)
 
     def select(self, s_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +137,7 @@ class GroupedExperts(nn.Module):
         return torch.cat(out) if out else x_MD.new_zeros(0, self.w2.shape[1])
 
     def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        E, (N, K) = self.w1.shape[0], idx_NK.shape
+        E, K = self.w1.shape[0], idx_NK.shape[1]
         flat_M = idx_NK.flatten()
         # Sort (token, slot) pairs by expert; pairs for other ranks (-1) go last and are dropped.
         order_M = torch.argsort(torch.where(flat_M >= 0, flat_M, E), stable=True)

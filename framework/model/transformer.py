@@ -1,0 +1,232 @@
+"""The DeepSeek-V3-style decoder: embedding -> blocks (dense first, then MoE) -> norm -> head,
+plus optional multi-token-prediction modules that share the embedding and head.
+
+Public API (the trainer and the parallel code rely on it):
+    Transformer(cfg)(tokens_BT) -> logits_BTV
+    Transformer.loss(tokens_BT, targets_BT) -> (loss, metrics)   loss = main + mtp + balance
+    .blocks, .moe_layers(), .update_expert_bias(rate), .generate(prompt, n), .split_stages(n)
+    count_params(model_or_cfg) -> {"total", "activated", "mtp", "mtp_activated"}
+
+Legend: B batch, T sequence, D model dim, V vocabulary.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from framework.config import ModelConfig
+from framework.model.attention import MLA
+from framework.model.mlp import MLP
+from framework.model.moe import MoE
+from framework.model.mtp import MTPModule
+from framework.model.norm import RMSNorm
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: MLA, then a dense SwiGLU (first n_dense_layers) or an MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        is_moe = layer_id >= cfg.n_dense_layers
+        self.ffn = MoE(cfg) if is_moe else MLP(cfg.dim, cfg.dense_inter_dim)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+
+    def init_weights(self, std: float) -> None:
+        self.attn_norm.init_weights()
+        self.ffn_norm.init_weights()
+        self.attn.init_weights(std)
+        self.ffn.init_weights(std)
+
+
+def _moes(module: nn.Module) -> list[MoE]:
+    return [m for m in module.modules() if isinstance(m, MoE)]
+
+
+def _balance_loss(moes: list[MoE], like: torch.Tensor) -> torch.Tensor:
+    losses = [m.aux_loss for m in moes if m.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else like.new_zeros(())
+
+
+def _output_losses(cfg: ModelConfig, embed: nn.Embedding, head: nn.Linear, mtp: nn.ModuleList,
+                   h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Main next-token CE and the weighted MTP loss lambda/D * sum_k CE_k from the normed h."""
+    main = F.cross_entropy(head(h_BTD).flatten(0, 1).float(), targets_BT.flatten())
+    T = targets_BT.shape[1]
+    mtp_ce = []
+    for k, module in enumerate(mtp, start=1):
+        if T - k <= 0:
+            break  # nothing left to predict k tokens ahead
+        # Depth k at position i reads Emb(targets[i+k-1]) (= token i+k) and predicts targets[i+k];
+        # positions whose target falls past the end are dropped by shortening the sequence.
+        h_BTD = module(h_BTD[:, : T - k], embed(targets_BT[:, k - 1: T - 1]))
+        mtp_ce.append(F.cross_entropy(head(h_BTD).flatten(0, 1).float(), targets_BT[:, k:].flatten()))
+    mtp_loss = (cfg.mtp_loss_weight / len(mtp)) * torch.stack(mtp_ce).sum() if mtp_ce else main.new_zeros(())
+    return main, mtp_loss
+
+
+def _metrics(main, mtp, balance) -> dict[str, torch.Tensor]:
+    # The weighted terms, so that main_loss + mtp_loss + balance_loss == loss.
+    return {"main_loss": main.detach(), "mtp_loss": mtp.detach(), "balance_loss": balance.detach()}
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # MTP blocks are numbered after the main ones, so they are always MoE blocks.
+        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers + k)) for k in range(cfg.mtp_depth))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for every matrix, ones for norms, zero balancing state.
+        Also the way to materialise a meta-built model after to_empty()."""
+        std = self.cfg.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        nn.init.normal_(self.head.weight, std=std)
+        self.norm.init_weights()
+        for block in self.blocks:
+            block.init_weights(std)
+        for module in self.mtp:
+            module.init_weights(std)
+
+    def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states h_BTD of the main model."""
+        h_BTD = self.embed(tokens_BT)
+        for block in self.blocks:
+            h_BTD = block(h_BTD)
+        return self.norm(h_BTD)
+
+    def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(tokens_BT))
+
+    def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor):
+        """(main CE + MTP loss + balance loss, metrics). The balance loss is non-zero only in
+        training mode (the MoE layers record it during forward)."""
+        main, mtp = _output_losses(self.cfg, self.embed, self.head, self.mtp, self.hidden(tokens_BT), targets_BT)
+        balance = _balance_loss(self.moe_layers(), main) if self.training else main.new_zeros(())
+        return main + mtp + balance, _metrics(main, mtp, balance)
+
+    def moe_layers(self) -> list[MoE]:
+        return _moes(self)
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float) -> None:
+        for moe in self.moe_layers():
+            moe.router.update_bias(rate)
+
+    @torch.no_grad()
+    def generate(self, prompt_BT: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding without a KV cache; returns prompt + new tokens [B, T + max_new_tokens]."""
+        was_training = self.training
+        self.eval()  # no load counting or balance loss while sampling
+        out_BT = prompt_BT
+        for _ in range(max_new_tokens):
+            logits_BV = self(out_BT[:, -self.cfg.max_seq_len:])[:, -1]
+            out_BT = torch.cat([out_BT, logits_BV.argmax(-1, keepdim=True)], dim=1)
+        self.train(was_training)
+        return out_BT
+
+    def split_stages(self, n: int, layers_per_stage: list[int] | None = None) -> list["Stage"]:
+        """Contiguous pipeline stages sharing this model's modules (no copies). Blocks are spread
+        as evenly as possible (earlier stages get the extra ones) unless layers_per_stage is given."""
+        L = self.cfg.n_layers
+        if layers_per_stage is None:
+            if not 1 <= n <= L:
+                raise ValueError(f"cannot split {L} blocks into {n} stages")
+            layers_per_stage = [L // n + (i < L % n) for i in range(n)]
+        if len(layers_per_stage) != n or sum(layers_per_stage) != L or min(layers_per_stage) < 0:
+            raise ValueError(f"layers_per_stage={layers_per_stage} must be {n} counts summing to {L}")
+        stages, lo = [], 0
+        for i, count in enumerate(layers_per_stage):
+            stages.append(Stage(self, lo, lo + count, first=i == 0, last=i == n - 1))
+            lo += count
+        return stages
+
+
+class Stage(nn.Module):
+    """One pipeline stage: blocks [lo, hi), plus the embedding (first) and norm, head, MTP and the
+    loss (last). Parameter names equal the full model's (blocks keep their global index), so a
+    stage's state_dict is a slice of the model's -- except `mtp_embed`, the last stage's tie of
+    the embedding when it is not also the first stage and MTP is on.
+
+    forward(x): first stage takes tokens_BT, others h_BTD; the last returns logits_BTV, others h_BTD.
+    loss(x, targets) (last stage only): like Transformer.loss, with the balance loss of *this*
+        stage's MoE layers; the other stages' share is their balance_loss() after their forward,
+        which a schedule backpropagates alongside the activation gradient. Summed over stages it
+        equals Transformer.loss.
+    """
+
+    def __init__(self, model: Transformer, lo: int, hi: int, first: bool, last: bool):
+        super().__init__()
+        self.cfg = model.cfg
+        self.is_first, self.is_last = first, last
+        self.layer_range = (lo, hi)
+        if first:
+            self.embed = model.embed
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(lo, hi)})
+        if last:
+            self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
+            if not first and len(model.mtp):
+                # MTP reads token embeddings on the last stage: a tie of the first stage's table
+                # (DeepSeek shares it). Across ranks the parallel code keeps the two copies equal
+                # by summing their gradients, as for any tied embedding.
+                self.mtp_embed = model.embed
+
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        h_BTD = self.embed(x) if self.is_first else x
+        for block in self.blocks.values():
+            h_BTD = block(h_BTD)
+        return self.norm(h_BTD) if self.is_last else h_BTD
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h_BTD = self._hidden(x)
+        return self.head(h_BTD) if self.is_last else h_BTD
+
+    def balance_loss(self) -> torch.Tensor:
+        ref = next(self.parameters())
+        return _balance_loss(_moes(self), ref.new_zeros(())) if self.training else ref.new_zeros(())
+
+    def loss(self, x: torch.Tensor, targets_BT: torch.Tensor):
+        if not self.is_last:
+            raise RuntimeError("only the last stage computes the loss")
+        embed = self.embed if self.is_first else getattr(self, "mtp_embed", None)
+        main, mtp = _output_losses(self.cfg, embed, self.head, self.mtp, self._hidden(x), targets_BT)
+        balance = self.balance_loss().to(main.dtype)
+        return main + mtp + balance, _metrics(main, mtp, balance)
+
+
+def count_params(model_or_cfg) -> dict[str, int]:
+    """Parameter counts. total: main model (MTP excluded); activated: what one token touches
+    (all but the unselected routed experts); mtp / mtp_activated: the MTP modules' own params
+    (the embedding and head they share are not counted again). A config is built on meta."""
+    if isinstance(model_or_cfg, ModelConfig):
+        with torch.device("meta"):
+            model = Transformer(model_or_cfg)
+    else:
+        model = model_or_cfg
+    cfg = model.cfg
+
+    def counts(module: nn.Module, params) -> tuple[int, int]:
+        total = sum(p.numel() for p in params)
+        idle = sum(m.experts.w1.numel() + m.experts.w2.numel() + m.experts.w3.numel() for m in _moes(module))
+        idle = idle * (1 - cfg.n_activated_experts / cfg.n_routed_experts)
+        return total, round(total - idle)
+
+    mtp_ids = {id(p) for p in model.mtp.parameters()}
+    main_params = [p for p in model.parameters() if id(p) not in mtp_ids]
+    main_moes = nn.ModuleList(model.blocks)
+    total, activated = counts(main_moes, main_params)
+    mtp_total, mtp_act = counts(model.mtp, list(model.mtp.parameters()))
+    return {"total": total, "activated": activated, "mtp": mtp_total, "mtp_activated": mtp_act}

@@ -1,0 +1,183 @@
+"""duet <-> Hugging Face DeepSeek-V3 / V2: logits parity with transformers, MTP parity with
+transformers' MtpModel, bit-exact import round trips, the CLI, and parameter counts of the
+published configurations against transformers' own models built on the meta device."""
+
+import dataclasses
+
+import pytest
+import torch
+import transformers  # a dev dependency (pyproject [dev])
+
+from framework.config import ModelConfig
+from framework.hf import export_hf, import_hf, main
+from framework.model import Transformer, count_params
+
+BASE = {"vocab_size": 96, "dim": 64, "n_layers": 3, "n_dense_layers": 1, "dense_inter_dim": 96, "max_seq_len": 64,
+        "n_heads": 4, "kv_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+        "n_routed_experts": 8, "moe_inter_dim": 32, "n_activated_experts": 3, "init_std": 0.05, "mtp_depth": 1}
+CASES = {
+    # V3: q LoRA, sigmoid gate, 4 groups keep 2, random expert bias, YaRN with mscale != mscale_all_dim
+    # (exercises both the softmax and the cos/sin correction), context 40 > original 16.
+    "v3_yarn": ModelConfig(**BASE, q_lora_rank=32, n_shared_experts=1, n_expert_groups=4, n_limited_groups=2,
+                           rope_factor=4.0, original_seq_len=16, mscale=1.0, mscale_all_dim=0.8),
+    "v3_plain": ModelConfig(**BASE, q_lora_rank=32, n_shared_experts=1, n_expert_groups=2, n_limited_groups=1,
+                            route_scale=2.5, mtp_loss_weight=0.1),
+    # V2: softmax gate, no q compression, group-limited greedy, no renormalisation, DeepSeek-V2's YaRN.
+    "v2_yarn": ModelConfig(**BASE, q_lora_rank=0, n_shared_experts=2, n_expert_groups=4, n_limited_groups=2,
+                           score_func="softmax", norm_topk_prob=False, route_scale=1.5, rope_factor=4.0,
+                           original_seq_len=16, mscale=0.707, mscale_all_dim=0.707),
+    # V2-Lite-like: greedy top-k over all experts, plain RoPE.
+    "v2_greedy": ModelConfig(**BASE, q_lora_rank=0, n_shared_experts=2, n_expert_groups=1, n_limited_groups=1,
+                             score_func="softmax", norm_topk_prob=False, route_scale=1.0),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices; avoids thread spinning on a busy 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+def build(cfg: ModelConfig) -> Transformer:
+    torch.manual_seed(0)
+    m = Transformer(cfg).eval()
+    if cfg.score_func == "sigmoid":
+        with torch.no_grad():  # a trained bias changes which experts are picked
+            for moe in m.moe_layers():
+                moe.router.expert_bias.normal_(0, 0.1)
+    return m
+
+
+def load_hf(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers_and_import_is_exact(case, tmp_path):
+    cfg = CASES[case]
+    m = build(cfg)
+    export_hf(m, cfg, tmp_path)
+    hf = load_hf(tmp_path)
+    expected_cls = "DeepseekV3ForCausalLM" if cfg.score_func == "sigmoid" else "DeepseekV2ForCausalLM"
+    assert type(hf).__name__ == expected_cls
+    x = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (m(x) - hf(x).logits).abs().max().item()
+    assert diff <= 1e-4, f"{case}: max |logit diff| {diff}"
+
+    m2, cfg2 = import_hf(tmp_path)
+    assert cfg2 == cfg
+    sd, sd2 = m.state_dict(), m2.state_dict()
+    assert sd.keys() == sd2.keys() and any(k.startswith("mtp.0.") for k in sd)
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k]), k
+
+
+def test_mtp_layer_matches_transformers_mtp_model(tmp_path):
+    """The exported MTP layer, read by transformers' own MTP implementation, predicts what duet's
+    MTP module predicts (embedding-first concat, shared_head.norm, shared embed/head)."""
+    from transformers.modeling_layers import MtpModel
+
+    cfg = CASES["v3_yarn"]
+    m = build(cfg)
+    export_hf(m, cfg, tmp_path)
+    hf = load_hf(tmp_path)
+    # transformers finds MTP weights through this pattern, hard-wired to layer 61 for V3.
+    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{cfg.n_layers}\..*"]
+    mtp = MtpModel.from_pretrained(hf).eval()
+    x = torch.randint(0, cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    T = x.shape[1]
+    with torch.no_grad():
+        h = hf(x, output_hidden_states=True).hidden_states[-1]
+        # transformers numbers the MTP positions from the shifted tokens; rope is relative, so the
+        # offset against duet's 0-based positions does not change attention.
+        hf_h = mtp.forward_layer(0, h[:, :-1], torch.arange(1, T)[None], None, input_ids=x[:, 1:])
+        hf_logits = mtp._project_to_logits(hf_h)
+        duet_logits = m.head(m.mtp[0](m.hidden(x)[:, :-1], m.embed(x[:, 1:])))
+    assert (hf_logits - duet_logits).abs().max().item() <= 1e-4
+
+
+def test_import_folder_resaved_by_transformers(tmp_path):
+    cfg = CASES["v3_yarn"]
+    m = build(cfg)
+    export_hf(m, cfg, tmp_path / "duet")
+    load_hf(tmp_path / "duet").save_pretrained(tmp_path / "hf")  # drops the MTP layer
+    m2, cfg2 = import_hf(tmp_path / "hf")
+    assert cfg2 == dataclasses.replace(cfg, mtp_depth=0)
+    sd2 = m2.state_dict()
+    for k, v in m.state_dict().items():
+        if not k.startswith("mtp."):
+            assert torch.equal(v, sd2[k]), k
+
+
+def test_cli_round_trip_and_errors(tmp_path, capsys):
+    cfg = CASES["v3_plain"]
+    m = build(cfg)
+    torch.save({"model": m.state_dict(), "config": dataclasses.asdict(cfg)}, tmp_path / "a.pt")
+    assert main(["export", str(tmp_path / "a.pt"), str(tmp_path / "hf")]) == 0
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "b.pt")]) == 0
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert a["config"] == b["config"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    capsys.readouterr()
+    assert main(["import", str(tmp_path / "missing"), str(tmp_path / "c.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("duet-hf import: error:") and err.count("\n") == 1
+
+
+def test_export_refuses_what_deepseek_v2_cannot_express(tmp_path):
+    v2 = CASES["v2_greedy"]
+    with pytest.raises(ValueError, match="norm_topk_prob"):
+        export_hf(build(v2), dataclasses.replace(v2, norm_topk_prob=True), tmp_path)
+    m = build(v2)
+    m.moe_layers()[0].router.expert_bias[0] = 0.5
+    with pytest.raises(ValueError, match="expert bias"):
+        export_hf(m, v2, tmp_path)
+
+
+# ----------------------------------------------------------------------------- parameter counts
+# Published hyper-parameters (shared/ANCHORS.md), given to each side independently.
+
+V3 = ModelConfig(name="deepseek_v3", vocab_size=129280, dim=7168, n_layers=61, n_dense_layers=3,
+                 dense_inter_dim=18432, n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                 qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, n_shared_experts=1,
+                 n_activated_experts=8, moe_inter_dim=2048, n_expert_groups=8, n_limited_groups=4, mtp_depth=1)
+V2_LITE = ModelConfig(name="deepseek_v2_lite", vocab_size=102400, dim=2048, n_layers=27, n_dense_layers=1,
+                      dense_inter_dim=10944, n_heads=16, q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128,
+                      qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
+                      n_activated_experts=6, moe_inter_dim=1408, n_expert_groups=1, n_limited_groups=1,
+                      score_func="softmax", norm_topk_prob=False, route_scale=1.0, mtp_depth=0)
+
+
+def hf_meta_count(config) -> int:
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_deepseek_v3_param_count():
+    hf = transformers.DeepseekV3Config(
+        vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+        num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128, num_key_value_heads=128,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4)
+    counts = count_params(V3)
+    print(f"\ndeepseek_v3: {counts}")
+    assert counts["total"] == hf_meta_count(hf) == 671_026_404_352
+    assert 37.0e9 < counts["activated"] < 38.0e9  # "37B activated" (embedding and head included)
+    assert 11.4e9 < counts["mtp"] < 11.7e9  # "MTP module 11.5B unique"
+
+
+def test_deepseek_v2_lite_param_count():
+    hf = transformers.DeepseekV2Config(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16, num_key_value_heads=16,
+        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6)
+    counts = count_params(V2_LITE)
+    print(f"\ndeepseek_v2_lite: {counts}")
+    assert counts["total"] == hf_meta_count(hf) == 15_706_484_224
+    assert counts["mtp"] == 0
