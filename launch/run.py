@@ -154,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return fail([str(err)])
     if show_cfg:
+        import signal
+
         from omegaconf import OmegaConf
 
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `duet-train --cfg | head` ends quietly
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return 0
 
