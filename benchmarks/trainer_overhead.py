@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         def bare_round():
             for inputs, targets in batches:
-                with autocast(device, cfg.precision.compute):
+                with autocast(device, trainer.compute):
                     loss, _ = model.loss(inputs, targets)
                 loss.backward()
                 optimizer.step()
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tokens = args.steps * cfg.data.batch_size * cfg.data.seq_len
     duet_tps, bare_tps = tokens / statistics.median(duet_times), tokens / statistics.median(bare_times)
     ratio = duet_tps / bare_tps
-    print(f"model {cfg.model.name}, {cfg.precision.compute}, {device}, threads {torch.get_num_threads()}, "
+    print(f"model {cfg.model.name}, {trainer.compute}, {device}, threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds x {args.steps} steps x {cfg.data.batch_size * cfg.data.seq_len} tokens")
     print(f"{'loop':<12}{'tokens/s':>12}")
     print(f"{'bare torch':<12}{bare_tps:>12,.0f}")

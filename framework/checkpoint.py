@@ -14,6 +14,7 @@ Why these choices:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,8 +24,13 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-# A single process needs no process group; DCP warns about that on every call.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """A single process needs no process group; DCP warns about that on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -106,7 +112,8 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
         "optim": optimizer_tensors(model, optimizer),
         "extra": {k: torch.tensor(v, dtype=torch.int64) for k, v in extra.items()},
     }
-    dcp.save(state, checkpoint_id=str(tmp))
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp))
     (tmp / "meta.json").write_text(json.dumps({"step": step, "config": config}, indent=1))
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
         shutil.rmtree(final)
@@ -129,7 +136,8 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     if optimizer is not None:
         state["optim"] = optimizer_tensors(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path))
     except Exception as err:  # DCP raises a wrapped multi-line error on any mismatch
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this model/config ({first[:200]}); "

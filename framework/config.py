@@ -70,7 +70,7 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    compute: str = "bf16"  # fp32, bf16 (fp8 arrives with the FP8 issue)
+    compute: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     moment_dtype: str = "fp32"  # AdamW moments: fp32 or bf16 (V3 uses bf16)
 
 
@@ -155,7 +155,7 @@ class TrainConfig:
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 SCHEDULES = ("gpipe", "1f1b", "dualpipe", "dualpipev")
-COMPUTE_DTYPES = ("fp32", "bf16")
+COMPUTE_DTYPES = ("auto", "fp32", "bf16")
 MOMENT_DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "deepseek", "constant")
 WANDB_MODES = ("auto", "online", "offline", "disabled")

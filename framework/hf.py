@@ -93,7 +93,8 @@ def hf_config(cfg: ModelConfig) -> dict:
     out["num_nextn_predict_layers"] = cfg.mtp_depth
     if cfg.rope_factor > 1:
         out["rope_scaling"] = {
-            "type": "yarn", "factor": cfg.rope_factor, "original_max_position_embeddings": cfg.original_seq_len,
+            "type": "yarn", "factor": cfg.rope_factor,
+            "original_max_position_embeddings": cfg.original_seq_len,
             "beta_fast": cfg.beta_fast, "beta_slow": cfg.beta_slow,
             "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale_all_dim,
         }
@@ -119,16 +120,19 @@ def config_from_hf(hf: dict) -> ModelConfig:
         "v_head_dim": hf["v_head_dim"], "rope_theta": float(theta),
         "n_routed_experts": hf["n_routed_experts"], "n_shared_experts": hf.get("n_shared_experts") or 0,
         "n_activated_experts": hf["num_experts_per_tok"], "moe_inter_dim": hf["moe_intermediate_size"],
-        "n_expert_groups": 1 if greedy else hf["n_group"], "n_limited_groups": 1 if greedy else hf["topk_group"],
+        "n_expert_groups": 1 if greedy else hf["n_group"],
+        "n_limited_groups": 1 if greedy else hf["topk_group"],
         "score_func": hf.get("scoring_func") or ("sigmoid" if v3 else "softmax"),
         "route_scale": float(hf.get("routed_scaling_factor", 1.0)),
         "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
         "mtp_depth": hf.get("num_nextn_predict_layers") or 0,
     }
     if rope.get("type", rope.get("rope_type", "default")) == "yarn":
-        kw.update(rope_factor=float(rope["factor"]), original_seq_len=rope["original_max_position_embeddings"],
+        kw.update(rope_factor=float(rope["factor"]),
+                  original_seq_len=rope["original_max_position_embeddings"],
                   beta_fast=float(rope.get("beta_fast", 32)), beta_slow=float(rope.get("beta_slow", 1)),
-                  mscale=float(rope.get("mscale", 1.0)), mscale_all_dim=float(rope.get("mscale_all_dim", 0.0)))
+                  mscale=float(rope.get("mscale", 1.0)),
+                  mscale_all_dim=float(rope.get("mscale_all_dim", 0.0)))
     elif rope.get("type", rope.get("rope_type", "default")) != "default":
         raise ValueError(f"rope_scaling type {rope.get('type', rope.get('rope_type'))!r} is not supported")
     kw.update({k: v for k, v in (hf.get("duet") or {}).items() if k in _DUET_ONLY})
@@ -271,7 +275,8 @@ def import_hf(path) -> tuple[Transformer, ModelConfig]:
     # Folders re-saved by transformers keep num_nextn_predict_layers but drop the MTP layers:
     # import the depth that is actually there.
     present = 0
-    while present < cfg.mtp_depth and any(k.startswith(f"model.layers.{cfg.n_layers + present}.") for k in tensors):
+    while present < cfg.mtp_depth and any(k.startswith(f"model.layers.{cfg.n_layers + present}.")
+                                          for k in tensors):
         present += 1
     if present < cfg.mtp_depth:
         cfg = dataclasses.replace(cfg, mtp_depth=present)
@@ -299,7 +304,8 @@ def import_hf(path) -> tuple[Transformer, ModelConfig]:
 def _load_duet_checkpoint(path: Path) -> tuple[Transformer, ModelConfig]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: expected a dict with 'model' (state_dict) and 'config' (ModelConfig fields)")
+        raise ValueError(f"{path}: expected a dict with 'model' (state_dict) and 'config' "
+                         "(ModelConfig fields)")
     cfg = ModelConfig(**ckpt["config"])
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -311,7 +317,8 @@ def _load_duet_checkpoint(path: Path) -> tuple[Transformer, ModelConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="duet-hf", description="Convert between duet and Hugging Face DeepSeek checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="duet-hf", description="Convert between duet and Hugging Face DeepSeek checkpoints.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="duet checkpoint file -> Hugging Face folder")
     ex.add_argument("checkpoint", type=Path, help='torch.save({"model": state_dict, "config": dict}) file')

@@ -54,6 +54,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_compute(compute: str, device: torch.device) -> str:
+    """auto -> bf16 on GPUs; fp32 on CPU, where bf16 matmuls run about ten times slower."""
+    if compute == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return compute
+
+
 def autocast(device: torch.device, compute: str):
     """BF16 autocast around forward/backward; master weights stay FP32."""
     if compute == "bf16":
@@ -76,6 +83,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).expanduser()
         self.device = pick_device(cfg.device)
+        self.compute = resolve_compute(cfg.precision.compute, self.device)
         existing = checkpoint.latest_checkpoint(self.run_dir)
         self.resume_from = Path(cfg.checkpoint.load_from) if cfg.checkpoint.load_from else None
         if self.resume_from is None and existing is not None:
@@ -136,7 +144,7 @@ class Trainer:
         lr = lr_at(self.step, cfg.steps, cfg.optim)
         set_lr(self.optimizer, lr)
         self.model.train()
-        with autocast(self.device, cfg.precision.compute):
+        with autocast(self.device, self.compute):
             loss, parts = self.model.loss(inputs.to(self.device), targets.to(self.device))
         loss.backward()
         grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
@@ -160,7 +168,7 @@ class Trainer:
         total = 0.0
         for index in range(self.cfg.eval_batches):
             inputs, targets = self.data.val.batch(index)
-            with autocast(self.device, self.cfg.precision.compute):
+            with autocast(self.device, self.compute):
                 logits = self.model(inputs.to(self.device))
             total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten()).item()
         self.model.train()
@@ -174,7 +182,7 @@ class Trainer:
         except DataError:  # pre-tokenized .bin corpora have no text tokenizer: prompt from val
             prompt_ids = self.data.val_tokens[:4].tolist()
         ids = torch.tensor([prompt_ids], device=self.device)
-        with autocast(self.device, self.cfg.precision.compute):
+        with autocast(self.device, self.compute):
             out = self.model.generate(ids, n_tokens)
         self.model.train()
         return self.data.tokenizer.decode(out[0].tolist())
@@ -190,7 +198,7 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg, resume=self.step > 0)
         bar = ProgressBar(cfg.steps, self.step, cfg.logging.progress_bar)
         bar.write(f"duet: {cfg.model.name} model, {self.counts['total']:,} parameters "
-                  f"({self.counts['activated']:,} activated), {self.device}, {cfg.precision.compute}, "
+                  f"({self.counts['activated']:,} activated), {self.device}, {self.compute}, "
                   f"run folder {self.run_dir}")
         if self.resume_from is not None:
             bar.write(f"duet: resumed from {self.resume_from} at step {self.step}")

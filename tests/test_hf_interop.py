@@ -12,9 +12,10 @@ from framework.config import ModelConfig
 from framework.hf import export_hf, import_hf, main
 from framework.model import Transformer, count_params
 
-BASE = {"vocab_size": 96, "dim": 64, "n_layers": 3, "n_dense_layers": 1, "dense_inter_dim": 96, "max_seq_len": 64,
-        "n_heads": 4, "kv_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
-        "n_routed_experts": 8, "moe_inter_dim": 32, "n_activated_experts": 3, "init_std": 0.05, "mtp_depth": 1}
+BASE = {"vocab_size": 96, "dim": 64, "n_layers": 3, "n_dense_layers": 1, "dense_inter_dim": 96,
+        "max_seq_len": 64, "n_heads": 4, "kv_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+        "v_head_dim": 12, "n_routed_experts": 8, "moe_inter_dim": 32, "n_activated_experts": 3,
+        "init_std": 0.05, "mtp_depth": 1}
 CASES = {
     # V3: q LoRA, sigmoid gate, 4 groups keep 2, random expert bias, YaRN with mscale != mscale_all_dim
     # (exercises both the softmax and the cos/sin correction), context 40 > original 16.
@@ -32,12 +33,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices; avoids thread spinning on a busy 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(cfg: ModelConfig) -> Transformer:
@@ -144,12 +140,14 @@ def test_export_refuses_what_deepseek_v2_cannot_express(tmp_path):
 V3 = ModelConfig(name="deepseek_v3", vocab_size=129280, dim=7168, n_layers=61, n_dense_layers=3,
                  dense_inter_dim=18432, n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                  qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256, n_shared_experts=1,
-                 n_activated_experts=8, moe_inter_dim=2048, n_expert_groups=8, n_limited_groups=4, mtp_depth=1)
+                 n_activated_experts=8, moe_inter_dim=2048, n_expert_groups=8, n_limited_groups=4,
+                 mtp_depth=1)
 V2_LITE = ModelConfig(name="deepseek_v2_lite", vocab_size=102400, dim=2048, n_layers=27, n_dense_layers=1,
-                      dense_inter_dim=10944, n_heads=16, q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128,
-                      qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
-                      n_activated_experts=6, moe_inter_dim=1408, n_expert_groups=1, n_limited_groups=1,
-                      score_func="softmax", norm_topk_prob=False, route_scale=1.0, mtp_depth=0)
+                      dense_inter_dim=10944, n_heads=16, q_lora_rank=0, kv_lora_rank=512,
+                      qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+                      n_shared_experts=2, n_activated_experts=6, moe_inter_dim=1408, n_expert_groups=1,
+                      n_limited_groups=1, score_func="softmax", norm_topk_prob=False, route_scale=1.0,
+                      mtp_depth=0)
 
 
 def hf_meta_count(config) -> int:

@@ -25,18 +25,12 @@ from framework.model.mlp import MLP
 
 TINY = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_dense_layers=1, dense_inter_dim=48, max_seq_len=32,
                    n_heads=2, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                   v_head_dim=8, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=16,
-                   n_expert_groups=4, n_limited_groups=2, init_std=0.05, seq_aux_alpha=0.01, mtp_depth=1)
+                   v_head_dim=8, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
+                   moe_inter_dim=16, n_expert_groups=4, n_limited_groups=2, init_std=0.05,
+                   seq_aux_alpha=0.01, mtp_depth=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matrices: one thread is fastest, and two threads on a busy 2-core box spin badly
-    # (100x slower). Restored afterwards so other test modules keep their setting.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> ModelConfig:
@@ -64,7 +58,7 @@ def test_router_group_limit_sigmoid():
     s = torch.tensor([[0.90, 0.10, 0.50, 0.50, 0.80, 0.70, 0.20, 0.95]])
     idx, w = r.select(s)
     assert set(idx[0].tolist()) == {7, 4}  # expert 0 (0.90) is excluded by its group
-    got = dict(zip(idx[0].tolist(), w[0].tolist()))
+    got = dict(zip(idx[0].tolist(), w[0].tolist(), strict=True))
     assert got[7] == pytest.approx(2.5 * 0.95 / 1.75)
     assert got[4] == pytest.approx(2.5 * 0.80 / 1.75)
     # Without a group limit the global top-2 wins.
@@ -77,7 +71,7 @@ def test_router_softmax_groups_by_best_expert_without_renorm():
     # Group maxima: .30 .14 .20 .19 -> g0, g2 (top-2 sums would pick g0, g1 instead).
     s = torch.tensor([[0.30, 0.01, 0.14, 0.12, 0.20, 0.01, 0.19, 0.02]])
     idx, w = r.select(s)
-    got = dict(zip(idx[0].tolist(), w[0].tolist()))
+    got = dict(zip(idx[0].tolist(), w[0].tolist(), strict=True))
     assert set(got) == {0, 4}
     assert got[0] == pytest.approx(1.5 * 0.30) and got[4] == pytest.approx(1.5 * 0.20)
 
@@ -87,7 +81,7 @@ def test_bias_changes_selection_not_weights():
     s = torch.tensor([[0.90, 0.10, 0.50, 0.50, 0.80, 0.70, 0.20, 0.95]])
     r.expert_bias[5] = 0.5  # expert 5: 0.70 + 0.5 beats 0.80 in the same group
     idx, w = r.select(s)
-    got = dict(zip(idx[0].tolist(), w[0].tolist()))
+    got = dict(zip(idx[0].tolist(), w[0].tolist(), strict=True))
     assert set(got) == {5, 7}
     # Weights from the unbiased scores 0.70 and 0.95, normalised.
     assert got[5] == pytest.approx(0.70 / 1.65) and got[7] == pytest.approx(0.95 / 1.65)
@@ -258,7 +252,7 @@ def test_expert_load_counts_only_in_training_and_bias_update():
     assert mtp_moe.router.expert_load.sum() == 2 * 9 * 2  # the last position has no MTP target
     loads = [moe.router.expert_load.clone() for moe in m.moe_layers()]
     m.update_expert_bias(0.01)
-    for moe, load in zip(m.moe_layers(), loads):
+    for moe, load in zip(m.moe_layers(), loads, strict=True):
         torch.testing.assert_close(moe.router.expert_bias, 0.01 * torch.sign(load.mean() - load))
         assert moe.router.expert_load.sum() == 0
     assert "blocks.1.ffn.router.expert_bias" in m.state_dict()

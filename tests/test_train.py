@@ -118,3 +118,13 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, small_corpus):
         trainer.model.head.weight.fill_(math.nan)
     with pytest.raises(TrainingError, match="loss became nan at step 0"):
         trainer.run()
+
+
+def test_bf16_autocast_step_trains(tmp_path, small_corpus):
+    args = ["steps=2", "eval_interval=0", f"data.source={small_corpus}", "data.tokenizer=byte",
+            "model.vocab_size=256", "model.dim=32", "data.seq_len=16", "data.batch_size=4"]
+    trainer = Trainer(compose([f"run_dir={tmp_path / 'run'}", "precision=bf16", *QUIET, *args]))
+    assert trainer.compute == "bf16"
+    result = trainer.run()
+    assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # FP32 masters

@@ -112,7 +112,8 @@ def seq_balance_loss(s_BTE: torch.Tensor, idx_BTK: torch.Tensor, alpha: float) -
     K = idx_BTK.shape[-1]
     p_BE = (s_BTE / s_BTE.sum(-1, keepdim=True)).mean(1)
     count_BE = torch.zeros(B, E, device=s_BTE.device, dtype=s_BTE.dtype)
-    count_BE.scatter_add_(1, idx_BTK.reshape(B, T * K), torch.ones_like(idx_BTK, dtype=s_BTE.dtype).view(B, -1))
+    ones_BX = torch.ones(B, T * K, device=s_BTE.device, dtype=s_BTE.dtype)
+    count_BE.scatter_add_(1, idx_BTK.reshape(B, T * K), ones_BX)
     f_BE = count_BE * (E / (K * T))
     return alpha * (f_BE * p_BE).sum(-1).mean()
 
@@ -146,7 +147,8 @@ class GroupedExperts(nn.Module):
         token_M = order_M // K
         y_MD = self.grouped_swiglu(x_ND[token_M], count_E)
         y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
-        return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD)
+        # Under autocast the GEMMs return bf16 while x may be fp32: sum in the output's dtype.
+        return y_MD.new_zeros(x_ND.shape).index_add_(0, token_M, y_MD)
 
     def init_weights(self, std: float) -> None:
         for w in (self.w1, self.w2, self.w3):

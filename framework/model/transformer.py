@@ -114,7 +114,8 @@ class Transformer(nn.Module):
     def loss(self, tokens_BT: torch.Tensor, targets_BT: torch.Tensor):
         """(main CE + MTP loss + balance loss, metrics). The balance loss is non-zero only in
         training mode (the MoE layers record it during forward)."""
-        main, mtp = _output_losses(self.cfg, self.embed, self.head, self.mtp, self.hidden(tokens_BT), targets_BT)
+        h_BTD = self.hidden(tokens_BT)
+        main, mtp = _output_losses(self.cfg, self.embed, self.head, self.mtp, h_BTD, targets_BT)
         balance = _balance_loss(self.moe_layers(), main) if self.training else main.new_zeros(())
         return main + mtp + balance, _metrics(main, mtp, balance)
 
