@@ -97,7 +97,8 @@ class MetricsLogger:
 
             self.wandb_run = wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=mode,
                                         config=asdict(run_config), name=run_dir.name,
-                                        resume="allow", id=_wandb_id(run_dir))
+                                        resume="allow", id=_wandb_id(run_dir),
+                                        settings=wandb.Settings(silent=True))
 
     def log(self, record: dict) -> None:
         record = {"time": round(time.time(), 3), **record}

@@ -195,13 +195,13 @@ class Trainer:
         last = cfg.steps if until_step is None else min(until_step, cfg.steps)
         result = TrainResult(run_dir=self.run_dir, start_step=self.step)
         (self.run_dir / "config.yaml").write_text(_to_yaml(cfg))
+        print(f"duet: {cfg.model.name} model, {self.counts['total']:,} parameters "
+              f"({self.counts['activated']:,} activated), {self.device}, {self.compute}, "
+              f"run folder {self.run_dir}", flush=True)
+        if self.resume_from is not None:
+            print(f"duet: resumed from {self.resume_from} at step {self.step}", flush=True)
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg, resume=self.step > 0)
         bar = ProgressBar(cfg.steps, self.step, cfg.logging.progress_bar)
-        bar.write(f"duet: {cfg.model.name} model, {self.counts['total']:,} parameters "
-                  f"({self.counts['activated']:,} activated), {self.device}, {self.compute}, "
-                  f"run folder {self.run_dir}")
-        if self.resume_from is not None:
-            bar.write(f"duet: resumed from {self.resume_from} at step {self.step}")
         peak = gpu_peak_tflops()
         window_start, window_steps = time.perf_counter(), 0
         try:
@@ -238,6 +238,9 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
+        if logger.wandb_run is not None and logger.wandb_run.settings.mode == "offline":
+            print(f"duet: offline wandb run in {self.run_dir / 'wandb'} "
+                  f"(upload it with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`)")
         return result
 
 

@@ -1,0 +1,206 @@
+"""Block-scaled FP8 GEMMs (NT, c = a @ b.T) and the FP8 linear layer built from them.
+
+DeepSeek-V3 recipe: a is scaled per 1x128 tile, b per 128x128 block (forward, dgrad) or per
+1x128 tile (wgrad, `gemm_1x128`). The kernel promotes to an fp32 accumulator once per
+128-wide K block: `acc += dot(a_blk, b_blk) * sa[:, None] * sb[None, :]`, so the tensor
+cores' reduced-precision fp8 accumulation never spans more than 128 products.
+
+b's scales are gathered per output column as `scale[col // B_SCALE_ROWS]`, so the same
+kernel serves 128x128 blocks (B_SCALE_ROWS=128) and 1x128 tiles (B_SCALE_ROWS=1), and any
+BLOCK_N works.
+
+Legend (shape suffixes):
+  M rows of a / c    N rows of b = columns of c    K reduction dim (multiple of 128 not needed)
+  Kb = ceil(K/128)   Nb = ceil(N/128)   T tokens   I in-features   O out-features
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference as ref
+from .quantize import cast_out, interpreting, quantize_act, quantize_act_transposed, quantize_weight, use_triton
+from .reference import TILE, cdiv
+
+
+@triton.jit
+def block_scaled_acc(a_ptr, as_ptr, b_ptr, bs_ptr, rows_M, cols_N, M, N, K,
+                     stride_am, stride_asm, stride_bn, stride_bsn,
+                     B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] tile of sum_kb (a_blk @ b_blk.T) * sa * sb (K contiguous, BLOCK_K=128)."""
+    offs_K = tl.arange(0, BLOCK_K)
+    mask_M = rows_M < M
+    mask_N = cols_N < N
+    # int64 row offsets: M*K or E*N*K can pass 2^31 elements at training sizes.
+    a_ptrs = a_ptr + rows_M.to(tl.int64)[:, None] * stride_am + offs_K[None, :]
+    b_ptrs = b_ptr + cols_N.to(tl.int64)[None, :] * stride_bn + offs_K[:, None]  # [BLOCK_K, BLOCK_N] view
+    sa_ptrs = as_ptr + rows_M.to(tl.int64) * stride_asm
+    sb_ptrs = bs_ptr + (cols_N // B_SCALE_ROWS).to(tl.int64) * stride_bsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_K < K - kb * BLOCK_K  # ragged last K block reads zeros
+        a = tl.load(a_ptrs, mask=mask_M[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_N[None, :], other=0.0)
+        sa = tl.load(sa_ptrs + kb, mask=mask_M, other=0.0)
+        sb = tl.load(sb_ptrs + kb, mask=mask_N, other=0.0)
+        acc += tl.dot(a, b) * sa[:, None] * sb[None, :]  # promotion to fp32 every 128 of K
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
+                 stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+                 B_SCALE_ROWS: tl.constexpr, ACCUMULATE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped program order: GROUP_M row-blocks share each column-block while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    rows_M = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = block_scaled_acc(a_ptr, as_ptr, b_ptr, bs_ptr, rows_M, cols_N, M, N, K,
+                           stride_am, stride_asm, stride_bn, stride_bsn,
+                           B_SCALE_ROWS, BLOCK_M, BLOCK_N, BLOCK_K)
+    c_ptrs = c_ptr + rows_M.to(tl.int64)[:, None] * stride_cm + cols_N[None, :]
+    mask = (rows_M < M)[:, None] & (cols_N < N)[None, :]
+    if ACCUMULATE:  # wgrad into an existing fp32 gradient: one read-add-write, no extra buffer
+        acc = tl.load(c_ptrs, mask=mask, other=0.0) + acc
+    tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=mask)
+
+
+def tuning_configs():
+    """A few H100/H200-sized tiles; BLOCK_K stays 128 (the scale granularity)."""
+    shapes = [(128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (128, 256, 8, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in shapes]
+
+
+# Autotuned entry points for the GPU. The accumulating variant restores c between trials,
+# or every benchmark run during tuning would add into the gradient again.
+_gemm_tuned = triton.autotune(tuning_configs(), key=["M", "N", "K", "B_SCALE_ROWS"])(_gemm_kernel)
+_gemm_acc_tuned = triton.autotune(tuning_configs(), key=["M", "N", "K", "B_SCALE_ROWS"],
+                                  restore_value=["c_ptr"])(_gemm_kernel)
+
+# Under the interpreter each program is numpy work: small tiles keep the tests quick, and
+# 32 (> the 16 minimum of tl.dot) still exercises multi-block M and N with ragged edges.
+INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 2}
+
+
+def _launch(a_fp8, a_scale, b_fp8, b_scale, c, b_scale_rows: int, accumulate: bool) -> None:
+    M, K = a_fp8.shape
+    N = b_fp8.shape[0]
+    if M == 0 or N == 0:
+        return
+    args = (a_fp8, a_scale, b_fp8, b_scale, c, M, N, K,
+            a_fp8.stride(0), a_scale.stride(0), b_fp8.stride(0), b_scale.stride(0), c.stride(0))
+    if interpreting():
+        grid = (cdiv(M, INTERPRET_BLOCKS["BLOCK_M"]) * cdiv(N, INTERPRET_BLOCKS["BLOCK_N"]),)
+        _gemm_kernel[grid](*args, B_SCALE_ROWS=b_scale_rows, ACCUMULATE=accumulate, BLOCK_K=TILE,
+                           **INTERPRET_BLOCKS)
+        return
+    kernel = _gemm_acc_tuned if accumulate else _gemm_tuned
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](*args, B_SCALE_ROWS=b_scale_rows, ACCUMULATE=accumulate, BLOCK_K=TILE)
+
+
+def _check(a_fp8, a_scale, b_fp8, b_scale, b_scale_rows: int) -> None:
+    M, K = a_fp8.shape
+    N, Kb = b_fp8.shape[0], cdiv(K, TILE)
+    if b_fp8.shape[1] != K:
+        raise ValueError(f"K mismatch: a {tuple(a_fp8.shape)} vs b {tuple(b_fp8.shape)}")
+    if tuple(a_scale.shape) != (M, Kb) or tuple(b_scale.shape) != (cdiv(N, b_scale_rows), Kb):
+        raise ValueError(f"scale shapes a {tuple(a_scale.shape)} b {tuple(b_scale.shape)} do not fit "
+                         f"M={M} N={N} K={K}")
+
+
+def gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype=torch.bfloat16, backend: str = "auto") -> torch.Tensor:
+    """c [M, N] = a [M, K] (1x128 scales [M, Kb]) @ b [N, K].T (128x128 scales [Nb, Kb])."""
+    _check(a_fp8, a_scale, b_fp8, b_scale, TILE)
+    if not use_triton(backend, a_fp8, b_fp8):
+        return ref.gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
+    c = torch.empty(a_fp8.shape[0], b_fp8.shape[0], dtype=out_dtype, device=a_fp8.device)
+    _launch(a_fp8.contiguous(), a_scale.float().contiguous(), b_fp8.contiguous(), b_scale.float().contiguous(),
+            c, TILE, accumulate=False)
+    return c
+
+
+def gemm_1x128(a_fp8, a_scale, b_fp8, b_scale, accumulate_into=None, backend: str = "auto") -> torch.Tensor:
+    """Wgrad GEMM: c [M, N] fp32 = a [M, K] @ b [N, K].T, both with 1x128 scales along K.
+
+    With accumulate_into (a contiguous fp32 [M, N] tensor) the product is added to it in
+    place and it is returned.
+    """
+    _check(a_fp8, a_scale, b_fp8, b_scale, 1)
+    M, N = a_fp8.shape[0], b_fp8.shape[0]
+    if accumulate_into is not None and (accumulate_into.shape != (M, N) or accumulate_into.dtype != torch.float32
+                                        or not accumulate_into.is_contiguous()):
+        raise ValueError("accumulate_into must be a contiguous fp32 tensor of shape [M, N]")
+    if not use_triton(backend, a_fp8, b_fp8):
+        return ref.gemm_1x128(a_fp8, a_scale, b_fp8, b_scale, accumulate_into)
+    c = accumulate_into if accumulate_into is not None else torch.empty(M, N, device=a_fp8.device)
+    _launch(a_fp8.contiguous(), a_scale.float().contiguous(), b_fp8.contiguous(), b_scale.float().contiguous(),
+            c, 1, accumulate=accumulate_into is not None)
+    return c
+
+
+# ----------------------------------------------------------------------------- FP8 linear
+
+
+class FP8Linear(torch.autograd.Function):
+    """y = x @ w.T with all three GEMMs (fprop, dgrad, wgrad) in FP8 e4m3.
+
+    Saved for backward: the FP8 weight and the FP8 activation, the latter already in the
+    128x1 (token-tiled) layout wgrad consumes, quantised once from the high-precision x, so
+    no fp32/bf16 copy of x is kept and no double quantisation happens.
+    The transposed weight for dgrad is the FP8 weight transposed: a 128x128 block of w.T is
+    the transpose of a block of w, with the same amax, so re-quantising w.T gives exactly
+    these bytes and scales.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, backend="auto"):
+        O, I = weight.shape
+        x_TI = x.reshape(-1, I)
+        x_fp8, x_scale = quantize_act(x_TI, backend=backend)
+        w_fp8_OI, w_scale = quantize_weight(weight, backend=backend)
+        y_TO = gemm(x_fp8, x_scale, w_fp8_OI, w_scale, out_dtype=x.dtype, backend=backend)
+        xT_fp8_IT, xT_scale = (quantize_act_transposed(x_TI, backend=backend) if ctx.needs_input_grad[1]
+                               else (None, None))
+        ctx.save_for_backward(xT_fp8_IT, xT_scale, w_fp8_OI, w_scale)
+        ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = backend, x.shape, x.dtype, weight.dtype
+        return y_TO.view(*x.shape[:-1], O)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xT_fp8_IT, xT_scale, w_fp8_OI, w_scale = ctx.saved_tensors
+        O, I = w_fp8_OI.shape
+        g_TO = grad_y.reshape(-1, O)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # dgrad: dx [T, I] = g [T, O] @ (w.T [I, O]).T
+            g_fp8, g_scale = quantize_act(g_TO, backend=ctx.backend)
+            wT_fp8_IO, wT_scale = w_fp8_OI.t().contiguous(), w_scale.t().contiguous()
+            grad_x = gemm(g_fp8, g_scale, wT_fp8_IO, wT_scale, out_dtype=ctx.x_dtype, backend=ctx.backend)
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:  # wgrad: dw [O, I] = g.T [O, T] @ (x.T [I, T]).T, tokens reduced
+            gT_fp8_OT, gT_scale = quantize_act_transposed(g_TO, backend=ctx.backend)
+            grad_w = gemm_1x128(gT_fp8_OT, gT_scale, xT_fp8_IT, xT_scale, backend=ctx.backend)
+            grad_w = grad_w.to(ctx.w_dtype)
+        return grad_x, grad_w, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               backend: str = "auto") -> torch.Tensor:
+    """Drop-in for F.linear(x, weight, bias) with FP8 GEMMs; output dtype follows x."""
+    y = FP8Linear.apply(x, weight, backend)
+    return y if bias is None else y + bias.to(y.dtype)

@@ -1,0 +1,164 @@
+"""Grouped FP8 GEMM over experts in DeepGEMM's "contiguous" layout, and the layout builder.
+
+Contiguous layout: the rows of a are sorted by expert, each expert's segment padded to a
+multiple of `alignment` (128 on GPU, so a 128-row tile never straddles two experts);
+m_indices[m] is the expert of row m, -1 for a padding row. Row m of the output is
+a[m] @ b[m_indices[m]].T with the same block scaling as `gemm`; padding rows are zero.
+
+The kernel does not rely on the alignment: a row tile loops over the experts it touches
+(one when tiles are aligned, as in training) and stores only its own expert's rows, so
+any alignment, including 1, gives the right answer.
+
+Legend (shape suffixes):
+  M rows of the padded layout   R routed rows before layout   N, K as in gemm.py
+  E experts   Kb, Nb = ceil(K|N / 128)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference as ref
+from .gemm import INTERPRET_BLOCKS, block_scaled_acc, tuning_configs
+from .quantize import cast_out, interpreting, use_triton
+from .reference import TILE, cdiv
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, mi_ptr, M, N, K, E,
+                         stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+    # GROUP_M is accepted for config compatibility with gemm; the grid here is 2-D.
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows_M = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    expert_M = tl.load(mi_ptr + rows_M, mask=rows_M < M, other=-1).to(tl.int32)
+    c_ptrs = c_ptr + rows_M.to(tl.int64)[:, None] * stride_cm + cols_N[None, :]
+    mask_N = (cols_N < N)[None, :]
+
+    # Padding rows are written as zeros (not left undefined) so callers may reduce over them.
+    pad_rows = (rows_M < M) & (expert_M < 0)
+    tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=pad_rows[:, None] & mask_N)
+
+    # Experts present in this tile lie in [lo, hi] (rows are sorted); an all-padding tile
+    # gives lo = E > hi = -1 and the loop does not run.
+    # int64 bounds make the loop variable int64, so e * stride_be cannot overflow.
+    lo = tl.min(tl.where(expert_M >= 0, expert_M, E)).to(tl.int64)
+    hi = tl.max(expert_M).to(tl.int64)
+    for e in range(lo, hi + 1):
+        acc = block_scaled_acc(a_ptr, as_ptr, b_ptr + e * stride_be, bs_ptr + e * stride_bse,
+                               rows_M, cols_N, M, N, K,
+                               stride_am, stride_asm, stride_bn, stride_bsn,
+                               128, BLOCK_M, BLOCK_N, BLOCK_K)
+        tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=(expert_M == e)[:, None] & mask_N)
+
+
+_grouped_tuned = triton.autotune(tuning_configs(), key=["M", "N", "K", "E"])(_grouped_gemm_kernel)
+
+
+def grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, m_indices, out_dtype=torch.bfloat16,
+                 backend: str = "auto") -> torch.Tensor:
+    """c [M, N]: row m = a[m] @ b[m_indices[m]].T, block-scaled; rows with m_indices -1 are zero.
+
+    a_fp8 [M, K] with 1x128 scales [M, Kb]; b_fp8 [E, N, K] with 128x128 scales [E, Nb, Kb];
+    m_indices [M] int (sorted by expert apart from -1 padding, as `contiguous_layout` builds).
+    """
+    M, K = a_fp8.shape
+    E, N, Kw = b_fp8.shape
+    if Kw != K or tuple(a_scale.shape) != (M, cdiv(K, TILE)) or tuple(b_scale.shape) != (E, cdiv(N, TILE),
+                                                                                         cdiv(K, TILE)):
+        raise ValueError(f"shapes do not fit: a {tuple(a_fp8.shape)} a_scale {tuple(a_scale.shape)} "
+                         f"b {tuple(b_fp8.shape)} b_scale {tuple(b_scale.shape)}")
+    if m_indices.shape != (M,):
+        raise ValueError(f"m_indices must have shape ({M},), got {tuple(m_indices.shape)}")
+    if not use_triton(backend, a_fp8, b_fp8, m_indices):
+        return ref.grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, m_indices, out_dtype)
+    a_fp8, b_fp8 = a_fp8.contiguous(), b_fp8.contiguous()
+    a_scale, b_scale = a_scale.float().contiguous(), b_scale.float().contiguous()
+    m_indices = m_indices.to(torch.int32).contiguous()
+    c = torch.empty(M, N, dtype=out_dtype, device=a_fp8.device)
+    if M == 0 or N == 0:
+        return c
+    args = (a_fp8, a_scale, b_fp8, b_scale, c, m_indices, M, N, K, E,
+            a_fp8.stride(0), a_scale.stride(0), b_fp8.stride(0), b_fp8.stride(1),
+            b_scale.stride(0), b_scale.stride(1), c.stride(0))
+    if interpreting():
+        grid = (cdiv(M, INTERPRET_BLOCKS["BLOCK_M"]), cdiv(N, INTERPRET_BLOCKS["BLOCK_N"]))
+        _grouped_gemm_kernel[grid](*args, BLOCK_K=TILE, **INTERPRET_BLOCKS)
+    else:
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        _grouped_tuned[grid](*args, BLOCK_K=TILE)
+    return c
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass
+class ContiguousLayout:
+    """Where each routed row goes in the padded, expert-sorted layout, and back.
+
+    m_indices  [M] int32  expert per padded row, -1 for padding
+    src_rows   [M] int64  routed row feeding each padded row, -1 for padding
+    dst_rows   [R] int64  padded row of each routed row, -1 if its expert id was negative
+    rows_per_expert [E] int64  unpadded counts (for load statistics)
+    """
+
+    m_indices: torch.Tensor
+    src_rows: torch.Tensor
+    dst_rows: torch.Tensor
+    rows_per_expert: torch.Tensor
+
+    def gather(self, x_R: torch.Tensor) -> torch.Tensor:
+        """x [R, ...] -> [M, ...] in layout order; padding rows are zero."""
+        out = x_R.new_zeros((self.src_rows.numel(), *x_R.shape[1:]))
+        keep = self.src_rows >= 0
+        out[keep] = x_R[self.src_rows[keep]]
+        return out
+
+    def scatter(self, y_M: torch.Tensor) -> torch.Tensor:
+        """[M, ...] -> [R, ...] back in routed-row order; rows that were not routed are zero."""
+        out = y_M.new_zeros((self.dst_rows.numel(), *y_M.shape[1:]))
+        keep = self.dst_rows >= 0
+        out[keep] = y_M[self.dst_rows[keep]]
+        return out
+
+
+def contiguous_layout(expert_R: torch.Tensor, num_experts: int, alignment: int = TILE) -> ContiguousLayout:
+    """Build the contiguous layout from one expert id per routed row (ids < 0 are skipped).
+
+    For top-k routing pass the flattened [T * k] expert ids; row r then is token r // k.
+    Each expert's segment is padded to a multiple of `alignment`; an expert with no rows
+    gets no segment. One host sync (the padded total) is needed to size the output.
+    """
+    if alignment < 1:
+        raise ValueError(f"alignment must be >= 1, got {alignment}")
+    expert_R = expert_R.reshape(-1).long()
+    device = expert_R.device
+    valid = expert_R >= 0
+    # Stable sort keeps the routed order within each expert; skipped rows sort last.
+    key_R = torch.where(valid, expert_R, torch.full_like(expert_R, num_experts))
+    order = torch.sort(key_R, stable=True).indices
+    counts_E = torch.bincount(expert_R[valid], minlength=num_experts)[:num_experts]
+    padded_E = (counts_E + alignment - 1) // alignment * alignment
+    start_E = torch.cumsum(counts_E, 0) - counts_E  # first sorted position of each expert
+    pad_start_E = torch.cumsum(padded_E, 0) - padded_E  # first padded row of each expert
+    M = int(padded_E.sum())
+
+    n_valid = int(valid.sum())
+    sorted_rows = order[:n_valid]
+    sorted_expert = expert_R[sorted_rows]
+    dst_sorted = pad_start_E[sorted_expert] + (torch.arange(n_valid, device=device) - start_E[sorted_expert])
+
+    m_indices = torch.full((M,), -1, dtype=torch.int32, device=device)
+    src_rows = torch.full((M,), -1, dtype=torch.int64, device=device)
+    dst_rows = torch.full((expert_R.numel(),), -1, dtype=torch.int64, device=device)
+    m_indices[dst_sorted] = sorted_expert.to(torch.int32)
+    src_rows[dst_sorted] = sorted_rows
+    dst_rows[sorted_rows] = dst_sorted
+    return ContiguousLayout(m_indices, src_rows, dst_rows, counts_E)

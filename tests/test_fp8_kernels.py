@@ -1,0 +1,362 @@
+"""FP8 kernels: Triton (under TRITON_INTERPRET=1, see conftest) against the torch twins and fp32.
+
+Legend: M rows, N out features, K reduction dim, E experts, Kb = ceil(K/128).
+Expected values come from torch's own float8 cast, fp32 matmuls of the unquantised inputs,
+or the e4m3 grid worked out by hand -- never from the code under test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import fp8
+from kernels.fp8 import quantize as fp8_quantize
+
+E4M3 = torch.float8_e4m3fn
+GEMM_TOL = 1e-3  # DeepGEMM's pass criterion for calc_diff against the unquantised product
+LINEAR_TOL = 1.5e-3  # FP8Linear: three quantised GEMMs, plus the quantised grad_out
+
+
+def torch_cast_bytes(x: torch.Tensor) -> torch.Tensor:
+    """The e4m3 bytes torch itself produces (saturating, round to nearest even)."""
+    return x.float().clamp(-448, 448).to(E4M3).view(torch.uint8)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)  # fixed data: error margins below are measured, not luck
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def test_calc_diff_definition():
+    x = torch.randn(100)
+    assert fp8.calc_diff(x, x) == pytest.approx(0.0, abs=1e-15)
+    assert fp8.calc_diff(x, -x) == pytest.approx(2.0)
+    assert fp8.calc_diff(x, 2 * x) == pytest.approx(1 - 4 / 5)  # 1 - 2*2/(1+4)
+
+
+def test_backend_resolution(monkeypatch):
+    cpu = torch.zeros(1)
+    assert fp8_quantize.use_triton("auto", cpu) is False  # CPU tensors take the reference
+    assert fp8_quantize.use_triton("triton", cpu) is True  # interpreter is on in tests
+    with pytest.raises(ValueError):
+        fp8_quantize.use_triton("cuda", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fp8_quantize.use_triton("triton", cpu)
+
+
+# ----------------------------------------------------------------------------- rounding fix
+
+
+def test_rounding_fix_hand_values():
+    # Worked out on the e4m3 grid (3 mantissa bits, min normal 2^-6, subnormal step 2^-9, max 448).
+    cases = {
+        31.6: 32.0,  # [16, 32) step 2: rounds up across the power of two (the interpreter bug gives 16)
+        15.9: 16.0,
+        447.0: 448.0,
+        460.0: 448.0,  # between 448 and the (non-finite) next step: saturates
+        1000.0: 448.0,
+        -31.6: -32.0,
+        1.0625: 1.0,  # tie between 1.0 and 1.125 -> even mantissa (1.0)
+        1.1875: 1.25,  # tie between 1.125 and 1.25 -> even mantissa (1.25)
+        2.0**-9: 2.0**-9,  # smallest subnormal
+        2.0**-10: 0.0,  # tie between 0 and 2^-9 -> 0
+        3 * 2.0**-10: 2 * 2.0**-9,  # tie between 1 and 2 steps -> 2 steps
+        0.0139: 7 * 2.0**-9,  # 7.1168 steps
+        0.0156: 2.0**-6,  # 7.987 steps: rounds up into the normal range
+        1e-9: 0.0,
+    }
+    x = torch.tensor(list(cases.keys()), dtype=torch.float32)
+    got = fp8.to_fp8_e4m3(x, backend="triton").float()
+    assert torch.equal(got, torch.tensor(list(cases.values())))
+
+
+def test_rounding_matches_torch_cast_everywhere():
+    grid = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    grid = grid[~grid.isnan()]
+    pos = grid[grid > 0].unique()
+    midpoints = (pos[1:] + pos[:-1]) / 2  # every tie, where rounding direction is decided
+    nudged = torch.cat([midpoints * (1 + 2**-20), midpoints * (1 - 2**-20)])
+    logs = torch.empty(20000).uniform_(-14, 10)
+    random = torch.exp2(logs) * torch.where(torch.rand(20000) < 0.5, -1.0, 1.0)
+    x = torch.cat([grid, midpoints, -midpoints, nudged, random, torch.tensor([-0.0, 0.0, 465.0, -1e30])])
+    got = fp8.to_fp8_e4m3(x, backend="triton").view(torch.uint8)
+    assert torch.equal(got, torch_cast_bytes(x))
+
+
+# ----------------------------------------------------------------------------- quantisers
+
+
+def make_data(kind: str, shape) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash((kind, tuple(shape))) % 2**31)
+    x = torch.randn(*shape, generator=g)
+    if kind == "outliers":
+        flat = x.view(-1)
+        idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 200),), generator=g)
+        flat[idx] *= 1e4  # pushes the rest of their tiles into e4m3's subnormal range
+    elif kind == "zero_tiles":
+        x[..., :128] = 0  # whole 1x128 tiles (and the first 128x128 weight blocks' columns) zero
+        x.view(-1)[-50:] = 0
+    elif kind == "tiny":
+        x *= 1e-7  # below the 1e-4 amax floor: exercises the clamp
+    return x
+
+
+KINDS = ["random", "outliers", "zero_tiles", "tiny"]
+ACT_SHAPES = [(48, 256), (37, 300), (3, 5, 130), (1, 7)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", ACT_SHAPES, ids=str)
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_act_bitwise(kind, shape, pow2):
+    x = make_data(kind, shape)
+    q_t, s_t = fp8.quantize_act(x, power_of_2_scale=pow2, backend="triton")
+    q_r, s_r = fp8.quantize_act(x, power_of_2_scale=pow2, backend="torch")
+    assert q_t.shape == x.shape and s_t.shape == (*x.shape[:-1], -(-x.shape[-1] // 128))
+    assert same_bytes(q_t, q_r) and torch.equal(s_t, s_r)
+    qT_t, sT_t = fp8.quantize_act_transposed(x, power_of_2_scale=pow2, backend="triton")
+    qT_r, sT_r = fp8.quantize_act_transposed(x, power_of_2_scale=pow2, backend="torch")
+    assert same_bytes(qT_t, qT_r) and torch.equal(sT_t, sT_r)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(256, 384), (130, 200), (2, 70, 129)], ids=str)
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_weight_bitwise(kind, shape, pow2):
+    w = make_data(kind, shape)
+    q_t, s_t = fp8.quantize_weight(w, power_of_2_scale=pow2, backend="triton")
+    q_r, s_r = fp8.quantize_weight(w, power_of_2_scale=pow2, backend="torch")
+    assert s_t.shape == (*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128))
+    assert same_bytes(q_t, q_r) and torch.equal(s_t, s_r)
+
+
+def test_scale_semantics_and_bf16_input():
+    x_MK = torch.zeros(4, 256)
+    x_MK[0, :128] = torch.linspace(-3.5, 2.0, 128)  # amax 3.5
+    x_MK[1, 128:] = 1e-6  # amax below the floor
+    x_MK[2, 5] = 3.0  # amax 3: pow2 scale 3/448 -> 2^-7
+    _, s = fp8.quantize_act(x_MK, backend="triton")
+    assert s[0, 0] == torch.tensor(3.5) / 448 and s[1, 1] == torch.tensor(1e-4) / 448
+    assert s[3, 0] == torch.tensor(1e-4) / 448  # all-zero tile: floor, not 0 or inf
+    _, s2 = fp8.quantize_act(x_MK, power_of_2_scale=True, backend="triton")
+    assert s2[2, 0] == 2.0**-7 and s2[0, 0] == 2.0**-7  # 3.5/448 = 2^-7 exactly
+    # bf16 input goes through the same fp32 maths
+    xb = torch.randn(33, 200).to(torch.bfloat16)
+    q_t, s_t = fp8.quantize_act(xb, backend="triton")
+    q_r, s_r = fp8.quantize_act(xb.float(), backend="torch")
+    assert same_bytes(q_t, q_r) and torch.equal(s_t, s_r)
+
+
+@pytest.mark.parametrize("kind", ["random", "outliers"])
+def test_dequantize_error_bound(kind):
+    # Half an e4m3 step: 2^-4 relative in the normal range, 2^-10 * scale in the subnormals.
+    x = make_data(kind, (40, 300))
+    q, s = fp8.quantize_act(x, backend="triton")
+    deq = fp8.dequantize_act(q, s, backend="triton")
+    s_full = s.repeat_interleave(128, dim=1)[:, :300]
+    assert torch.all((deq - x).abs() <= x.abs() * 2**-4 + s_full * 2**-10 + 1e-12)
+    assert torch.equal(deq, fp8.dequantize_act(q, s, backend="torch"))
+    w = make_data(kind, (3, 200, 150))
+    qw, sw = fp8.quantize_weight(w, backend="triton")
+    dw_t = fp8.dequantize_weight(qw, sw, out_dtype=torch.bfloat16, backend="triton")
+    assert torch.equal(dw_t, fp8.dequantize_weight(qw, sw, out_dtype=torch.bfloat16, backend="torch"))
+    if kind == "random":
+        assert fp8.calc_diff(fp8.dequantize_weight(qw, sw), w) < 1e-3
+
+
+def test_transposed_weight_is_the_transposed_quantisation():
+    # FP8Linear's dgrad uses w_fp8.T instead of re-quantising w.T: they must be the same bytes.
+    w = make_data("outliers", (300, 200))
+    q, s = fp8.quantize_weight(w, backend="triton")
+    qT, sT = fp8.quantize_weight(w.t().contiguous(), backend="triton")
+    assert same_bytes(qT, q.t().contiguous()) and torch.equal(sT, s.t())
+
+
+# ----------------------------------------------------------------------------- GEMMs
+
+
+GEMM_SHAPES = [(64, 64, 4096), (50, 70, 300), (16, 48, 129), (96, 160, 256)]
+
+
+@pytest.mark.parametrize("M,N,K", GEMM_SHAPES)
+def test_gemm(M, N, K):
+    a_MK, b_NK = torch.randn(M, K), torch.randn(N, K)
+    a_q, a_s = fp8.quantize_act(a_MK, backend="triton")
+    b_q, b_s = fp8.quantize_weight(b_NK, backend="triton")
+    c_t = fp8.gemm(a_q, a_s, b_q, b_s, out_dtype=torch.float32, backend="triton")
+    c_r = fp8.gemm(a_q, a_s, b_q, b_s, out_dtype=torch.float32, backend="torch")
+    exact_MN = a_MK.double() @ b_NK.double().T
+    assert fp8.calc_diff(c_t, exact_MN) < GEMM_TOL
+    # Same products and block order; only the summation order inside a 128-block differs.
+    torch.testing.assert_close(c_t, c_r, rtol=1e-5, atol=1e-5 * float(c_r.abs().max()))
+    c_bf16 = fp8.gemm(a_q, a_s, b_q, b_s, backend="triton")
+    assert c_bf16.dtype == torch.bfloat16 and fp8.calc_diff(c_bf16, exact_MN) < GEMM_TOL
+
+
+@pytest.mark.parametrize("M,N,K", [(40, 72, 300), (128, 96, 256)])
+def test_gemm_1x128_accumulate(M, N, K):
+    a_MK, b_NK = torch.randn(M, K), torch.randn(N, K)
+    a_q, a_s = fp8.quantize_act(a_MK, backend="triton")
+    b_q, b_s = fp8.quantize_act(b_NK, backend="triton")  # 1x128 on both operands
+    prior_MN = torch.randn(M, N) * 10
+    acc_t, acc_r = prior_MN.clone(), prior_MN.clone()
+    out_t = fp8.gemm_1x128(a_q, a_s, b_q, b_s, accumulate_into=acc_t, backend="triton")
+    fp8.gemm_1x128(a_q, a_s, b_q, b_s, accumulate_into=acc_r, backend="torch")
+    assert out_t is acc_t and out_t.dtype == torch.float32
+    torch.testing.assert_close(acc_t, acc_r, rtol=1e-5, atol=1e-4)
+    fresh = fp8.gemm_1x128(a_q, a_s, b_q, b_s, backend="triton")
+    assert fp8.calc_diff(fresh, a_MK.double() @ b_NK.double().T) < GEMM_TOL
+    torch.testing.assert_close(acc_t - prior_MN, fresh, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 33, 129), (0, 40, 256), (20, 1, 100)])
+def test_gemm_edge_shapes(M, N, K):
+    # Too few outputs for calc_diff to be a stable statistic: check against the twin only.
+    a_q, a_s = fp8.quantize_act(torch.randn(M, K), backend="triton")
+    b_q, b_s = fp8.quantize_weight(torch.randn(N, K), backend="triton")
+    c_t = fp8.gemm(a_q, a_s, b_q, b_s, out_dtype=torch.float32, backend="triton")
+    c_r = fp8.gemm(a_q, a_s, b_q, b_s, out_dtype=torch.float32, backend="torch")
+    assert c_t.shape == (M, N)
+    torch.testing.assert_close(c_t, c_r, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_rejects_mismatched_scales():
+    a_q, a_s = fp8.quantize_act(torch.randn(8, 256))
+    b_q, b_s = fp8.quantize_act(torch.randn(16, 256))  # 1x128: wrong for gemm's 128x128 operand
+    with pytest.raises(ValueError):
+        fp8.gemm(a_q, a_s, b_q, b_s, backend="triton")
+
+
+# ----------------------------------------------------------------------------- grouped GEMM
+
+# Expert 1 gets no rows; -1 entries are rows routed to experts that live elsewhere.
+RAGGED_COUNTS = {0: 37, 1: 0, 2: 5, 3: 20, 4: 70, -1: 4}
+
+
+def ragged_expert_ids(seed: int = 0) -> torch.Tensor:
+    ids = torch.cat([torch.full((n,), e) for e, n in RAGGED_COUNTS.items()])
+    return ids[torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(seed))]
+
+
+@pytest.mark.parametrize("alignment", [1, 8, 32, 128])
+def test_contiguous_layout(alignment):
+    ids_R = ragged_expert_ids()
+    lay = fp8.contiguous_layout(ids_R, num_experts=5, alignment=alignment)
+    m = lay.m_indices
+    for e in range(5):
+        count = RAGGED_COUNTS[e]
+        rows = (m == e).nonzero().squeeze(1)
+        assert rows.numel() == count and lay.rows_per_expert[e] == count
+        if count:  # one contiguous segment starting on an aligned row
+            assert rows[0] % alignment == 0 and torch.equal(rows, torch.arange(rows[0], rows[0] + count))
+    valid = m[m >= 0]
+    assert torch.all(valid[1:] >= valid[:-1])  # sorted by expert
+    assert m.numel() == sum(-(-n // alignment) * alignment for e, n in RAGGED_COUNTS.items() if e >= 0)
+    x_R = torch.randn(ids_R.numel(), 3)
+    back = lay.scatter(lay.gather(x_R))
+    routed = ids_R >= 0
+    assert torch.equal(back[routed], x_R[routed]) and torch.all(back[~routed] == 0)
+    assert torch.equal(m[lay.dst_rows[routed]].long(), ids_R[routed])
+
+
+@pytest.mark.parametrize("alignment,K", [(1, 256), (8, 300), (32, 130), (128, 384)])
+def test_grouped_gemm(alignment, K):
+    E, N = 5, 80
+    ids_R = ragged_expert_ids(seed=alignment)
+    x_RK, w_ENK = torch.randn(ids_R.numel(), K), torch.randn(E, N, K)
+    lay = fp8.contiguous_layout(ids_R, E, alignment)
+    a_MK = lay.gather(x_RK)
+    a_MK[lay.m_indices < 0] = 1e3  # garbage in padding rows must not leak into the output
+    a_q, a_s = fp8.quantize_act(a_MK, backend="triton")
+    b_q, b_s = fp8.quantize_weight(w_ENK, backend="triton")
+    c_t = fp8.grouped_gemm(a_q, a_s, b_q, b_s, lay.m_indices, out_dtype=torch.float32, backend="triton")
+    c_r = fp8.grouped_gemm(a_q, a_s, b_q, b_s, lay.m_indices, out_dtype=torch.float32, backend="torch")
+    pad = lay.m_indices < 0
+    assert torch.all(c_t[pad] == 0) and torch.all(c_r[pad] == 0)
+    torch.testing.assert_close(c_t, c_r, rtol=1e-5, atol=1e-5 * float(c_r.abs().max()))
+    # fp32 reference straight from the routed rows and their experts, no layout involved
+    routed = ids_R >= 0
+    exact_RN = torch.einsum("rk,rnk->rn", x_RK[routed].double(), w_ENK[ids_R[routed]].double())
+    assert fp8.calc_diff(lay.scatter(c_t)[routed], exact_RN) < GEMM_TOL
+    c_bf16 = fp8.grouped_gemm(a_q, a_s, b_q, b_s, lay.m_indices, backend="triton")
+    assert c_bf16.dtype == torch.bfloat16 and torch.all(c_bf16[pad] == 0)
+
+
+# ----------------------------------------------------------------------------- FP8 linear
+
+
+def run_linear(x, w, backend, dtype=torch.float32, grad_y=None):
+    """(y, dx, dw) of fp8_linear and of an fp64 linear on the same inputs and output gradient."""
+    x_ref, w_ref = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y_ref = x_ref @ w_ref.T
+    if grad_y is None:
+        grad_y = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(7))
+    y_ref.backward(grad_y.double())
+    x8, w8 = x.detach().to(dtype).clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y8 = fp8.fp8_linear(x8, w8, backend=backend)
+    y8.backward(grad_y.to(dtype))
+    assert y8.dtype == dtype and x8.grad.dtype == dtype and w8.grad.dtype == torch.float32
+    return (y8.detach(), x8.grad, w8.grad), (y_ref.detach(), x_ref.grad, w_ref.grad)
+
+
+def errors(got, ref):
+    return [fp8.calc_diff(a, b) for a, b in zip(got, ref)]
+
+
+def test_fp8_linear_matches_fp32_and_backends_agree():
+    x = torch.randn(2, 72, 256)  # 144 tokens: a ragged 128-token tile for the wgrad operands
+    w = torch.randn(160, 256) * 0.05
+    outs_t, ref = run_linear(x, w, "triton")
+    outs_r, _ = run_linear(x, w, "torch")
+    errs_t, errs_r = errors(outs_t, ref), errors(outs_r, ref)
+    assert max(errs_t) < LINEAR_TOL and max(errs_r) < LINEAR_TOL, (errs_t, errs_r)
+    for a, b in zip(outs_t, outs_r):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+def test_fp8_linear_bf16_input():
+    x = torch.randn(64, 256)
+    w = torch.randn(96, 256) * 0.05
+    errs = errors(*run_linear(x, w, "torch", dtype=torch.bfloat16))
+    assert max(errs) < LINEAR_TOL, errs
+
+
+def test_fp8_linear_outliers_cost_accuracy():
+    # Outliers share a tile's scale with their neighbours and push them into e4m3's
+    # subnormals. Each outlier is placed where it does not itself enter the result being
+    # measured (zero weight column, zero input channel, zero-gradient token), so the exact
+    # result keeps its scale and only the quantisation damage shows.
+    x = torch.randn(128, 256)
+    w = torch.randn(128, 256) * 0.05
+    clean_out, clean_ref = run_linear(x, w, "torch")
+    clean = errors(clean_out, clean_ref)
+    assert max(clean) < LINEAR_TOL, clean
+
+    # Forward and dgrad: a massive activation channel (its weight column zero) and a weight
+    # outlier on an input channel that is always zero (crushes its 128x128 block).
+    x_out, w_out = x.clone(), w.clone()
+    x_out[:, 3], w_out[:, 3] = 1e5, 0.0
+    x_out[:, 200], w_out[5, 200] = 0.0, 1e4
+    (y, dx, _), (y_ref, dx_ref, _) = run_linear(x_out, w_out, "torch")
+    keep = torch.arange(256) != 200  # dx[:, 200] carries the outlier itself
+    assert fp8.calc_diff(y, y_ref) > 5 * clean[0]
+    assert fp8.calc_diff(dx[:, keep], dx_ref[:, keep]) > 5 * fp8.calc_diff(clean_out[1][:, keep],
+                                                                             clean_ref[1][:, keep])
+    # Wgrad: a massive token with zero output gradient (e.g. masked) crushes the 128x1 tiles
+    # of x^T that every other token shares.
+    x_tok = x.clone()
+    x_tok[7] = 1e5
+    grad_y = torch.randn(128, 128)
+    grad_y[7] = 0
+    (_, _, dw_clean), (_, _, dw_clean_ref) = run_linear(x, w, "torch", grad_y=grad_y)
+    (_, _, dw), (_, _, dw_ref) = run_linear(x_tok, w, "torch", grad_y=grad_y)
+    assert fp8.calc_diff(dw, dw_ref) > 5 * fp8.calc_diff(dw_clean, dw_clean_ref)
