@@ -59,13 +59,15 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """Filled by the distributed issues; a single process uses the defaults."""
+    """The layout: world = pp * dp ranks; ep groups live inside dp (edp = dp / ep)."""
 
     pp: int = 1
     dp: int = 1
     ep: int = 1
+    zero1: bool = True  # shard optimizer state (FP32 master + moments) across dp
     schedule: str = "1f1b"  # gpipe, 1f1b, dualpipe, dualpipev
-    micro_batches: int = 1
+    micro_batches: int = 1  # per step and dp rank
+    bucket_mb: float = 25.0  # gradient-reduction bucket size
 
 
 @dataclass
@@ -118,12 +120,15 @@ class CheckpointConfig:
 
 @dataclass
 class LaunchConfig:
-    """Filled by the distributed-runtime issue."""
-
     mode: str = "local"  # local, simulated, torchrun, slurm
-    nproc: int = 1
+    nproc: int = 0  # processes on this host; 0 = parallel.pp * parallel.dp
     dry_run: bool = False
-    max_restarts: int = 0
+    max_restarts: int = 0  # restart a crashed group this often; it resumes from the checkpoint
+    port: int = 0  # rendezvous port on loopback for local/simulated; 0 picks a free one
+    nodes: int = 1  # slurm: nodes to request
+    gpus_per_node: int = 8  # slurm: processes per node
+    slurm_partition: str = ""
+    slurm_time: str = "24:00:00"
 
 
 @dataclass
@@ -260,14 +265,66 @@ def validate(cfg: TrainConfig) -> list[str]:
         p.append(f"device={cfg.device!r}: choose auto, cpu or cuda")
     if cfg.logging.wandb_mode not in WANDB_MODES:
         p.append(f"logging.wandb_mode={cfg.logging.wandb_mode!r}: choose one of {', '.join(WANDB_MODES)}")
-    par = cfg.parallel
+    p += layout_problems(cfg)
+    return p
+
+
+def world_size(cfg: TrainConfig) -> int:
+    return cfg.parallel.pp * cfg.parallel.dp
+
+
+def layout_problems(cfg: TrainConfig) -> list[str]:
+    """Impossible parallel layouts and launch settings (DESIGN.md rule 3)."""
+    par, launch, p = cfg.parallel, cfg.launch, []
     if par.schedule not in SCHEDULES:
         p.append(f"parallel.schedule={par.schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if min(par.pp, par.dp, par.ep, par.micro_batches) < 1:
-        p.append("parallel.pp, parallel.dp, parallel.ep and parallel.micro_batches must be >= 1")
-    elif (par.pp, par.dp, par.ep) != (1, 1, 1):
-        p.append("parallel.pp/dp/ep > 1 need the distributed runtime, which is not built yet; "
-                 "leave them at 1")
-    if cfg.launch.mode not in LAUNCH_MODES:
-        p.append(f"launch.mode={cfg.launch.mode!r}: choose one of {', '.join(LAUNCH_MODES)}")
+        return p + ["parallel.pp, parallel.dp, parallel.ep and parallel.micro_batches must be >= 1"]
+    if par.bucket_mb <= 0:
+        p.append(f"parallel.bucket_mb={par.bucket_mb}: must be positive")
+    if par.dp % par.ep:
+        p.append(f"parallel.ep={par.ep}: must divide parallel.dp={par.dp} (ep groups live inside dp)")
+    if cfg.model.n_routed_experts % par.ep:
+        p.append(f"parallel.ep={par.ep}: must divide model.n_routed_experts={cfg.model.n_routed_experts}")
+    if cfg.data.batch_size % par.dp:
+        p.append(f"data.batch_size={cfg.data.batch_size}: must be divisible by parallel.dp={par.dp}")
+    elif (cfg.data.batch_size // par.dp) % par.micro_batches:
+        p.append(f"parallel.micro_batches={par.micro_batches}: must divide the per-rank batch "
+                 f"data.batch_size / parallel.dp = {cfg.data.batch_size // par.dp}")
+    stages = par.pp * (2 if par.schedule == "dualpipev" else 1)
+    if par.pp > 1 and stages > cfg.model.n_layers:
+        p.append(f"parallel.pp={par.pp}: {stages} pipeline stages need at least as many blocks, "
+                 f"model.n_layers={cfg.model.n_layers}")
+    if par.pp > 1 and par.schedule == "dualpipe":
+        if par.pp % 2:
+            p.append(f"parallel.pp={par.pp}: DualPipe needs an even pp (or parallel.schedule=dualpipev)")
+        if par.micro_batches % 2 or par.micro_batches < 2 * par.pp:
+            p.append(f"parallel.micro_batches={par.micro_batches}: DualPipe needs an even count "
+                     f">= 2 * pp = {2 * par.pp}")
+    if par.pp > 1 and par.schedule == "dualpipev" and par.micro_batches < 2 * par.pp:
+        p.append(f"parallel.micro_batches={par.micro_batches}: DualPipeV needs >= 2 * pp = {2 * par.pp}")
+    if launch.mode not in LAUNCH_MODES:
+        p.append(f"launch.mode={launch.mode!r}: choose one of {', '.join(LAUNCH_MODES)}")
+    if launch.nproc < 0 or launch.max_restarts < 0 or launch.nodes < 1 or launch.gpus_per_node < 1:
+        p.append("launch.nproc and launch.max_restarts must be >= 0, launch.nodes and "
+                 "launch.gpus_per_node >= 1")
+    elif launch.mode in ("local", "simulated") and launch.nproc not in (0, world_size(cfg)):
+        p.append(f"launch.nproc={launch.nproc}: the layout needs parallel.pp * parallel.dp = "
+                 f"{world_size(cfg)} processes; set launch.nproc={world_size(cfg)} or 0")
+    elif launch.mode == "slurm" and launch.nodes * launch.gpus_per_node != world_size(cfg):
+        p.append(f"launch.nodes * launch.gpus_per_node = {launch.nodes * launch.gpus_per_node}: must "
+                 f"equal parallel.pp * parallel.dp = {world_size(cfg)}")
+    if not 0 <= launch.port < 65536:
+        p.append(f"launch.port={launch.port}: must lie in [0, 65535]")
+    return p
+
+
+def unbuilt_features(cfg: TrainConfig) -> list[str]:
+    """Valid settings whose machinery is not built yet: refused for a real run, while a
+    --dry-run may still describe them."""
+    p = []
+    if cfg.parallel.pp > 1:
+        p.append(f"parallel.pp={cfg.parallel.pp}: pipeline parallelism is not built yet; use pp=1")
+    if cfg.parallel.ep > 1:
+        p.append(f"parallel.ep={cfg.parallel.ep}: expert-parallel dispatch is not built yet; use ep=1")
     return p

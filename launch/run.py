@@ -13,6 +13,7 @@ wrong type - becomes one line naming the key and exit status 2, before anything 
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -115,25 +116,6 @@ def fail(lines: list[str]) -> int:
     return EXIT_BAD_INPUT
 
 
-def dry_run_report(cfg) -> str:
-    """What a run would build, without allocating it: the model is built on the meta device."""
-    import torch
-
-    from framework.model import Transformer, count_params
-
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    counts = count_params(model)
-    tokens = cfg.data.batch_size * cfg.data.seq_len
-    return "\n".join([
-        f"model {cfg.model.name}: {counts['total']:,} parameters "
-        f"({counts['activated']:,} activated per token, MTP {counts['mtp']:,})",
-        f"fp32 weights + grads + AdamW moments: {counts['total'] * 16 / 2**30:.2f} GiB",
-        f"batch: {cfg.data.batch_size} x {cfg.data.seq_len} = {tokens:,} tokens per step, "
-        f"{cfg.steps} steps, run folder {cfg.run_dir}",
-    ])
-
-
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
@@ -162,26 +144,68 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return 0
 
-    from framework.config import validate
+    from framework.config import unbuilt_features, validate
 
     problems = validate(cfg)
     if problems:
         return fail(problems)
     if dry_run or cfg.launch.dry_run:
+        from launch.dry_run import dry_run_report
+
         print(dry_run_report(cfg))
         return 0
+    problems = unbuilt_features(cfg)
+    if problems:
+        return fail(problems)
+    return launch(cfg, overrides)
 
-    from framework.data import DataError
+
+def launch(cfg, overrides: list[str]) -> int:
+    """Start the run the way `launch.mode` says; every bad input is one line and exit 2."""
+    from framework.config import world_size
+    from framework.data import DataError, build_data
     from framework.trainer import TrainingError, train
+    from launch import spawn
 
+    mode, world = cfg.launch.mode, world_size(cfg)
+    if mode == "slurm":
+        return spawn.write_slurm_script(cfg, overrides)
+    if mode == "torchrun" and not spawn.in_torchrun_worker():
+        return fail(["launch.mode=torchrun but RANK/WORLD_SIZE are not set: start duet-train under "
+                     "torchrun (see the README) or use launch=local"])
     try:
-        train(cfg)
+        if spawn.in_torchrun_worker():
+            if int(os.environ["WORLD_SIZE"]) != world:
+                return fail([f"torchrun started {os.environ['WORLD_SIZE']} workers but the layout needs "
+                             f"parallel.pp * parallel.dp = {world}; match --nnodes * --nproc-per-node"])
+            train(cfg)
+            return 0
+        if world == 1 and mode == "local":
+            train(cfg)
+            return 0
+        problem = _device_problem(cfg, world)
+        if problem:
+            return fail([problem])
+        # Tokenize once here: bad data fails before any worker starts, and ranks hit the cache.
+        build_data(cfg.data, cfg.model.vocab_size, Path(cfg.run_dir).expanduser() / "data")
+        return spawn.spawn_local(cfg)
     except (DataError, TrainingError) as err:
         return fail([str(err)])
     except KeyboardInterrupt:
         print("\nduet-train: interrupted; the last completed checkpoint is intact", file=sys.stderr)
         return 130
-    return 0
+
+
+def _device_problem(cfg, world: int) -> str | None:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if cfg.launch.mode == "local" and cfg.device != "cpu" and 0 < gpus < world:
+        return (f"launch.mode=local needs one GPU per rank: {world} ranks, {gpus} GPUs visible; use "
+                "launch=simulated to put every rank on one device, or device=cpu")
+    if cfg.device == "cuda" and gpus == 0:
+        return "device=cuda but no CUDA GPU is visible; use device=auto or device=cpu"
+    return None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,14 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
-from .quantize import cast_out, interpreting, quantize_act, quantize_act_transposed, quantize_weight, use_triton
+from .quantize import (
+    cast_out,
+    interpreting,
+    quantize_act,
+    quantize_act_transposed,
+    quantize_weight,
+    use_triton,
+)
 from .reference import TILE, cdiv
 
 
@@ -98,6 +105,9 @@ INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 2}
 
 
 def _launch(a_fp8, a_scale, b_fp8, b_scale, c, b_scale_rows: int, accumulate: bool) -> None:
+    # The kernel assumes K-contiguous operands and kb-contiguous fp32 scales.
+    a_fp8, b_fp8 = a_fp8.contiguous(), b_fp8.contiguous()
+    a_scale, b_scale = a_scale.float().contiguous(), b_scale.float().contiguous()
     M, K = a_fp8.shape
     N = b_fp8.shape[0]
     if M == 0 or N == 0:
@@ -130,8 +140,7 @@ def gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype=torch.bfloat16, backend: str 
     if not use_triton(backend, a_fp8, b_fp8):
         return ref.gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
     c = torch.empty(a_fp8.shape[0], b_fp8.shape[0], dtype=out_dtype, device=a_fp8.device)
-    _launch(a_fp8.contiguous(), a_scale.float().contiguous(), b_fp8.contiguous(), b_scale.float().contiguous(),
-            c, TILE, accumulate=False)
+    _launch(a_fp8, a_scale, b_fp8, b_scale, c, TILE, accumulate=False)
     return c
 
 
@@ -143,18 +152,27 @@ def gemm_1x128(a_fp8, a_scale, b_fp8, b_scale, accumulate_into=None, backend: st
     """
     _check(a_fp8, a_scale, b_fp8, b_scale, 1)
     M, N = a_fp8.shape[0], b_fp8.shape[0]
-    if accumulate_into is not None and (accumulate_into.shape != (M, N) or accumulate_into.dtype != torch.float32
-                                        or not accumulate_into.is_contiguous()):
+    acc = accumulate_into
+    if acc is not None and (acc.shape != (M, N) or acc.dtype != torch.float32 or not acc.is_contiguous()):
         raise ValueError("accumulate_into must be a contiguous fp32 tensor of shape [M, N]")
     if not use_triton(backend, a_fp8, b_fp8):
         return ref.gemm_1x128(a_fp8, a_scale, b_fp8, b_scale, accumulate_into)
     c = accumulate_into if accumulate_into is not None else torch.empty(M, N, device=a_fp8.device)
-    _launch(a_fp8.contiguous(), a_scale.float().contiguous(), b_fp8.contiguous(), b_scale.float().contiguous(),
-            c, 1, accumulate=accumulate_into is not None)
+    _launch(a_fp8, a_scale, b_fp8, b_scale, c, 1, accumulate=accumulate_into is not None)
     return c
 
 
 # ----------------------------------------------------------------------------- FP8 linear
+
+
+def _forward(x, weight, backend):
+    """Fprop GEMM: x 1x128, w 128x128 -> (y [..., O], x as [T, I], w_fp8, w_scale)."""
+    n_out, n_in = weight.shape
+    x_TI = x.reshape(-1, n_in)
+    x_fp8, x_scale = quantize_act(x_TI, backend=backend)
+    w_fp8_OI, w_scale = quantize_weight(weight, backend=backend)
+    y_TO = gemm(x_fp8, x_scale, w_fp8_OI, w_scale, out_dtype=x.dtype, backend=backend)
+    return y_TO.view(*x.shape[:-1], n_out), x_TI, w_fp8_OI, w_scale
 
 
 class FP8Linear(torch.autograd.Function):
@@ -170,22 +188,17 @@ class FP8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, backend="auto"):
-        O, I = weight.shape
-        x_TI = x.reshape(-1, I)
-        x_fp8, x_scale = quantize_act(x_TI, backend=backend)
-        w_fp8_OI, w_scale = quantize_weight(weight, backend=backend)
-        y_TO = gemm(x_fp8, x_scale, w_fp8_OI, w_scale, out_dtype=x.dtype, backend=backend)
+        y, x_TI, w_fp8_OI, w_scale = _forward(x, weight, backend)
         xT_fp8_IT, xT_scale = (quantize_act_transposed(x_TI, backend=backend) if ctx.needs_input_grad[1]
                                else (None, None))
         ctx.save_for_backward(xT_fp8_IT, xT_scale, w_fp8_OI, w_scale)
         ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = backend, x.shape, x.dtype, weight.dtype
-        return y_TO.view(*x.shape[:-1], O)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         xT_fp8_IT, xT_scale, w_fp8_OI, w_scale = ctx.saved_tensors
-        O, I = w_fp8_OI.shape
-        g_TO = grad_y.reshape(-1, O)
+        g_TO = grad_y.reshape(-1, w_fp8_OI.shape[0])
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # dgrad: dx [T, I] = g [T, O] @ (w.T [I, O]).T
             g_fp8, g_scale = quantize_act(g_TO, backend=ctx.backend)
@@ -202,5 +215,8 @@ class FP8Linear(torch.autograd.Function):
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                backend: str = "auto") -> torch.Tensor:
     """Drop-in for F.linear(x, weight, bias) with FP8 GEMMs; output dtype follows x."""
-    y = FP8Linear.apply(x, weight, backend)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        y = FP8Linear.apply(x, weight, backend)
+    else:  # inference / no_grad: skip the autograd node and the wgrad-layout quantisation
+        y = _forward(x, weight, backend)[0]
     return y if bias is None else y + bias.to(y.dtype)

@@ -43,7 +43,8 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, mi_ptr, M, N, K, E
 
     # Padding rows are written as zeros (not left undefined) so callers may reduce over them.
     pad_rows = (rows_M < M) & (expert_M < 0)
-    tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty), mask=pad_rows[:, None] & mask_N)
+    zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty)
+    tl.store(c_ptrs, zeros, mask=pad_rows[:, None] & mask_N)
 
     # Experts present in this tile lie in [lo, hi] (rows are sorted); an all-padding tile
     # gives lo = E > hi = -1 and the loop does not run.

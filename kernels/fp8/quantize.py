@@ -238,7 +238,7 @@ def quantize_weight(w: torch.Tensor, power_of_2_scale: bool = False, backend: st
     if B * N * K > 0:
         _quant_blocks_kernel[(Nb, Kb, B)](w_BNK, y_BNK, scale_BNbKb, N, K, w_BNK.stride(0), w_BNK.stride(1),
                                           scale_BNbKb.stride(0), scale_BNbKb.stride(1),
-                                          POW2=power_of_2_scale, T=TILE)
+                                          POW2=power_of_2_scale, T=TILE, num_warps=8)  # 128x128 fp32 tile
     return y_BNK.view(w.shape), scale_BNbKb.view(*w.shape[:-2], Nb, Kb)
 
 
