@@ -123,16 +123,31 @@ def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torc
     return final
 
 
+def save_weights(path: str | Path, model: torch.nn.Module, config: dict) -> Path:
+    """A weights-only checkpoint (e.g. imported from Hugging Face) that a run can start from
+    with `checkpoint.load_from`; written atomically like `save`."""
+    final = Path(path)
+    tmp = final.with_name(TMP_PREFIX + final.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet_single_process():
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp))
+    (tmp / "meta.json").write_text(json.dumps({"step": 0, "config": config, "weights_only": True}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
 def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
          extra_keys: list[str]) -> dict[str, int]:
-    """Load `path` in place into model (and optimizer); return the saved integer counters."""
+    """Load `path` in place into model (and optimizer, unless None); return the saved integer
+    counters named in `extra_keys` (none for a weights-only load)."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path} is not a complete duet checkpoint (no meta.json)")
-    state = {
-        "model": model.state_dict(),
-        "extra": {k: torch.zeros((), dtype=torch.int64) for k in extra_keys},
-    }
+    state: dict = {"model": model.state_dict()}
+    if extra_keys:
+        state["extra"] = {k: torch.zeros((), dtype=torch.int64) for k in extra_keys}
     if optimizer is not None:
         state["optim"] = optimizer_tensors(model, optimizer)
     try:
@@ -145,7 +160,7 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     model.load_state_dict(state["model"])
     if optimizer is not None:
         _restore_python_numbers(model, optimizer, state["optim"])
-    return {k: int(v) for k, v in state["extra"].items()}
+    return {k: int(v) for k, v in state.get("extra", {}).items()}
 
 
 def read_meta(path: str | Path) -> dict:

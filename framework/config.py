@@ -72,7 +72,9 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    compute: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, or fp8: DeepSeek-V3's FP8 GEMMs
+    # (framework/fp8.py) with the rest in bf16 on GPU, fp32 on CPU.
+    compute: str = "auto"
     moment_dtype: str = "fp32"  # AdamW moments: fp32 or bf16 (V3 uses bf16)
 
 
@@ -160,7 +162,7 @@ class TrainConfig:
 
 SCORE_FUNCS = ("sigmoid", "softmax")
 SCHEDULES = ("gpipe", "1f1b", "dualpipe", "dualpipev")
-COMPUTE_DTYPES = ("auto", "fp32", "bf16")
+COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp8")
 MOMENT_DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "deepseek", "constant")
 WANDB_MODES = ("auto", "online", "offline", "disabled")

@@ -302,31 +302,43 @@ def import_hf(path) -> tuple[Transformer, ModelConfig]:
 
 
 def _load_duet_checkpoint(path: Path) -> tuple[Transformer, ModelConfig]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{path}: expected a dict with 'model' (state_dict) and 'config' "
-                         "(ModelConfig fields)")
-    cfg = ModelConfig(**ckpt["config"])
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device="cpu")
-    for moe in model.moe_layers():
-        moe.router.expert_load.zero_()
-    model.load_state_dict(ckpt["model"], strict=True)
+    """A duet DCP checkpoint folder, or a run folder (its newest checkpoint)."""
+    from framework import checkpoint
+
+    if not (path / "meta.json").is_file():
+        latest = checkpoint.latest_checkpoint(path)
+        if latest is None:
+            raise ValueError(f"{path} is neither a duet checkpoint folder nor a run folder with "
+                             "checkpoints")
+        path = latest
+    cfg = ModelConfig(**checkpoint.read_meta(path)["config"]["model"])
+    model = Transformer(cfg)
+    checkpoint.load(path, model, None, [])
     return model, cfg
+
+
+def _write_duet_checkpoint(model: Transformer, cfg: ModelConfig, out: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from framework import checkpoint
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.save_weights(out, model, {"model": dataclasses.asdict(cfg)})
+    (out / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="duet-hf", description="Convert between duet and Hugging Face DeepSeek checkpoints.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser("export", help="duet checkpoint file -> Hugging Face folder")
-    ex.add_argument("checkpoint", type=Path, help='torch.save({"model": state_dict, "config": dict}) file')
+    ex = sub.add_parser("export", help="duet checkpoint (or run folder) -> Hugging Face folder")
+    ex.add_argument("checkpoint", type=Path, help="a checkpoints/step_* folder, or a run folder")
     ex.add_argument("out_dir", type=Path)
     ex.add_argument("--no-mtp-copies", action="store_true", help="do not repeat embed/head in MTP layers")
-    im = sub.add_parser("import", help="Hugging Face folder -> duet checkpoint file")
+    im = sub.add_parser("import", help="Hugging Face folder -> duet weights-only checkpoint folder")
     im.add_argument("hf_dir", type=Path)
-    im.add_argument("checkpoint", type=Path)
+    im.add_argument("checkpoint", type=Path, help="folder to create; train from it with "
+                    "checkpoint.load_from=FOLDER and its model.yaml as the model preset")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "export":
@@ -335,9 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out_dir}")
         else:
             model, cfg = import_hf(args.hf_dir)
-            args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "config": dataclasses.asdict(cfg)}, args.checkpoint)
-            print(f"wrote {args.checkpoint}")
+            _write_duet_checkpoint(model, cfg, args.checkpoint)
+            print(f"wrote {args.checkpoint}; to train from it, copy {args.checkpoint / 'model.yaml'} to "
+                  f"configs/model/ and run duet-train model=<that name> checkpoint.load_from={args.checkpoint}")
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         print(f"duet-hf {args.cmd}: error: {e}".splitlines()[0], file=sys.stderr)
         return 2

@@ -84,15 +84,19 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir).expanduser()
         self.device = pick_device(cfg.device)
         self.compute = resolve_compute(cfg.precision.compute, self.device)
-        existing = checkpoint.latest_checkpoint(self.run_dir)
-        self.resume_from = Path(cfg.checkpoint.load_from) if cfg.checkpoint.load_from else None
-        if self.resume_from is None and existing is not None:
-            if not cfg.checkpoint.resume:
-                raise TrainingError(f"{self.run_dir} already holds checkpoints; use a new run_dir or "
-                                    "checkpoint.resume=true (refusing to overwrite them)")
-            self.resume_from = existing
+        # Resuming this run folder restores everything; `checkpoint.load_from` only initialises
+        # the weights of a new run (fine-tuning, HF imports) and is ignored once the run has
+        # checkpoints of its own.
+        self.resume_from = checkpoint.latest_checkpoint(self.run_dir)
+        if self.resume_from is not None and not cfg.checkpoint.resume:
+            raise TrainingError(f"{self.run_dir} already holds checkpoints; use a new run_dir or "
+                                "checkpoint.resume=true (refusing to overwrite them)")
+        self.init_from = Path(cfg.checkpoint.load_from) if cfg.checkpoint.load_from else None
         if self.resume_from is not None:
-            self._check_same_model(self.resume_from)
+            self.init_from = None
+        for path in (self.resume_from, self.init_from):
+            if path is not None:
+                self._check_same_model(path)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         torch.manual_seed(cfg.seed)
@@ -102,6 +106,8 @@ class Trainer:
         self.step = 0
         if self.resume_from is not None:
             self._load(self.resume_from)
+        elif self.init_from is not None:
+            self._load_weights(self.init_from)
         self.counts = count_params(self.model)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         m = cfg.model
@@ -132,6 +138,12 @@ class Trainer:
         state = self.data.train.state_dict()
         state["position"] = extra["data_position"]
         self.data.train.load_state_dict(state)
+
+    def _load_weights(self, path: Path) -> None:
+        try:
+            checkpoint.load(path, self.model, None, [])
+        except checkpoint.CheckpointError as err:
+            raise TrainingError(str(err)) from None
 
     def save(self) -> Path:
         extra = {"step": self.step, "data_position": self.data.train.state_dict()["position"]}
@@ -200,6 +212,8 @@ class Trainer:
               f"run folder {self.run_dir}", flush=True)
         if self.resume_from is not None:
             print(f"duet: resumed from {self.resume_from} at step {self.step}", flush=True)
+        elif self.init_from is not None:
+            print(f"duet: weights initialised from {self.init_from}", flush=True)
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg, resume=self.step > 0)
         bar = ProgressBar(cfg.steps, self.step, cfg.logging.progress_bar)
         peak = gpu_peak_tflops()

@@ -108,20 +108,26 @@ def test_import_folder_resaved_by_transformers(tmp_path):
             assert torch.equal(v, sd2[k]), k
 
 
-def test_cli_round_trip_and_errors(tmp_path, capsys):
+def test_cli_round_trip_through_duet_checkpoints_and_errors(tmp_path, capsys):
+    from framework import checkpoint
+    from framework.hf import _load_duet_checkpoint, _write_duet_checkpoint
+
     cfg = CASES["v3_plain"]
     m = build(cfg)
-    torch.save({"model": m.state_dict(), "config": dataclasses.asdict(cfg)}, tmp_path / "a.pt")
-    assert main(["export", str(tmp_path / "a.pt"), str(tmp_path / "hf")]) == 0
-    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "b.pt")]) == 0
-    a = torch.load(tmp_path / "a.pt", weights_only=True)
-    b = torch.load(tmp_path / "b.pt", weights_only=True)
-    assert a["config"] == b["config"]
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    _write_duet_checkpoint(m, cfg, tmp_path / "a")
+    assert main(["export", str(tmp_path / "a"), str(tmp_path / "hf")]) == 0
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "b")]) == 0
+    a_model, a_cfg = _load_duet_checkpoint(tmp_path / "a")
+    b_model, b_cfg = _load_duet_checkpoint(tmp_path / "b")
+    assert a_cfg == b_cfg == cfg and checkpoint.read_meta(tmp_path / "b")["weights_only"]
+    b_state = b_model.state_dict()
+    assert all(torch.equal(v, b_state[k]) for k, v in m.state_dict().items())
+    assert (tmp_path / "b" / "model.yaml").read_text().count("n_routed_experts") == 1
     capsys.readouterr()
-    assert main(["import", str(tmp_path / "missing"), str(tmp_path / "c.pt")]) == 2
+    assert main(["import", str(tmp_path / "missing"), str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("duet-hf import: error:") and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()
 
 
 def test_export_refuses_what_deepseek_v2_cannot_express(tmp_path):

@@ -128,3 +128,19 @@ def test_bf16_autocast_step_trains(tmp_path, small_corpus):
     result = trainer.run()
     assert len(result.losses) == 2 and all(math.isfinite(v) for v in result.losses)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # FP32 masters
+
+
+def test_load_from_initialises_weights_of_a_new_run(tmp_path, small_corpus):
+    from framework.hf import _write_duet_checkpoint
+
+    args = ["steps=2", "eval_interval=0", f"data.source={small_corpus}", "data.tokenizer=byte",
+            "model.vocab_size=256"]
+    donor = Trainer(tiny_cfg(tmp_path / "donor", *args, "seed=7"))
+    _write_duet_checkpoint(donor.model, donor.cfg.model, tmp_path / "weights")
+    fresh = Trainer(tiny_cfg(tmp_path / "new", *args, f"checkpoint.load_from={tmp_path / 'weights'}"))
+    assert fresh.step == 0
+    for (name, a), b in zip(donor.model.state_dict().items(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(TrainingError, match="model.dim"):
+        Trainer(tiny_cfg(tmp_path / "other", *args, "model.dim=64",
+                         f"checkpoint.load_from={tmp_path / 'weights'}"))

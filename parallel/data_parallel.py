@@ -1,0 +1,421 @@
+"""Data parallelism: gradient reduction during backward, ZeRO-1 sharded AdamW, and the small
+reductions a step needs (expert loads for the bias update, the logged loss).
+
+One step on every rank (the trainer's order; all of it is a no-op under Mesh.single()):
+
+    reducer = GradReducer(model, mesh)                 # once
+    opt = DataParallelOptimizer(model, cfg.optim, mesh, cfg.precision.moment_dtype, zero=True)
+    loss.backward(); reducer.finish()                  # grads = those of the global mean loss
+    norm = opt.clip_grad_norm(max_norm); opt.step(); opt.zero_grad()
+    all_reduce_expert_load(model, mesh); model.update_expert_bias(rate)
+    logged = reduce_mean_loss(loss, mesh)
+
+Gradient scaling. Each rank's loss is the mean over its own micro-batch, so the gradient of the
+global mean loss is the dp-average of the ranks' gradients. Dense gradients: sum over the dp
+group, divide by dp. Expert gradients: under expert parallelism a rank's expert gradients
+already hold the contributions of every rank in its ep group (the all-to-all backward brings
+them home), so they are summed over the edp group (the ranks holding the same experts) and
+also divided by dp -- Megatron-LM's expert gradient scaling. With ep == 1 that is the plain
+dp-average; with ep > 1 and experts replicated (no EP dispatcher) it is *not* the full-batch
+gradient, which is why ep > 1 needs the EP dispatcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from framework.config import OptimConfig
+from framework.model.moe import Router
+from framework.optim import build_optimizer, clip_grad_norm, grad_sq_sum
+from framework.optim import set_lr as set_optimizer_lr
+from parallel import comm
+from parallel.mesh import Mesh
+
+EXPERT_MARK = ".experts."  # parameter names of routed experts (reduced over edp, not dp)
+
+
+def is_expert(name: str) -> bool:
+    return EXPERT_MARK in name
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _buckets(items: list, nbytes, key, cap_bytes: float) -> list[list]:
+    """Split `items` (in order) into runs of equal key() of at most cap_bytes each (a single
+    larger item gets a run of its own). Deterministic, so every rank builds the same buckets."""
+    done, open_runs = [], {}
+    for item in items:
+        k = key(item)
+        run = open_runs.setdefault(k, [[], 0])
+        if run[0] and run[1] + nbytes(item) > cap_bytes:
+            done.append(run[0])
+            run[0], run[1] = [], 0
+        run[0].append(item)
+        run[1] += nbytes(item)
+    return done + [run[0] for run in open_runs.values() if run[0]]
+
+
+# --------------------------------------------------------------------------- gradient reduction
+
+
+@dataclass(eq=False)
+class _GradBucket:
+    params: list[nn.Parameter]
+    group: object
+    scale: float
+    buffer: torch.Tensor  # flat, the params' dtype
+    ready: set[int] = field(default_factory=set)  # ids of params whose grad arrived this round
+    handle: comm.Handle | None = None
+
+
+class GradReducer:
+    """Averages gradients across data-parallel ranks, overlapping the reductions with backward.
+
+    Parameters are packed in reverse registration order (roughly the order backward produces
+    their gradients) into flat buckets of about `bucket_mb`, dense and expert apart. When every
+    gradient of a bucket has arrived (a post-accumulate-grad hook), the bucket's all-reduce is
+    issued asynchronously -- but buckets are always issued in the same fixed order, so ranks
+    whose backward finishes parameters in a different order (or skips one) never mismatch
+    collectives. `finish()` issues whatever is left (a parameter without a gradient counts as
+    zeros), waits, scales and writes the results into `.grad`.
+
+    For gradient accumulation over micro-batches, run all but the last backward inside
+    `no_sync()`.
+    """
+
+    def __init__(self, model: nn.Module, mesh: Mesh, bucket_mb: float = 25.0) -> None:
+        self.mesh = mesh
+        self.active = mesh.dp > 1
+        self._sync = True
+        self._next = 0  # index of the next bucket to issue
+        self._hooks: list = []
+        self.buckets: list[_GradBucket] = []
+        if not self.active:
+            return
+        named = list(reversed(_trainable(model)))
+        expert_of = {id(p): is_expert(n) for n, p in named}
+        runs = _buckets([p for _, p in named], lambda p: p.numel() * p.element_size(),
+                        lambda p: (expert_of[id(p)], p.dtype, p.device), bucket_mb * 2**20)
+        self._bucket_of: dict[int, _GradBucket] = {}
+        for params in runs:
+            expert = expert_of[id(params[0])]
+            buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
+                                 device=params[0].device)
+            bucket = _GradBucket(params, mesh.edp_group if expert else mesh.dp_group, 1.0 / mesh.dp, buffer)
+            self.buckets.append(bucket)
+            for p in params:
+                self._bucket_of[id(p)] = bucket
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside only accumulate; the reduction waits for a later backward."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    @property
+    def in_flight(self) -> int:
+        """Buckets issued and not yet finished (> 0 after backward means reduction overlapped it)."""
+        return sum(b.handle is not None for b in self.buckets)
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self._sync:
+            return
+        bucket = self._bucket_of[id(p)]
+        if bucket.handle is not None:
+            raise RuntimeError("GradReducer: a gradient accumulated again after its bucket was reduced; "
+                               "run all but the last micro-batch's backward inside reducer.no_sync()")
+        bucket.ready.add(id(p))
+        while self._next < len(self.buckets) and len(self.buckets[self._next].ready) == len(
+                self.buckets[self._next].params):
+            self._issue(self.buckets[self._next])
+
+    @torch.no_grad()
+    def _issue(self, bucket: _GradBucket) -> None:
+        offset = 0
+        for p in bucket.params:
+            piece = bucket.buffer[offset:offset + p.numel()]
+            if p.grad is None:
+                piece.zero_()
+            else:
+                piece.copy_(p.grad.reshape(-1))
+            offset += p.numel()
+        bucket.handle = comm.all_reduce(bucket.buffer, "sum", bucket.group, async_op=True)
+        self._next += 1
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Issue what backward did not, wait for everything, write the averaged grads back."""
+        if not self.active:
+            return
+        while self._next < len(self.buckets):
+            self._issue(self.buckets[self._next])
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            bucket.buffer.mul_(bucket.scale)
+            offset = 0
+            for p in bucket.params:
+                reduced = bucket.buffer[offset:offset + p.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = reduced.clone()
+                else:
+                    p.grad.copy_(reduced)
+                offset += p.numel()
+            bucket.ready.clear()
+            bucket.handle = None
+        self._next = 0
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def _chunk(size: int, n: int, i: int) -> tuple[int, int]:
+    """(start, length) of piece i when `size` is cut into n pieces the way torch.chunk and
+    DTensor's Shard do: ceil(size / n) each, the last ones shorter or empty."""
+    per = -(-size // n)
+    start = min(per * i, size)
+    return start, min(size, start + per) - start
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One parameter and the part of it this rank's optimizer updates (all of it without ZeRO)."""
+    name: str
+    param: nn.Parameter
+    expert: bool
+    dim: int  # dimension cut across the shard group (0 dense, 1 expert: dim 0 belongs to EP)
+    n: int  # shard group size (1 without ZeRO)
+    rank: int  # this rank's index in the shard group
+    group: object
+    view: nn.Parameter  # this rank's slice, sharing the parameter's storage
+
+    def piece(self, i: int) -> tuple[int, int]:
+        return _chunk(self.param.shape[self.dim], self.n, i)
+
+    def inner(self) -> int:  # elements per index of the cut dimension
+        return self.param.numel() // max(self.param.shape[self.dim], 1)
+
+
+class DataParallelOptimizer:
+    """framework.optim.AdamW for a data-parallel rank, with optional ZeRO-1 state sharding.
+
+    zero=True: every parameter is cut along one dimension into dp (edp for experts) pieces,
+    torch.chunk style; this rank keeps AdamW state (fp32 master where the parameter is low
+    precision, moments in `moment_dtype`) for its piece only, updates that piece, and the
+    pieces are then all-gathered so every rank holds the full updated parameters. The update is
+    framework.optim.AdamW itself, run on parameters that are views of this rank's pieces, so
+    the semantics (no decay on ndim < 2, hyper-parameters, op order) are identical.
+    zero=False (or dp == 1): plain AdamW over the whole model; same interface.
+
+    Why per-parameter pieces rather than one flat buffer cut into equal ranges: each piece is a
+    rectangle of its parameter, so the state checkpoints as a DTensor of the parameter's full
+    shape (Shard placements) under the same keys as the unsharded optimizer
+    ("<param name>/exp_avg", ...). DCP then reshards freely: dp=4 -> dp=2, ZeRO on -> off, or
+    into a single process. The price is a little imbalance (ceil-sized pieces).
+    """
+
+    def __init__(self, model: nn.Module, optim_cfg: OptimConfig, mesh: Mesh, moment_dtype: str = "fp32",
+                 zero: bool = True, bucket_mb: float = 25.0) -> None:
+        self.mesh = mesh
+        self.zero = zero and mesh.dp > 1
+        self.entries: list[_Entry] = []
+        for name, p in _trainable(model):
+            expert = is_expert(name)
+            if self.zero and expert and p.ndim < 2:
+                raise ValueError(f"{name}: expert parameters must have >= 2 dims (dim 0 is the expert)")
+            dim = 1 if expert else 0
+            n, rank, group = ((mesh.edp, mesh.edp_rank, mesh.edp_group) if expert else
+                              (mesh.dp, mesh.dp_rank, mesh.dp_group)) if self.zero else (1, 0, None)
+            start, length = _chunk(p.shape[dim], n, rank) if p.ndim else (0, 1)
+            view = nn.Parameter(p.data.narrow(dim, start, length), requires_grad=True) if self.zero else p
+            self.entries.append(_Entry(name, p, expert, dim, n, rank, group, view))
+        # build_optimizer groups by the views' ndim, which equals the parameters'.
+        self.inner = build_optimizer(nn.ParameterList([e.view for e in self.entries]), optim_cfg, moment_dtype)
+        self._gather_buckets = _buckets([e for e in self.entries if self.zero],
+                                        lambda e: e.param.numel() * e.param.element_size(),
+                                        lambda e: (e.expert, e.param.dtype), bucket_mb * 2**20)
+
+    # --- hyper-parameters and grads -----------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups  # so framework.optim.set_lr(opt, lr) works too
+
+    def set_lr(self, lr: float) -> None:
+        set_optimizer_lr(self.inner, lr)
+
+    def zero_grad(self) -> None:
+        for e in self.entries:
+            e.param.grad = None
+            e.view.grad = None
+
+    def _attach_grads(self) -> None:
+        if self.zero:
+            for e in self.entries:
+                g = e.param.grad
+                e.view.grad = None if g is None else g.narrow(e.dim, *e.piece(e.rank))
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the gradients (every distinct parameter counted once), fp32 0-d."""
+        self._attach_grads()
+        device = comm.collective_device(self.mesh.dp_group)
+        if self.zero:  # pieces partition dense params over dp and experts over edp x ep
+            sq = grad_sq_sum([e.view for e in self.entries]).to(device)
+            comm.all_reduce(sq, "sum", self.mesh.dp_group)
+        else:  # dense grads are equal on every dp rank; experts differ across the ep group
+            sq = grad_sq_sum([e.param for e in self.entries if not e.expert]).to(device)
+            expert_sq = grad_sq_sum([e.param for e in self.entries if e.expert]).to(device)
+            comm.all_reduce(expert_sq, "sum", self.mesh.ep_group)
+            sq = sq + expert_sq
+        comm.all_reduce(sq, "sum", self.mesh.pp_group)  # stages hold different parameters
+        return sq.sqrt()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Scale grads to global norm <= max_norm (0: only measure); returns the norm before,
+        equal on every rank and to the single-process clip on the same global batch."""
+        norm = self.grad_norm()
+        clip_grad_norm([e.view for e in self.entries], max_norm, total_norm=norm)
+        return norm
+
+    # --- update ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> None:
+        self._attach_grads()
+        self.inner.step()
+        if self.zero:
+            self._all_gather_params()
+
+    @torch.no_grad()
+    def _all_gather_params(self) -> None:
+        """Every rank's updated pieces -> full parameters everywhere (padded to equal slots)."""
+        pending = []
+        for entries in self._gather_buckets:
+            slots, total = [], 0
+            for e in entries:
+                slots.append(total)
+                total += e.piece(0)[1] * e.inner()  # piece 0 is the largest
+            send = entries[0].param.new_zeros(total)
+            for e, slot in zip(entries, slots):
+                send[slot:slot + e.view.numel()].copy_(e.view.reshape(-1))
+            out = send.new_empty(entries[0].n * total)
+            handle = comm.all_gather_into_tensor(out, send, entries[0].group, async_op=True)
+            pending.append((entries, slots, total, out, handle))
+        for entries, slots, total, out, handle in pending:
+            handle.wait()
+            for j in range(entries[0].n):
+                for e, slot in zip(entries, slots):
+                    start, length = e.piece(j)
+                    shape = list(e.param.shape)
+                    shape[e.dim] = length
+                    base = j * total + slot
+                    e.param.data.narrow(e.dim, start, length).copy_(out[base:base + length * e.inner()].view(shape))
+
+    # --- checkpoint state ------------------------------------------------------------------
+    def _state(self, e: _Entry) -> dict[str, torch.Tensor]:
+        if not self.inner.state[e.view]:
+            self.inner._init_state(e.view)  # zero state, as before the first step
+        return self.inner.state[e.view]
+
+    def _global_shape(self, e: _Entry) -> list[int]:
+        shape = list(e.param.shape)
+        if e.expert:
+            shape[0] *= self.mesh.ep  # dim 0 holds this ep rank's block of experts
+        return shape
+
+    def _wrap(self, e: _Entry, local: torch.Tensor) -> torch.Tensor:
+        """The DTensor (or, where nothing is sharded, plain tensor) DCP saves for local state."""
+        mesh = self.mesh
+        if mesh.is_single or (not self.zero and (not e.expert or mesh.ep == 1)):
+            return local  # replicated on every rank that has it: DCP writes one copy
+        if e.expert:
+            device_mesh = mesh.expert_mesh
+            placements = [Shard(1) if self.zero else Replicate(), Shard(0)]
+        else:
+            device_mesh, placements = mesh.dp_mesh, [Shard(0)]
+        shape = self._global_shape(e)
+        stride = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        return DTensor.from_local(local, device_mesh, placements, run_check=False,
+                                  shape=torch.Size(shape), stride=tuple(stride))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only, keyed "<param name>/<key>" like framework.checkpoint's optimizer state:
+        step (0-d, replicated), exp_avg, exp_avg_sq and master (low-precision params only) as
+        full-shape DTensors over this rank's pieces. Hand it to torch.distributed.checkpoint."""
+        out: dict[str, torch.Tensor] = {}
+        for e in self.entries:
+            for key, value in self._state(e).items():
+                out[f"{e.name}/{key}"] = value if key == "step" else self._wrap(e, value)
+        return out
+
+    def _local_part(self, e: _Entry, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full-shape (global) tensor."""
+        if e.expert and self.mesh.ep > 1:
+            block = e.param.shape[0]
+            full = full.narrow(0, self.mesh.ep_rank * block, block)
+        return full.narrow(e.dim, *e.piece(e.rank)) if self.zero else full
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Accepts what state_dict() returns (after dcp.load filled it) or plain full-shape
+        tensors. Load the model first: a missing fp32 master is rebuilt from the parameter."""
+        for e in self.entries:
+            st = self._state(e)
+            for key, dst in st.items():
+                src = state.get(f"{e.name}/{key}")
+                if src is None:
+                    if key == "master":
+                        dst.copy_(e.view)
+                        continue
+                    raise KeyError(f"optimizer state has no {e.name}/{key}")
+                local = src.to_local() if isinstance(src, DTensor) else src
+                if key != "step" and local.shape != dst.shape:
+                    local = self._local_part(e, local)
+                dst.copy_(local)
+
+
+# --------------------------------------------------------------------------- small reductions
+
+
+@torch.no_grad()
+def all_reduce_expert_load(model: nn.Module, mesh: Mesh) -> None:
+    """Sum every router's expert_load over the dp group (one collective), so every rank sees the
+    global batch's loads and applies the same aux-loss-free bias update."""
+    loads = [m.expert_load for m in model.modules() if isinstance(m, Router)]
+    if not loads or mesh.dp == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in loads])
+    comm.all_reduce(flat, "sum", mesh.dp_group)
+    offset = 0
+    for t in loads:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def reduce_mean(values: dict[str, float | torch.Tensor], mesh: Mesh) -> dict[str, float]:
+    """Average scalars (losses, metrics) over the dp group in one collective, for logging."""
+    keys = list(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=comm.collective_device(mesh.dp_group))
+    comm.all_reduce(t, "avg", mesh.dp_group)
+    return dict(zip(keys, t.tolist()))
+
+
+def reduce_mean_loss(value: float | torch.Tensor, mesh: Mesh) -> float:
+    """The global-batch mean of a per-rank mean loss (equal micro-batch sizes on every rank)."""
+    return reduce_mean({"loss": value}, mesh)["loss"]
