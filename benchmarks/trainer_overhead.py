@@ -2,7 +2,8 @@
 
     python -m benchmarks.trainer_overhead [--steps 20] [--rounds 5] [overrides ...]
 
-The bare loop is what a user would write by hand: forward + loss, backward, optimizer step.
+The bare loop is what a user would write by hand: forward + loss, backward, gradient
+clipping, optimizer step (the same AdamW).
 duet's step adds the LR schedule, gradient clipping, the non-finite-loss check, expert-load
 statistics and the aux-loss-free bias update, and draws its batch from the data sampler.
 Rounds alternate between the two so that machine noise hits both alike; the median round
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 with autocast(device, trainer.compute):
                     loss, _ = model.loss(inputs, targets)
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 

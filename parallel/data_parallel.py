@@ -205,6 +205,7 @@ class _Entry:
     rank: int  # this rank's index in the shard group
     group: object
     view: nn.Parameter  # this rank's slice, sharing the parameter's storage
+    sharded: bool  # False: this rank updates the whole parameter (view is the parameter)
 
     def piece(self, i: int) -> tuple[int, int]:
         return _chunk(self.param.shape[self.dim], self.n, i)
@@ -241,14 +242,16 @@ class DataParallelOptimizer:
             if self.zero and expert and p.ndim < 2:
                 raise ValueError(f"{name}: expert parameters must have >= 2 dims (dim 0 is the expert)")
             dim = 1 if expert else 0
+            if not self.zero or p.ndim == 0:  # a 0-d parameter cannot be cut: every rank updates it
+                self.entries.append(_Entry(name, p, expert, dim, 1, 0, None, p, sharded=False))
+                continue
             n, rank, group = ((mesh.edp, mesh.edp_rank, mesh.edp_group) if expert else
-                              (mesh.dp, mesh.dp_rank, mesh.dp_group)) if self.zero else (1, 0, None)
-            start, length = _chunk(p.shape[dim], n, rank) if p.ndim else (0, 1)
-            view = nn.Parameter(p.data.narrow(dim, start, length), requires_grad=True) if self.zero else p
-            self.entries.append(_Entry(name, p, expert, dim, n, rank, group, view))
+                              (mesh.dp, mesh.dp_rank, mesh.dp_group))
+            view = nn.Parameter(p.data.narrow(dim, *_chunk(p.shape[dim], n, rank)), requires_grad=True)
+            self.entries.append(_Entry(name, p, expert, dim, n, rank, group, view, sharded=True))
         # build_optimizer groups by the views' ndim, which equals the parameters'.
         self.inner = build_optimizer(nn.ParameterList([e.view for e in self.entries]), optim_cfg, moment_dtype)
-        self._gather_buckets = _buckets([e for e in self.entries if self.zero],
+        self._gather_buckets = _buckets([e for e in self.entries if e.sharded],
                                         lambda e: e.param.numel() * e.param.element_size(),
                                         lambda e: (e.expert, e.param.dtype), bucket_mb * 2**20)
 
@@ -266,8 +269,8 @@ class DataParallelOptimizer:
             e.view.grad = None
 
     def _attach_grads(self) -> None:
-        if self.zero:
-            for e in self.entries:
+        for e in self.entries:
+            if e.sharded:
                 g = e.param.grad
                 e.view.grad = None if g is None else g.narrow(e.dim, *e.piece(e.rank))
 
@@ -276,8 +279,11 @@ class DataParallelOptimizer:
         self._attach_grads()
         device = comm.collective_device(self.mesh.dp_group)
         if self.zero:  # pieces partition dense params over dp and experts over edp x ep
-            sq = grad_sq_sum([e.view for e in self.entries]).to(device)
-            comm.all_reduce(sq, "sum", self.mesh.dp_group)
+            sq = grad_sq_sum([e.view for e in self.entries if e.sharded]).to(device)
+            pass
+            sq = sq + grad_sq_sum([e.param for e in self.entries if not e.sharded]).to(device)
+        elif self.mesh.ep == 1:  # every rank holds every gradient: no communication
+            sq = grad_sq_sum([e.param for e in self.entries]).to(device)
         else:  # dense grads are equal on every dp rank; experts differ across the ep group
             sq = grad_sq_sum([e.param for e in self.entries if not e.expert]).to(device)
             expert_sq = grad_sq_sum([e.param for e in self.entries if e.expert]).to(device)
@@ -341,11 +347,11 @@ class DataParallelOptimizer:
     def _wrap(self, e: _Entry, local: torch.Tensor) -> torch.Tensor:
         """The DTensor (or, where nothing is sharded, plain tensor) DCP saves for local state."""
         mesh = self.mesh
-        if mesh.is_single or (not self.zero and (not e.expert or mesh.ep == 1)):
+        if mesh.is_single or (not e.sharded and (not e.expert or mesh.ep == 1)):
             return local  # replicated on every rank that has it: DCP writes one copy
         if e.expert:
             device_mesh = mesh.expert_mesh
-            placements = [Shard(1) if self.zero else Replicate(), Shard(0)]
+            placements = [Shard(1) if e.sharded else Replicate(), Shard(0)]
         else:
             device_mesh, placements = mesh.dp_mesh, [Shard(0)]
         shape = self._global_shape(e)
@@ -368,7 +374,7 @@ class DataParallelOptimizer:
         if e.expert and self.mesh.ep > 1:
             block = e.param.shape[0]
             full = full.narrow(0, self.mesh.ep_rank * block, block)
-        return full.narrow(e.dim, *e.piece(e.rank)) if self.zero else full
+        return full.narrow(e.dim, *e.piece(e.rank)) if e.sharded else full
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -410,7 +416,8 @@ def all_reduce_expert_load(model: nn.Module, mesh: Mesh) -> None:
 def reduce_mean(values: dict[str, float | torch.Tensor], mesh: Mesh) -> dict[str, float]:
     """Average scalars (losses, metrics) over the dp group in one collective, for logging."""
     keys = list(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+    t = torch.tensor([float(v.detach()) if torch.is_tensor(v) else float(v) for v in values.values()],
+                     dtype=torch.float64,
                      device=comm.collective_device(mesh.dp_group))
     comm.all_reduce(t, "avg", mesh.dp_group)
     return dict(zip(keys, t.tolist()))

@@ -46,11 +46,11 @@ CFG = ModelConfig(vocab_size=256, dim=128, n_layers=2, n_dense_layers=1, dense_i
 
 # A single FP8 GEMM against the exact product lands near 5e-4 (DeepGEMM's criterion is 1e-3).
 # The expert layer chains two quantised GEMM stages plus the quantised SwiGLU output, so its
-# errors add up to roughly four times that; measured 1.9e-3 .. 2.6e-3 on every output below.
+# errors add up to a few times that; measured 1.5e-3 .. 2.4e-3 on every output below.
 EXPERT_TOL = 5e-3
 # Whole model (two blocks plus an MTP block: about ten chained FP8 GEMMs on the longest path).
-# Measured: logits 1.4e-3, worst parameter gradient 9.6e-3 (MLA query projections, where
-# near-uniform attention at init makes the gradient a small difference of large terms).
+# Measured: logits 1.2e-3, worst parameter gradient 8.4e-3 (attention-side parameters: with
+# near-uniform attention at init their gradient is a small difference of large terms).
 LOGITS_TOL = 5e-3
 GRAD_TOL = 2.5e-2
 # FP8 must actually change the numbers: an fp32 run that silently skipped it would be ~1e-14.
@@ -271,7 +271,7 @@ def test_fp8_experts_forward_is_the_recipe_on_quantised_operands():
                 ref_ND[t] += w_NK[t, k].double() * (w2[e] @ a_hat)
     err = calc_diff(y_ND, ref_ND)
     print(f"fake-quant forward calc_diff {err:.2e}")
-    assert err < 1e-8
+    assert err < 1e-10  # measured 7e-15; quantisation error alone is ~1e-3
 
 
 def test_fp8_experts_cache_fp8_and_no_grad_path_agrees():
@@ -304,10 +304,11 @@ def test_fp8_experts_with_no_local_rows_give_zeros():
 
 # ----------------------------------------------------------------------------- training
 
-# Loss after a short run, fp8 vs fp32 (relative difference of the mean of the last 10 steps).
-# Measured 0.2% (the gap between two fp32 seeds at this length is several times larger), so
-# 1% catches a broken recipe (wrong gradients diverge or stall by far more) without flaking.
-TRAIN_LOSS_TOL = 1e-2
+# Loss of a 40-step run, fp8 vs fp32 from the same seed: relative difference of the mean of the
+# last 10 steps. Measured 0.05%, 0.02%, 0.09% for seeds 0, 1, 2; fp32 runs of those seeds
+# spread 0.4%. lr 1e-3 keeps the run smooth: at the preset's 3e-3 this tiny model has loss
+# spikes after warm-up, and whichever run spikes drifts by a few percent, FP8 or not.
+TRAIN_LOSS_TOL = 5e-3
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +324,8 @@ def train_losses(run_dir: Path, corpus: Path, precision: str) -> tuple[list[floa
     cfg = compose([f"run_dir={run_dir}", f"precision={precision}", "precision.moment_dtype=bf16",
                    "steps=40", "eval_interval=0", "eval_batches=1", "checkpoint.interval=0",
                    f"data.source={corpus}", "data.tokenizer=byte", "model.vocab_size=256",
-                   "data.batch_size=8", "data.seq_len=64", "optim.warmup_steps=10",
+                   "data.batch_size=8", "data.seq_len=64", "optim.warmup_steps=10", "optim.lr=1e-3",
+                   "optim.min_lr=1e-4",
                    "logging.progress_bar=false", "logging.wandb_mode=disabled", "logging.sample_tokens=0"])
     trainer = Trainer(cfg)
     if precision == "fp8":
