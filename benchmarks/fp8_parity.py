@@ -1,6 +1,6 @@
 """Does FP8 training track the baseline? Final loss of precision=fp8 against the baseline precision.
 
-    python -m benchmarks.fp8_parity [--steps 300] [--seeds 3] [overrides ...]
+    python -m benchmarks.fp8_parity [--steps 300] [--seeds 3] [--threads N] [overrides ...]
 
 Trains the tiny preset (or what the overrides select) with precision=fp8 and with the
 baseline precision from the same seed, plus further baseline seeds. It prints each run's
@@ -39,7 +39,9 @@ def make_trainer(cfg):
     trainer = Trainer(cfg)
     if cfg.precision.compute == FP8_COMPUTE:
         apply_fp8(trainer.model)
-        if trainer.compute == FP8_COMPUTE:  # a trainer without its own fp8 handling
+        # A trainer without its own fp8 handling runs compute="fp8" without autocast: right on
+        # CPU (fp32), while a GPU wants bf16 autocast around the FP8 GEMMs.
+        if trainer.compute == FP8_COMPUTE and companion_compute(trainer.device) != "fp32":
             trainer.compute = companion_compute(trainer.device)
     return trainer
 
@@ -56,7 +58,7 @@ def train(precision: str, seed: int, steps: int, run_dir: Path, overrides: list[
     result = trainer.run()
     seconds = time.perf_counter() - start
     tail = result.losses[-TAIL:]
-    return {"precision": precision, "compute": trainer.compute, "seed": seed, "loss": sum(tail) / len(tail),
+    return {"precision": precision, "rest": trainer.compute, "seed": seed, "loss": sum(tail) / len(tail),
             "val_loss": result.val_loss, "s_per_step": seconds / steps, "model": cfg.model.name}
 
 
@@ -64,26 +66,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3, help="baseline seeds (the first is fp8's too)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("overrides", nargs="*", help="duet-train overrides, e.g. model=small")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     baseline = "bf16" if torch.cuda.is_available() else "fp32"
     plan = [("fp8", 0)] + [(baseline, s) for s in range(args.seeds)]
     runs = []
     with tempfile.TemporaryDirectory() as root:
         for precision, seed in plan:
-            runs.append(train(precision, seed, args.steps, Path(root) / f"{precision}_{seed}", args.overrides))
+            run_dir = Path(root) / f"{precision}_{seed}"
+            runs.append(train(precision, seed, args.steps, run_dir, args.overrides))
 
     fp8, base = runs[0], runs[1:]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     why = "" if device == "cuda" else " (CPU: bf16 matmuls are ~10x slower than fp32 here, so fp32)"
     print(f"\nmodel {fp8['model']}, {args.steps} steps, {device}, baseline precision {baseline}{why}; "
           f"final loss = mean of the last {min(TAIL, args.steps)} training steps")
-    print(f"{'run':<8}{'compute':<9}{'seed':>5}{'final loss':>12}{'val loss':>10}{'s/step':>8}")
+    print(f"{'run':<10}{'GEMMs':<7}{'rest':<6}{'seed':>5}{'final loss':>12}{'val loss':>10}{'s/step':>8}")
     for r in runs:
         label = "fp8" if r is fp8 else "baseline"
-        print(f"{label:<8}{r['compute']:<9}{r['seed']:>5}{r['loss']:>12.4f}{r['val_loss']:>10.4f}"
-              f"{r['s_per_step']:>8.2f}")
+        print(f"{label:<10}{r['precision']:<7}{r['rest']:<6}{r['seed']:>5}{r['loss']:>12.4f}"
+              f"{r['val_loss']:>10.4f}{r['s_per_step']:>8.2f}")
     rel = (fp8["loss"] - base[0]["loss"]) / base[0]["loss"]
     losses = [r["loss"] for r in base]
     mean = statistics.fmean(losses)

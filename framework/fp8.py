@@ -146,7 +146,8 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         xT_fp8, xT_s = quantize_act_transposed(x_PD, backend=backend)
         h1_fp8, h1_s = quantize_act(h1_PI, backend=backend)
         h3_fp8, h3_s = quantize_act(h3_PI, backend=backend)
-        ctx.save_for_backward(xT_fp8, xT_s, h1_fp8, h1_s, h3_fp8, h3_s, *(t for pair in weights for t in pair))
+        weight_tensors = [t for pair in weights for t in pair]
+        ctx.save_for_backward(xT_fp8, xT_s, h1_fp8, h1_s, h3_fp8, h3_s, *weight_tensors)
         ctx.layout, ctx.backend, ctx.x_dtype, ctx.w_dtype = layout, backend, x_MD.dtype, w1_EID.dtype
         return y_MD
 
@@ -187,8 +188,8 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         if need_w3:  # dW3_e [I, D] = dh3_e.T @ x_e
             grad_w3 = _wgrad(*quantize_act_transposed(dh3_PI, backend=backend), xT_fp8, xT_s, segments,
                              g_PD.new_zeros(w3_fp8.shape, dtype=torch.float32), backend)
-        grad_w1, grad_w3, grad_w2 = (g if g is None else g.to(ctx.w_dtype) for g in (grad_w1, grad_w3, grad_w2))
-        return grad_x, grad_w1, grad_w3, grad_w2, None, None
+        grads_w = [g if g is None else g.to(ctx.w_dtype) for g in (grad_w1, grad_w3, grad_w2)]
+        return grad_x, *grads_w, None, None
 
 
 def fp8_grouped_swiglu(x_MD, w1_EID, w3_EID, w2_EDI, count_E, backend: str = "auto") -> torch.Tensor:

@@ -40,6 +40,9 @@ _FP8 = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float
                                           "float8_e5m2fnuz") if hasattr(torch, name)}
 _NATIVE_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM,
                "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+# torch 2.13 renamed the single-tensor gather/scatter (the old names warn); keep older torch working.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 # --------------------------------------------------------------------------- counters
 
@@ -165,16 +168,17 @@ def _check_reducible(t: torch.Tensor, op: str, what: str) -> None:
         raise TypeError(f"{what}: op='avg' needs a floating-point tensor, got {t.dtype}; use 'sum'")
 
 
-def _staged(tensors: Sequence[torch.Tensor], group: Group) -> tuple[list[torch.Tensor], Callable[[], None]]:
+def _staged(tensors: Sequence[torch.Tensor], group: Group,
+            n_out: int = 1) -> tuple[list[torch.Tensor], Callable[[], None]]:
     """Host copies of tensors when gloo meets a device tensor, and a function that copies the
-    (possibly updated) host copies back. Identity otherwise."""
+    first `n_out` of them (the outputs) back once the op is done. Identity otherwise."""
     if not any(_stages_via_host(t, group) for t in tensors):
         return list(tensors), lambda: None
-    host = [t.cpu() for t in tensors]
+    host = [t.to("cpu", copy=True) for t in tensors]
 
     def copy_back() -> None:
-        for original, copy in zip(tensors, host):
-            original.copy_(copy, non_blocking=False)
+        for original, copy in zip(tensors[:n_out], host[:n_out], strict=True):
+            original.copy_(copy)
     return host, copy_back
 
 
@@ -212,10 +216,11 @@ def all_gather_into_tensor(out: torch.Tensor, t: torch.Tensor, group: Group = No
     if not _active(group):
         out.view(-1).copy_(t.reshape(-1))
         return _local(out)
-    (out_buf, in_buf), copy_back = _staged([out, t.contiguous()], group)
+    # Flat views: the backend then only needs equal-sized pieces, whatever the shapes.
+    (out_buf, in_buf), copy_back = _staged([out.view(-1), t.reshape(-1)], group)
     return _issue("all_gather", t.nbytes,
-                  lambda: [dist.all_gather_into_tensor(_movable(out_buf), _movable(in_buf), group=group,
-                                                       async_op=True)],
+                  lambda: [_all_gather_single(_movable(out_buf), _movable(in_buf), group=group,
+                                              async_op=True)],
                   async_op, copy_back, out)
 
 
@@ -237,12 +242,12 @@ def reduce_scatter_tensor(out: torch.Tensor, t: torch.Tensor, op: ReduceOp = "su
         return _local(out)
     backend = str(dist.get_backend(group))
     if _native_reduce_scatter.get(backend, True):
-        (out_buf, in_buf), copy_back = _staged([out, t.contiguous()], group)
+        (out_buf, in_buf), copy_back = _staged([out.view(-1), t.reshape(-1)], group)
         divide = (lambda: out_buf.div_(n)) if op == "avg" else None
         try:
             return _issue("reduce_scatter", t.nbytes,
-                          lambda: [dist.reduce_scatter_tensor(out_buf, in_buf, _NATIVE_OPS[op], group=group,
-                                                              async_op=True)],
+                          lambda: [_reduce_scatter_single(out_buf, in_buf, _NATIVE_OPS[op], group=group,
+                                                          async_op=True)],
                           async_op, _then(divide, copy_back), out)
         except (RuntimeError, NotImplementedError) as err:
             if "support" not in str(err).lower():
@@ -254,14 +259,16 @@ def reduce_scatter_tensor(out: torch.Tensor, t: torch.Tensor, op: ReduceOp = "su
 def _reduce_scatter_via_all_reduce(out: torch.Tensor, t: torch.Tensor, op: ReduceOp, group: Group,
                                    async_op: bool) -> Handle:
     """Fallback: all-reduce a copy of the whole input, keep this rank's slice. Twice the traffic
-    of a real reduce-scatter, same result."""
-    full = t.detach().clone()
-    handle = all_reduce(full, op, group, async_op=True)
-    me = dist.get_rank(group)
+    of a real reduce-scatter, same result; booked as one reduce_scatter."""
+    full = t.detach().reshape(-1).to("cpu" if _stages_via_host(t, group) else t.device, copy=True)
+    n, me = dist.get_world_size(group), dist.get_rank(group)
 
     def take_slice() -> None:
-        out.view(-1).copy_(full.view(-1)[me * out.numel():(me + 1) * out.numel()])
-    return _issue("reduce_scatter", t.nbytes, lambda: [], async_op, _then(handle.wait, take_slice), out)
+        piece = full[me * out.numel():(me + 1) * out.numel()]
+        out.view(-1).copy_(piece / n if op == "avg" else piece)
+    return _issue("reduce_scatter", t.nbytes,
+                  lambda: [dist.all_reduce(full, _NATIVE_OPS[op], group=group, async_op=True)],
+                  async_op, take_slice, out)
 
 
 def broadcast(t: torch.Tensor, src: int, group: Group = None, async_op: bool = False) -> Handle:
@@ -312,7 +319,7 @@ def _need_peer(what: str) -> None:
 
 def send(t: torch.Tensor, dst: int, group: Group = None, async_op: bool = False) -> Handle:
     _need_peer("send")
-    (buf,), _ = _staged([t.contiguous()], group)
+    (buf,), _ = _staged([t.contiguous()], group, n_out=0)
     return _issue("send", t.nbytes, lambda: [dist.isend(_movable(buf), dst, group=group)], async_op)
 
 
@@ -336,10 +343,10 @@ def batch_isend_irecv(ops: Sequence[P2P], group: Group = None, async_op: bool = 
     for direction, tensor, peer in ops:
         if direction not in ("send", "recv"):
             raise ValueError(f"batch_isend_irecv: direction {direction!r}; use 'send' or 'recv'")
-        (buf,), copy_back = _staged([tensor if direction == "recv" else tensor.contiguous()], group)
+        receive = direction == "recv"
+        (buf,), copy_back = _staged([tensor if receive else tensor.contiguous()], group, int(receive))
         fn = dist.isend if direction == "send" else dist.irecv
         p2p_ops.append(dist.P2POp(fn, _movable(buf), peer, group=group))
-        if direction == "recv":
-            copy_backs.append(copy_back)
+        copy_backs.append(copy_back)
     nbytes = sum(tensor.nbytes for _, tensor, _ in ops)
     return _issue("batch_p2p", nbytes, lambda: dist.batch_isend_irecv(p2p_ops), async_op, _then(*copy_backs))

@@ -70,7 +70,7 @@ def _buckets(items: list, nbytes, key, cap_bytes: float) -> list[list]:
 @dataclass(eq=False)
 class _GradBucket:
     params: list[nn.Parameter]
-    group: object
+    group: comm.Group
     scale: float
     buffer: torch.Tensor  # flat, the params' dtype
     ready: set[int] = field(default_factory=set)  # ids of params whose grad arrived this round
@@ -203,14 +203,14 @@ class _Entry:
     dim: int  # dimension cut across the shard group (0 dense, 1 expert: dim 0 belongs to EP)
     n: int  # shard group size (1 without ZeRO)
     rank: int  # this rank's index in the shard group
-    group: object
+    group: comm.Group
     view: nn.Parameter  # this rank's slice, sharing the parameter's storage
     sharded: bool  # False: this rank updates the whole parameter (view is the parameter)
 
     def piece(self, i: int) -> tuple[int, int]:
         return _chunk(self.param.shape[self.dim], self.n, i)
 
-    def inner(self) -> int:  # elements per index of the cut dimension
+    def row_numel(self) -> int:  # elements per index of the cut dimension
         return self.param.numel() // max(self.param.shape[self.dim], 1)
 
 
@@ -250,7 +250,8 @@ class DataParallelOptimizer:
             view = nn.Parameter(p.data.narrow(dim, *_chunk(p.shape[dim], n, rank)), requires_grad=True)
             self.entries.append(_Entry(name, p, expert, dim, n, rank, group, view, sharded=True))
         # build_optimizer groups by the views' ndim, which equals the parameters'.
-        self.inner = build_optimizer(nn.ParameterList([e.view for e in self.entries]), optim_cfg, moment_dtype)
+        views = nn.ParameterList([e.view for e in self.entries])
+        self.inner = build_optimizer(views, optim_cfg, moment_dtype)
         self._gather_buckets = _buckets([e for e in self.entries if e.sharded],
                                         lambda e: e.param.numel() * e.param.element_size(),
                                         lambda e: (e.expert, e.param.dtype), bucket_mb * 2**20)
@@ -280,7 +281,7 @@ class DataParallelOptimizer:
         device = comm.collective_device(self.mesh.dp_group)
         if self.zero:  # pieces partition dense params over dp and experts over edp x ep
             sq = grad_sq_sum([e.view for e in self.entries if e.sharded]).to(device)
-            pass
+            comm.all_reduce(sq, "sum", self.mesh.dp_group)
             sq = sq + grad_sq_sum([e.param for e in self.entries if not e.sharded]).to(device)
         elif self.mesh.ep == 1:  # every rank holds every gradient: no communication
             sq = grad_sq_sum([e.param for e in self.entries]).to(device)
@@ -315,9 +316,9 @@ class DataParallelOptimizer:
             slots, total = [], 0
             for e in entries:
                 slots.append(total)
-                total += e.piece(0)[1] * e.inner()  # piece 0 is the largest
+                total += e.piece(0)[1] * e.row_numel()  # piece 0 is the largest
             send = entries[0].param.new_zeros(total)
-            for e, slot in zip(entries, slots):
+            for e, slot in zip(entries, slots, strict=True):
                 send[slot:slot + e.view.numel()].copy_(e.view.reshape(-1))
             out = send.new_empty(entries[0].n * total)
             handle = comm.all_gather_into_tensor(out, send, entries[0].group, async_op=True)
@@ -325,12 +326,12 @@ class DataParallelOptimizer:
         for entries, slots, total, out, handle in pending:
             handle.wait()
             for j in range(entries[0].n):
-                for e, slot in zip(entries, slots):
+                for e, slot in zip(entries, slots, strict=True):
                     start, length = e.piece(j)
                     shape = list(e.param.shape)
                     shape[e.dim] = length
-                    base = j * total + slot
-                    e.param.data.narrow(e.dim, start, length).copy_(out[base:base + length * e.inner()].view(shape))
+                    piece = out[j * total + slot:][:length * e.row_numel()].view(shape)
+                    e.param.data.narrow(e.dim, start, length).copy_(piece)
 
     # --- checkpoint state ------------------------------------------------------------------
     def _state(self, e: _Entry) -> dict[str, torch.Tensor]:
@@ -420,7 +421,7 @@ def reduce_mean(values: dict[str, float | torch.Tensor], mesh: Mesh) -> dict[str
                      dtype=torch.float64,
                      device=comm.collective_device(mesh.dp_group))
     comm.all_reduce(t, "avg", mesh.dp_group)
-    return dict(zip(keys, t.tolist()))
+    return dict(zip(keys, t.tolist(), strict=True))
 
 
 def reduce_mean_loss(value: float | torch.Tensor, mesh: Mesh) -> float:

@@ -58,8 +58,9 @@ class Layout:
 
     def problems(self, world: int | None = None, n_experts: int | None = None) -> list[str]:
         """Every reason this layout cannot run, one line each naming the key and the fix."""
-        p = [f"parallel.{key}={getattr(self, key)}: must be a positive integer"
-             for key in ("pp", "dp", "ep") if not isinstance(getattr(self, key), int) or getattr(self, key) < 1]
+        sizes = {"pp": self.pp, "dp": self.dp, "ep": self.ep}
+        p = [f"parallel.{key}={value}: must be a positive integer"
+             for key, value in sizes.items() if not isinstance(value, int) or value < 1]
         if p:
             return p
         if self.dp % self.ep:
@@ -142,14 +143,38 @@ class Mesh:
     def coords(self) -> Coords:
         return self.layout.coords(self.rank)
 
-    pp = property(lambda self: self.layout.pp)
-    dp = property(lambda self: self.layout.dp)
-    ep = property(lambda self: self.layout.ep)
-    edp = property(lambda self: self.layout.edp)
-    pp_rank = property(lambda self: self.coords.pp_rank)
-    dp_rank = property(lambda self: self.coords.dp_rank)
-    ep_rank = property(lambda self: self.coords.ep_rank)
-    edp_rank = property(lambda self: self.coords.edp_rank)
+    # Group sizes and this rank's place in each group.
+    @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
+
+    @property
+    def ep(self) -> int:
+        return self.layout.ep
+
+    @property
+    def edp(self) -> int:
+        return self.layout.edp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coords.pp_rank
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords.dp_rank
+
+    @property
+    def ep_rank(self) -> int:
+        return self.coords.ep_rank
+
+    @property
+    def edp_rank(self) -> int:
+        return self.coords.edp_rank
 
     @property
     def expert_mesh(self) -> DeviceMesh | None:

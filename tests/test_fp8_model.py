@@ -22,8 +22,8 @@ from torch import nn
 
 from framework.config import ModelConfig, OptimConfig
 from framework.fp8 import (
-    FP8GroupedExperts,
     Float8Linear,
+    FP8GroupedExperts,
     apply_fp8,
     fp8_grouped_swiglu,
     fp8_module_names,
@@ -207,22 +207,22 @@ def test_triton_backend_matches_torch_reference_in_a_small_model():
 
 # ----------------------------------------------------------------------------- routed experts
 
-E, D, I, N = 4, 160, 96, 150  # ragged D and I: partial 128-tiles in every GEMM
+N_EXPERTS, DIM, INNER, TOKENS = 4, 160, 96, 150  # ragged DIM and INNER: partial 128-tiles in every GEMM
 
 
 def routed_inputs():
-    """N tokens, top-2; expert 2 gets no token, some slots belong to another rank (-1)."""
+    """TOKENS tokens, top-2; expert 2 gets no token, some slots belong to another rank (-1)."""
     g = torch.Generator().manual_seed(0)
-    x_ND = torch.randn(N, D, generator=g)
-    idx_NK = torch.stack([torch.tensor([0, 1, 3])[torch.randperm(3, generator=g)[:2]] for _ in range(N)])
+    x_ND = torch.randn(TOKENS, DIM, generator=g)
+    idx_NK = torch.stack([torch.tensor([0, 1, 3])[torch.randperm(3, generator=g)[:2]] for _ in range(TOKENS)])
     idx_NK[::7, 1] = -1
-    w_NK = torch.rand(N, 2, generator=g)
+    w_NK = torch.rand(TOKENS, 2, generator=g)
     return x_ND, idx_NK, w_NK
 
 
 def experts_pair():
     torch.manual_seed(0)
-    plain = GroupedExperts(E, D, I)
+    plain = GroupedExperts(N_EXPERTS, DIM, INNER)
     plain.init_weights(0.05)
     fp8 = apply_fp8(copy.deepcopy(plain), backend="torch")
     assert type(fp8) is FP8GroupedExperts
@@ -260,8 +260,8 @@ def test_fp8_experts_forward_is_the_recipe_on_quantised_operands():
         y_ND = fp8(x_ND, idx_NK, w_NK)
         x_hat = dequantize_act(*quantize_act(x_ND)).double()
         w1, w3, w2 = (dequantize_weight(*quantize_weight(w)).double() for w in (plain.w1, plain.w3, plain.w2))
-        ref_ND = torch.zeros(N, D, dtype=torch.float64)
-        for t in range(N):
+        ref_ND = torch.zeros(TOKENS, DIM, dtype=torch.float64)
+        for t in range(TOKENS):
             for k in range(2):
                 e = int(idx_NK[t, k])
                 if e < 0:
@@ -284,8 +284,8 @@ def test_fp8_experts_cache_fp8_and_no_grad_path_agrees():
     fp8_numel = sum(t.numel() for t in saved if t.dtype == torch.float8_e4m3fn)
     fp32_numel = sum(t.numel() for t in saved if t.dtype == torch.float32)
     assert {t.dtype for t in saved} == {torch.float8_e4m3fn, torch.float32}
-    # x and the SwiGLU input (2 x I per row) are kept as FP8, not fp32; fp32 holds only scales.
-    assert fp8_numel >= x_MD.numel() + 2 * I * x_MD.shape[0] and fp32_numel * 32 < fp8_numel
+    # x and the SwiGLU input (2 x INNER per row) are kept as FP8, not fp32; fp32 holds only scales.
+    assert fp8_numel >= x_MD.numel() + 2 * INNER * x_MD.shape[0] and fp32_numel * 32 < fp8_numel
     # Without grad the autograd node (and the wgrad-layout quantisation) is skipped: same output.
     with torch.no_grad():
         assert torch.equal(fp8_grouped_swiglu(x_MD, fp8.w1, fp8.w3, fp8.w2, count_E, "torch"), y_MD.detach())
@@ -293,11 +293,11 @@ def test_fp8_experts_cache_fp8_and_no_grad_path_agrees():
 
 def test_fp8_experts_with_no_local_rows_give_zeros():
     plain, fp8 = experts_pair()
-    x_ND = torch.randn(6, D, requires_grad=True)
+    x_ND = torch.randn(6, DIM, requires_grad=True)
     idx_NK = torch.full((6, 2), -1)  # every expert lives on another rank
     w_NK = torch.rand(6, 2, requires_grad=True)
     y = fp8(x_ND, idx_NK, w_NK)
-    assert torch.equal(y, torch.zeros(6, D)) and torch.equal(y, plain(x_ND, idx_NK, w_NK))
+    assert torch.equal(y, torch.zeros(6, DIM)) and torch.equal(y, plain(x_ND, idx_NK, w_NK))
     y.sum().backward()
     assert x_ND.grad is None or torch.equal(x_ND.grad, torch.zeros_like(x_ND))
 
