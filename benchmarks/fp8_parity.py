@@ -29,31 +29,15 @@ import torch
 TAIL = 50  # steps averaged for the final loss
 
 
-def make_trainer(cfg):
-    """A Trainer for cfg; for precision=fp8 its model is converted (apply_fp8 is idempotent,
-    so this is a no-op once the trainer converts by itself) and the rest runs in the
-    companion precision."""
-    from framework.fp8 import FP8_COMPUTE, apply_fp8, companion_compute
-    from framework.trainer import Trainer
-
-    trainer = Trainer(cfg)
-    if cfg.precision.compute == FP8_COMPUTE:
-        apply_fp8(trainer.model)
-        # A trainer without its own fp8 handling runs compute="fp8" without autocast: right on
-        # CPU (fp32), while a GPU wants bf16 autocast around the FP8 GEMMs.
-        if trainer.compute == FP8_COMPUTE and companion_compute(trainer.device) != "fp32":
-            trainer.compute = companion_compute(trainer.device)
-    return trainer
-
-
 def train(precision: str, seed: int, steps: int, run_dir: Path, overrides: list[str]) -> dict:
+    from framework.trainer import Trainer
     from launch.run import compose
 
     cfg = compose([f"run_dir={run_dir}", f"precision={precision}", "precision.moment_dtype=bf16",
                    f"seed={seed}", f"steps={steps}", "eval_interval=0", "checkpoint.interval=0",
                    "logging.progress_bar=false", "logging.wandb_mode=disabled", "logging.sample_tokens=0",
                    *overrides])
-    trainer = make_trainer(cfg)
+    trainer = Trainer(cfg)  # converts the model itself for precision=fp8
     start = time.perf_counter()
     result = trainer.run()
     seconds = time.perf_counter() - start

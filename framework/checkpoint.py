@@ -8,6 +8,8 @@ Why these choices:
   with the same files; in a single process DCP simply writes one shard.
 - Only tensors go into DCP: optimizer hyper-parameters come from the config and counters
   are stored as 0-dim tensors, so loading never unpickles arbitrary objects.
+- Every rank writes its own shard; rank 0 alone commits the folder (after a barrier) and
+  prunes old ones.
 - Atomic: everything is written to a hidden temporary folder that is renamed into place
   only once complete, so a crash mid-save never leaves a half checkpoint that resume picks.
 """
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+
+from parallel import comm
 
 
 @contextlib.contextmanager
@@ -58,68 +62,30 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimizer's per-parameter state keyed by parameter name (tensors only).
-
-    Parameter names, not positions, make the keys stable across pipeline splits and
-    resharding. Missing state (before the first step) is created by a zero-learning-rate
-    step so there are tensors for DCP to load into.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if any(p not in optimizer.state for _, p in named):
-        _materialise_state(named, optimizer)
-    flat: dict[str, torch.Tensor] = {}
-    for name, param in named:
-        for key, value in optimizer.state[param].items():
-            flat[f"{name}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    return flat
-
-
-def _materialise_state(named, optimizer: torch.optim.Optimizer) -> None:
-    saved_lrs = [g["lr"] for g in optimizer.param_groups]
-    saved_grads = [p.grad for _, p in named]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-    for _, p in named:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, saved_lrs):
-        group["lr"] = lr
-    for (_, p), grad in zip(named, saved_grads):
-        p.grad = grad
-
-
-def _restore_python_numbers(model, optimizer, flat: dict[str, torch.Tensor]) -> None:
-    """DCP loads in place into tensors; state entries that were Python numbers are
-    rebuilt from their loaded 0-dim tensors."""
-    for name, param in model.named_parameters():
-        state = optimizer.state.get(param, {})
-        for key, value in list(state.items()):
-            if not torch.is_tensor(value):
-                state[key] = type(value)(flat[f"{name}/{key}"].item())
-
-
-def save(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         extra: dict[str, int], config: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep_last`."""
+def save(run_dir: str | Path, step: int, state: dict[str, dict[str, torch.Tensor]], config: dict,
+         keep_last: int) -> Path:
+    """Write checkpoint `step` atomically from every rank and prune all but the newest
+    `keep_last`. `state` maps sections ("model", "optim", "extra") to tensors; replicated
+    tensors are written once, DTensor shards (ZeRO-1 state) by their owners."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    state = {
-        "model": model.state_dict(),
-        "optim": optimizer_tensors(model, optimizer),
-        "extra": {k: torch.tensor(v, dtype=torch.int64) for k, v in extra.items()},
-    }
+    main = comm.global_rank() == 0
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    comm.barrier()
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(tmp))
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "config": config}, indent=1))
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    comm.barrier()  # every rank's shard is on disk before the folder becomes visible
+    if main:
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "config": config}, indent=1))
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    comm.barrier()
     return final
 
 
@@ -138,18 +104,12 @@ def save_weights(path: str | Path, model: torch.nn.Module, config: dict) -> Path
     return final
 
 
-def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-         extra_keys: list[str]) -> dict[str, int]:
-    """Load `path` in place into model (and optimizer, unless None); return the saved integer
-    counters named in `extra_keys` (none for a weights-only load)."""
+def load(path: str | Path, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Fill `state` (same layout as saved; any subset of sections) in place from `path`.
+    The caller then hands the sections to model/optimizer `load_state_dict`."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path} is not a complete duet checkpoint (no meta.json)")
-    state: dict = {"model": model.state_dict()}
-    if extra_keys:
-        state["extra"] = {k: torch.zeros((), dtype=torch.int64) for k in extra_keys}
-    if optimizer is not None:
-        state["optim"] = optimizer_tensors(model, optimizer)
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path))
@@ -157,10 +117,13 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this model/config ({first[:200]}); "
                               "start a new run_dir or restore the config it was saved with") from None
+
+
+def load_model(path: str | Path, model: torch.nn.Module) -> None:
+    """Only the weights (and buffers such as expert biases) of a checkpoint."""
+    state = {"model": model.state_dict()}
+    load(path, state)
     model.load_state_dict(state["model"])
-    if optimizer is not None:
-        _restore_python_numbers(model, optimizer, state["optim"])
-    return {k: int(v) for k, v in state.get("extra", {}).items()}
 
 
 def read_meta(path: str | Path) -> dict:

@@ -313,7 +313,7 @@ def _load_duet_checkpoint(path: Path) -> tuple[Transformer, ModelConfig]:
         path = latest
     cfg = ModelConfig(**checkpoint.read_meta(path)["config"]["model"])
     model = Transformer(cfg)
-    checkpoint.load(path, model, None, [])
+    checkpoint.load_model(path, model)
     return model, cfg
 
 
@@ -348,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, cfg = import_hf(args.hf_dir)
             _write_duet_checkpoint(model, cfg, args.checkpoint)
-            print(f"wrote {args.checkpoint}; to train from it, copy {args.checkpoint / 'model.yaml'} to "
-                  f"configs/model/ and run duet-train model=<that name> checkpoint.load_from={args.checkpoint}")
+            print(f"wrote {args.checkpoint}; to train from it, copy {args.checkpoint / 'model.yaml'} "
+                  "to configs/model/ and run duet-train model=<that name> "
+                  f"checkpoint.load_from={args.checkpoint}")
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         print(f"duet-hf {args.cmd}: error: {e}".splitlines()[0], file=sys.stderr)
         return 2

@@ -55,17 +55,18 @@ def gpu_sample() -> dict[str, float]:
 
 
 class ProgressBar:
-    """A one-line bar on stderr: step, loss, tokens/s, lr. Plain lines when not a TTY."""
+    """A one-line bar: step, loss, tokens/s, lr; a line every 30 s when not a TTY. On stdout,
+    which the launcher shows for rank 0 (stderr goes to the rank's log file)."""
 
     def __init__(self, total: int, start: int, enabled: bool):
         self.total, self.enabled = total, enabled
-        self.tty = sys.stderr.isatty()
+        self.tty = sys.stdout.isatty()
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step",
-                            dynamic_ncols=True, file=sys.stderr, mininterval=0.5 if self.tty else 30)
+                            dynamic_ncols=True, file=sys.stdout, mininterval=0.5 if self.tty else 30)
 
     def update(self, step: int, loss: float, tokens_per_s: float, lr: float) -> None:
         if self.bar is not None:
@@ -75,9 +76,9 @@ class ProgressBar:
 
     def write(self, line: str) -> None:
         if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
+            self.bar.write(line, file=sys.stdout)
         else:
-            print(line, file=sys.stderr)
+            print(line, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -87,12 +88,13 @@ class ProgressBar:
 class MetricsLogger:
     """Fans records out to `<run_dir>/metrics.jsonl` and, when enabled, a wandb run."""
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_config: object, resume: bool):
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, run_config: object, resume: bool,
+                 enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
-        self.file = open(self.path, "a" if resume else "w")
+        self.file = open(self.path, "a" if resume else "w") if enabled else None
         self.wandb_run = None
         mode = wandb_mode(cfg.wandb_mode)
-        if mode != "disabled":
+        if enabled and mode != "disabled":
             import wandb
 
             self.wandb_run = wandb.init(project=cfg.wandb_project, dir=str(run_dir), mode=mode,
@@ -101,6 +103,8 @@ class MetricsLogger:
                                         settings=wandb.Settings(silent=True))
 
     def log(self, record: dict) -> None:
+        if self.file is None:
+            return
         record = {"time": round(time.time(), 3), **record}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -109,7 +113,8 @@ class MetricsLogger:
                                step=record.get("step"))
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,9 +27,13 @@ import torch.nn.functional as F
 from framework import checkpoint
 from framework.config import TrainConfig
 from framework.data import DataError, build_data
+from framework.fp8 import apply_fp8, companion_compute
 from framework.metrics import MetricsLogger, ProgressBar, flops_per_token, gpu_peak_tflops, gpu_sample
 from framework.model import Transformer, count_params
-from framework.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from framework.optim import lr_at
+from parallel import comm
+from parallel.data_parallel import DataParallelOptimizer, GradReducer, all_reduce_expert_load, reduce_mean
+from parallel.mesh import Layout, Mesh, build_mesh, init_distributed, shutdown
 
 SAMPLE_PROMPT = "def "
 
@@ -46,12 +51,25 @@ class TrainResult:
     sample: str = ""
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, launch_mode: str = "local") -> torch.device:
+    """This rank's device: its own GPU (LOCAL_RANK) normally, GPU 0 for every rank of a
+    simulated layout, the CPU without GPUs or when asked."""
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device=cuda but no CUDA GPU is visible; use device=auto or device=cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = 0 if launch_mode == "simulated" else int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local_rank)
+
+
+def setup_mesh(cfg: TrainConfig, device: torch.device) -> Mesh:
+    """Join the process group when started as one of several ranks (elastic agent, torchrun);
+    a single process gets the stand-in mesh whose collectives are no-ops."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Mesh.single()
+    simulated = os.environ.get("DUET_LAUNCH_MODE", cfg.launch.mode) == "simulated"
+    init_distributed("nccl" if device.type == "cuda" and not simulated else "gloo")
+    return build_mesh(Layout.from_config(cfg.parallel))
 
 
 def resolve_compute(compute: str, device: torch.device) -> str:
@@ -62,7 +80,10 @@ def resolve_compute(compute: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, compute: str):
-    """BF16 autocast around forward/backward; master weights stay FP32."""
+    """BF16 autocast around forward/backward; master weights stay FP32. Under fp8 the FP8
+    layers run their own GEMMs and everything else runs as the device's companion precision."""
+    if compute == "fp8":
+        compute = companion_compute(device)
     if compute == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -82,8 +103,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir).expanduser()
-        self.device = pick_device(cfg.device)
+        mode = os.environ.get("DUET_LAUNCH_MODE", cfg.launch.mode)
+        self.device = pick_device(cfg.device, mode)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.compute = resolve_compute(cfg.precision.compute, self.device)
+        self.mesh = setup_mesh(cfg, self.device)
+        self.is_main = self.mesh.rank == 0
         # Resuming this run folder restores everything; `checkpoint.load_from` only initialises
         # the weights of a new run (fine-tuning, HF imports) and is ignored once the run has
         # checkpoints of its own.
@@ -99,10 +125,19 @@ class Trainer:
                 self._check_same_model(path)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
-        torch.manual_seed(cfg.seed)
-        self.data = build_data(cfg.data, cfg.model.vocab_size, self.run_dir / "data")
+        # Rank 0 tokenizes (or finds the launcher's cache) first; the others then read the cache.
+        for turn in (True, False):
+            if self.is_main == turn:
+                self.data = build_data(cfg.data, cfg.model.vocab_size, self.run_dir / "data",
+                                       rank=self.mesh.dp_rank, world=self.mesh.dp)
+            comm.barrier()
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = Transformer(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.precision.moment_dtype)
+        if self.compute == "fp8":
+            apply_fp8(self.model)  # FP8 GEMMs for attention projections, MLPs and experts
+        self.reducer = GradReducer(self.model, self.mesh, cfg.parallel.bucket_mb)
+        self.optimizer = DataParallelOptimizer(self.model, cfg.optim, self.mesh, cfg.precision.moment_dtype,
+                                               zero=cfg.parallel.zero1, bucket_mb=cfg.parallel.bucket_mb)
         self.step = 0
         if self.resume_from is not None:
             self._load(self.resume_from)
@@ -114,6 +149,11 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.counts["activated"], m.n_layers, m.n_heads,
                                                m.qk_nope_head_dim + m.qk_rope_head_dim,
                                                m.v_head_dim, cfg.data.seq_len)
+
+    def say(self, line: str) -> None:
+        """Console output comes from rank 0 only (the others' logs are files)."""
+        if self.is_main:
+            print(line, flush=True)
 
     # --- state ---------------------------------------------------------------------------
     def _check_same_model(self, path: Path) -> None:
@@ -129,53 +169,66 @@ class Trainer:
             raise TrainingError(f"checkpoint {path} was saved with model.{k}={saved.get(k)!r}, this run "
                                 f"has {current[k]!r}; use a new run_dir or the original model config")
 
+    def _state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Everything a resume needs, as tensors: model (with expert biases), optimizer
+        (ZeRO-1 shards as DTensors), and the step and data position."""
+        extra = {"step": self.step, "data_position": self.data.train.state_dict()["position"]}
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(),
+                "extra": {k: torch.tensor(v, dtype=torch.int64) for k, v in extra.items()}}
+
     def _load(self, path: Path) -> None:
+        state = self._state()
         try:
-            extra = checkpoint.load(path, self.model, self.optimizer, ["step", "data_position"])
+            checkpoint.load(path, state)
         except checkpoint.CheckpointError as err:
             raise TrainingError(str(err)) from None
-        self.step = extra["step"]
-        state = self.data.train.state_dict()
-        state["position"] = extra["data_position"]
-        self.data.train.load_state_dict(state)
+        self.model.load_state_dict(state["model"])  # the model first: ZeRO masters follow it
+        self.optimizer.load_state_dict(state["optim"])
+        self.step = int(state["extra"]["step"])
+        data_state = self.data.train.state_dict()
+        data_state["position"] = int(state["extra"]["data_position"])
+        self.data.train.load_state_dict(data_state)
 
     def _load_weights(self, path: Path) -> None:
         try:
-            checkpoint.load(path, self.model, None, [])
+            checkpoint.load_model(path, self.model)
         except checkpoint.CheckpointError as err:
             raise TrainingError(str(err)) from None
 
     def save(self) -> Path:
-        extra = {"step": self.step, "data_position": self.data.train.state_dict()["position"]}
-        return checkpoint.save(self.run_dir, self.step, self.model, self.optimizer, extra,
-                               asdict(self.cfg), self.cfg.checkpoint.keep_last)
+        return checkpoint.save(self.run_dir, self.step, self._state(), asdict(self.cfg),
+                               self.cfg.checkpoint.keep_last)
 
     # --- one step ----------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on this rank's share of the global batch; returns global-batch
+        metrics (identical on every rank)."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg.steps, cfg.optim)
-        set_lr(self.optimizer, lr)
+        self.optimizer.set_lr(lr)
         self.model.train()
         with autocast(self.device, self.compute):
             loss, parts = self.model.loss(inputs.to(self.device), targets.to(self.device))
         loss.backward()
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"loss became {loss_value} at step {self.step}; lower optim.lr or use "
-                                "precision=fp32, then resume from the last checkpoint")
+        self.reducer.finish()  # dense grads averaged over dp, expert grads over edp
+        grad_norm = self.optimizer.clip_grad_norm(cfg.optim.grad_clip)
+        record = reduce_mean({"loss": loss.detach(), **parts}, self.mesh)
+        if not math.isfinite(record["loss"]):  # every rank sees the same value and stops
+            raise TrainingError(f"loss became {record['loss']} at step {self.step}; lower optim.lr or "
+                                "use precision=fp32, then resume from the last checkpoint")
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
+        # Aux-loss-free balancing: after the optimizer step, from the global batch's loads.
+        all_reduce_expert_load(self.model, self.mesh)
         imbalance = expert_imbalance(self.model)
-        # Aux-loss-free balancing: bias moves after the optimizer step, from this step's loads.
         self.model.update_expert_bias(cfg.model.bias_update_rate)
         self.step += 1
-        return {"loss": loss_value, **{k: float(v) for k, v in parts.items()}, "lr": lr,
-                "grad_norm": float(grad_norm), "expert_imbalance": imbalance}
+        return {**record, "lr": lr, "grad_norm": float(grad_norm), "expert_imbalance": imbalance}
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token cross-entropy (main head only) over a fixed set of val batches."""
+        """Mean next-token cross-entropy (main head only) over a fixed set of val batches,
+        each rank taking its share of every batch."""
         self.model.eval()
         total = 0.0
         for index in range(self.cfg.eval_batches):
@@ -184,7 +237,7 @@ class Trainer:
                 logits = self.model(inputs.to(self.device))
             total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten()).item()
         self.model.train()
-        return total / self.cfg.eval_batches
+        return reduce_mean({"val": total / self.cfg.eval_batches}, self.mesh)["val"]
 
     @torch.no_grad()
     def sample(self, n_tokens: int, prompt: str = SAMPLE_PROMPT) -> str:
@@ -206,16 +259,18 @@ class Trainer:
         cfg = self.cfg
         last = cfg.steps if until_step is None else min(until_step, cfg.steps)
         result = TrainResult(run_dir=self.run_dir, start_step=self.step)
-        (self.run_dir / "config.yaml").write_text(_to_yaml(cfg))
-        print(f"duet: {cfg.model.name} model, {self.counts['total']:,} parameters "
-              f"({self.counts['activated']:,} activated), {self.device}, {self.compute}, "
-              f"run folder {self.run_dir}", flush=True)
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(_to_yaml(cfg))
+        layout = "" if self.mesh.is_single else f", {self.mesh.world} ranks (dp {self.mesh.dp})"
+        self.say(f"duet: {cfg.model.name} model, {self.counts['total']:,} parameters "
+                 f"({self.counts['activated']:,} activated), {self.device}, {self.compute}{layout}, "
+                 f"run folder {self.run_dir}")
         if self.resume_from is not None:
-            print(f"duet: resumed from {self.resume_from} at step {self.step}", flush=True)
+            self.say(f"duet: resumed from {self.resume_from} at step {self.step}")
         elif self.init_from is not None:
-            print(f"duet: weights initialised from {self.init_from}", flush=True)
-        logger = MetricsLogger(self.run_dir, cfg.logging, cfg, resume=self.step > 0)
-        bar = ProgressBar(cfg.steps, self.step, cfg.logging.progress_bar)
+            self.say(f"duet: weights initialised from {self.init_from}")
+        logger = MetricsLogger(self.run_dir, cfg.logging, cfg, resume=self.step > 0, enabled=self.is_main)
+        bar = ProgressBar(cfg.steps, self.step, cfg.logging.progress_bar and self.is_main)
         peak = gpu_peak_tflops()
         window_start, window_steps = time.perf_counter(), 0
         try:
@@ -230,8 +285,10 @@ class Trainer:
                 if self.step % cfg.logging.log_interval == 0 or self.step == cfg.steps:
                     record.update(step=self.step, tokens_per_s=tokens_per_s, **gpu_sample())
                     if peak:
-                        record["mfu"] = tokens_per_s * self.flops_per_token / (peak * 1e12)
+                        record["mfu"] = tokens_per_s * self.flops_per_token / (peak * self.mesh.world * 1e12)
                     logger.log(record)
+                    if not self.is_main:  # lands in this rank's log file
+                        print(f"step {self.step} loss {record['loss']:.4f}", flush=True)
                     window_start, window_steps = time.perf_counter(), 0
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.steps:
                     val = self.evaluate()
@@ -244,17 +301,17 @@ class Trainer:
                 self.save()
             result.val_loss = self.evaluate()
             logger.log({"step": self.step, "val_loss": result.val_loss})
-            print(f"duet: final validation loss {result.val_loss:.4f} at step {self.step} "
-                  f"(checkpoint in {checkpoint.checkpoint_root(self.run_dir)})")
-            if cfg.logging.sample_tokens:
+            self.say(f"duet: final validation loss {result.val_loss:.4f} at step {self.step} "
+                     f"(checkpoint in {checkpoint.checkpoint_root(self.run_dir)})")
+            if cfg.logging.sample_tokens and self.is_main:
                 result.sample = self.sample(cfg.logging.sample_tokens)
-                print("duet: greedy sample:\n" + result.sample)
+                self.say("duet: greedy sample:\n" + result.sample)
         finally:
             bar.close()
             logger.close()
         if logger.wandb_run is not None and logger.wandb_run.settings.mode == "offline":
-            print(f"duet: offline wandb run in {self.run_dir / 'wandb'} "
-                  f"(upload it with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`)")
+            self.say(f"duet: offline wandb run in {self.run_dir / 'wandb'} "
+                     f"(upload it with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`)")
         return result
 
 
@@ -270,4 +327,7 @@ def _to_yaml(cfg: TrainConfig) -> str:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    return Trainer(cfg).run()
+    try:
+        return Trainer(cfg).run()
+    finally:
+        shutdown()  # leave the process group (a no-op in a single process)

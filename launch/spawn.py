@@ -21,6 +21,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from framework.config import TrainConfig, world_size
 
 
@@ -34,6 +36,7 @@ def config_from_dict(values: dict) -> TrainConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), values))
 
 
+@record  # writes the worker's traceback to an error file the agent reports
 def worker_entry(values: dict) -> None:
     """What every spawned rank runs. Module-level so the spawn start method can pickle it."""
     from framework.trainer import train
@@ -50,7 +53,7 @@ def free_port() -> int:
 def spawn_local(cfg: TrainConfig) -> int:
     """Run `world_size(cfg)` ranks on this host through the elastic agent; exit status."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     world, port = world_size(cfg), cfg.launch.port or free_port()
@@ -65,7 +68,7 @@ def spawn_local(cfg: TrainConfig) -> int:
     )
     os.environ["DUET_LAUNCH_MODE"] = cfg.launch.mode  # read by the workers to place themselves
     try:
-        elastic_launch(launch_cfg, record(worker_entry))(asdict(cfg))
+        elastic_launch(launch_cfg, worker_entry)(asdict(cfg))
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         message = failure.message

@@ -327,11 +327,7 @@ def train_losses(run_dir: Path, corpus: Path, precision: str) -> tuple[list[floa
                    "data.batch_size=8", "data.seq_len=64", "optim.warmup_steps=10", "optim.lr=1e-3",
                    "optim.min_lr=1e-4",
                    "logging.progress_bar=false", "logging.wandb_mode=disabled", "logging.sample_tokens=0"])
-    trainer = Trainer(cfg)
-    if precision == "fp8":
-        # What the trainer does for precision=fp8 (idempotent, so harmless once it does it);
-        # on CPU the unconverted rest runs in fp32, i.e. without autocast.
-        apply_fp8(trainer.model)
+    trainer = Trainer(cfg)  # converts the model itself for precision=fp8
     return trainer.run().losses, trainer
 
 

@@ -17,7 +17,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
-from framework.checkpoint import optimizer_tensors
 from framework.config import ModelConfig, OptimConfig
 from framework.model import Transformer
 from framework.optim import build_optimizer, clip_grad_norm, set_lr
@@ -311,10 +310,15 @@ def reference(steps: int) -> dict:
         out["loss"].append(loss.item())
         out["bias"].append(biases(model))
         if s == 2:
-            out["params3"], out["optim3"] = params(model), {k: v.clone() for k, v in
-                                                            optimizer_tensors(model, opt).items()}
+            out["params3"], out["optim3"] = params(model), flat_optimizer_state(model, opt)
     out["params"] = params(model)
     return out
+
+
+def flat_optimizer_state(model, opt) -> dict[str, torch.Tensor]:
+    """A plain AdamW's state keyed like the checkpoints: "<param name>/<key>"."""
+    return {f"{name}/{key}": value.clone() for name, p in model.named_parameters()
+            for key, value in opt.state[p].items()}
 
 
 @pytest.fixture(scope="module")
@@ -522,8 +526,8 @@ def test_zero_checkpoint_reshards_dp4_to_dp2_and_to_one_process(ranks, ref, one_
         assert_close_params(run["params"], ref["params"], 1e-5)
     # One process loads the same files into framework.optim.AdamW's state layout.
     model = make_model()
-    opt = build_optimizer(model, OPTIM)
-    state = {"model": model.state_dict(), "optim": optimizer_tensors(model, opt)}
+    opt = DataParallelOptimizer(model, OPTIM, Mesh.single(), zero=False)  # plain AdamW inside
+    state = {"model": model.state_dict(), "optim": opt.state_dict()}
     dcp.load(state, checkpoint_id=f"{ranks['tmp']}/dp4")
     assert state["optim"].keys() == ref["optim3"].keys()
     for key, want in ref["optim3"].items():
