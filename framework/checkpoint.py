@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from framework.faults import maybe_fail
 from parallel import comm
 
 
@@ -77,6 +78,7 @@ def save(run_dir: str | Path, step: int, state: dict[str, dict[str, torch.Tensor
     comm.barrier()
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(tmp))
+    maybe_fail("save", step, comm.global_rank(), run_dir)
     comm.barrier()  # every rank's shard is on disk before the folder becomes visible
     if main:
         (tmp / "meta.json").write_text(json.dumps({"step": step, "config": config}, indent=1))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from framework import checkpoint
 from framework.config import TrainConfig
 from framework.data import DataError, build_data
+from framework.faults import maybe_fail
 from framework.fp8 import apply_fp8, companion_compute
 from framework.metrics import MetricsLogger, ProgressBar, flops_per_token, gpu_peak_tflops, gpu_sample
 from framework.model import Transformer, count_params
@@ -223,6 +224,7 @@ class Trainer:
         imbalance = expert_imbalance(self.model)
         self.model.update_expert_bias(cfg.model.bias_update_rate)
         self.step += 1
+        maybe_fail("step", self.step, self.mesh.rank, self.run_dir)
         return {**record, "lr": lr, "grad_norm": float(grad_norm), "expert_imbalance": imbalance}
 
     @torch.no_grad()

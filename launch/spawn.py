@@ -71,9 +71,10 @@ def spawn_local(cfg: TrainConfig) -> int:
         elastic_launch(launch_cfg, worker_entry)(asdict(cfg))
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        message = failure.message
-        if isinstance(message, dict):  # the error file of a @record-ed worker
-            message = message.get("message", {}).get("extraInfo", {}).get("py_callstack") or str(message)
+        message = failure.message  # a dict from a @record-ed worker's error file, else a string
+        if isinstance(message, dict):
+            inner = message.get("message", message)
+            message = inner.get("extraInfo", {}).get("py_callstack", inner) if isinstance(inner, dict) else inner
         print(str(message).rstrip(), file=sys.stderr)
         print(f"duet-train: rank {rank} failed (exit code {failure.exitcode}); all logs in {log_dir}",
               file=sys.stderr)

@@ -235,7 +235,17 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     if backend == "nccl":
         torch.cuda.set_device(int(env.get("LOCAL_RANK", 0)))
     timeout = timedelta(seconds=timeout_s if timeout_s is not None else 600)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+    restart = env.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        return rank, world
+    # Under the elastic agent the workers share the agent's store across restarts, so a
+    # restarted group would read the dead group's addresses (gloo: "connection refused").
+    # A key prefix per restart keeps each attempt's rendezvous apart.
+    agent_store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                                timeout=timeout)
+    store = dist.PrefixStore(f"duet/attempt_{restart}", agent_store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return rank, world
 
 

@@ -1,0 +1,130 @@
+"""duet-train with several ranks, end to end through the launcher (elastic agent, gloo):
+data parallel equals one process, a killed rank restarts and resumes exactly, a checkpoint
+reshards from dp=4 to dp=2, an interrupted save leaves the previous checkpoint usable, and
+a simulated 8-rank layout runs on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from framework import checkpoint
+from framework.trainer import Trainer
+from launch.run import compose
+
+STEPS = 12
+# A small, fast run; constant lr after warm-up so runs of different lengths share a schedule.
+COMMON = ["data.tokenizer=byte", "model.vocab_size=256", "data.seq_len=32", "data.batch_size=8",
+          "eval_interval=0", "eval_batches=2", "logging.progress_bar=false", "logging.wandb_mode=disabled",
+          "logging.sample_tokens=0", "logging.log_interval=1", "precision=fp32", "optim.schedule=constant",
+          "optim.warmup_steps=2", "model.bias_update_rate=0.01"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("[g-k]*.py"))[:15]))
+    return path
+
+
+def args_for(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"data.source={corpus}", f"run_dir={run_dir}", *COMMON, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> dict[int, float]:
+    """Per-step losses of the single-process run: what every layout must reproduce."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    losses = Trainer(compose(args_for(corpus, run_dir, f"steps={STEPS}", "checkpoint.interval=0"))).run().losses
+    return dict(enumerate(losses, start=1))
+
+
+def duet_train(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.run", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; after a restart the later record of a step wins."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def assert_losses_match(got: dict[int, float], want: dict[int, float], steps, rel: float) -> None:
+    for step in steps:
+        assert abs(got[step] - want[step]) <= rel * abs(want[step]), (step, got[step], want[step])
+
+
+@pytest.mark.parametrize("zero1", ["true", "false"])
+def test_dp4_equals_single_process(corpus, reference, tmp_path, zero1):
+    run_dir = tmp_path / "run"
+    proc = duet_train(*args_for(corpus, run_dir, f"steps={STEPS}", "parallel.dp=4", "launch.nproc=4",
+                                f"parallel.zero1={zero1}", "checkpoint.interval=0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[rank0] duet: tiny model" in proc.stdout and "4 ranks (dp 4)" in proc.stdout
+    assert "[rank1]" not in proc.stdout  # other ranks write only to their log files
+    assert_losses_match(logged_losses(run_dir), reference, range(1, STEPS + 1), 1e-5)
+    logs = list((run_dir / "logs").rglob("stdout.log"))
+    assert len(logs) == 4 and all(p.stat().st_size > 0 for p in logs)
+
+
+def test_killed_rank_restarts_and_resumes_exactly(corpus, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = duet_train(*args_for(corpus, run_dir, f"steps={STEPS}", "parallel.dp=2", "checkpoint.interval=4",
+                                "launch.max_restarts=1"), env={"DUET_FAULT": "kill:step:6:1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / ".fault-step-6-1").exists(), "the fault must actually have fired"
+    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+    assert_losses_match(logged_losses(run_dir), reference, range(5, STEPS + 1), 1e-5)
+
+
+def test_checkpoint_reshards_from_dp4_to_dp2(corpus, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    first = duet_train(*args_for(corpus, run_dir, "steps=6", "parallel.dp=4", "checkpoint.interval=6"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = duet_train(*args_for(corpus, run_dir, "steps=7", "parallel.dp=2"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    assert_losses_match(logged_losses(run_dir), reference, [7], 1e-6)
+
+
+def test_save_killed_half_way_keeps_previous_checkpoint(corpus, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    killed = duet_train(*args_for(corpus, run_dir, "steps=6", "checkpoint.interval=2"),
+                        env={"DUET_FAULT": "kill:save:4"})
+    assert killed.returncode != 0
+    assert checkpoint.latest_checkpoint(run_dir).name == "step_00000002"
+    assert (run_dir / "checkpoints" / ".tmp-step_00000004").is_dir()  # the torn write, ignored
+    resumed = duet_train(*args_for(corpus, run_dir, "steps=6", "checkpoint.interval=2"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_00000002" in resumed.stdout
+    assert_losses_match(logged_losses(run_dir), reference, range(3, 7), 1e-6)
+
+
+def test_simulated_eight_ranks_run_to_completion(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = duet_train(*args_for(corpus, run_dir, "steps=2", "launch=simulated", "parallel.dp=8",
+                                "checkpoint.interval=0"), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "8 ranks (dp 8)" in proc.stdout
+    assert checkpoint.latest_checkpoint(run_dir).name == "step_00000002"
+
+
+def test_failing_rank_traceback_is_shown_once(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    bad = run_dir / "checkpoints" / "step_00000001"
+    bad.mkdir(parents=True)
+    (bad / "meta.json").write_text("{not json")  # every rank fails reading it
+    proc = duet_train(*args_for(corpus, run_dir, "steps=2", "parallel.dp=2"))
+    assert proc.returncode == 1
+    assert proc.stderr.count("Traceback") <= 1 and "duet-train: rank" in proc.stderr
