@@ -100,6 +100,39 @@ def expert_imbalance(model: Transformer) -> float:
     return sum(ratios) / len(ratios) if ratios else 1.0
 
 
+def starting_point(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
+    """(checkpoint to resume, weights to start from), checked against this config.
+
+    Resuming the run folder restores everything; `checkpoint.load_from` only initialises the
+    weights of a new run (fine-tuning, HF imports) and is ignored once the run has
+    checkpoints of its own. The launcher calls this before spawning, so a mismatch is one
+    line and exit 2 rather than a failure in every worker.
+    """
+    resume_from = checkpoint.latest_checkpoint(Path(cfg.run_dir).expanduser())
+    if resume_from is not None and not cfg.checkpoint.resume:
+        raise TrainingError(f"{cfg.run_dir} already holds checkpoints; use a new run_dir or "
+                            "checkpoint.resume=true (refusing to overwrite them)")
+    init_from = Path(cfg.checkpoint.load_from) if cfg.checkpoint.load_from and resume_from is None else None
+    for path in (resume_from, init_from):
+        if path is not None:
+            _check_same_model(path, cfg)
+    return resume_from, init_from
+
+
+def _check_same_model(path: Path, cfg: TrainConfig) -> None:
+    try:
+        saved = checkpoint.read_meta(path)["config"]["model"]
+    except (OSError, KeyError, ValueError, TypeError):
+        raise TrainingError(f"{path}: unreadable checkpoint metadata; move that folder away or start "
+                            "a new run_dir") from None
+    current = asdict(cfg.model)
+    diff = [k for k in current if saved.get(k) != current[k]]
+    if diff:
+        k = diff[0]
+        raise TrainingError(f"checkpoint {path} was saved with model.{k}={saved.get(k)!r}, this run "
+                            f"has {current[k]!r}; use a new run_dir or the original model config")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -111,19 +144,7 @@ class Trainer:
         self.compute = resolve_compute(cfg.precision.compute, self.device)
         self.mesh = setup_mesh(cfg, self.device)
         self.is_main = self.mesh.rank == 0
-        # Resuming this run folder restores everything; `checkpoint.load_from` only initialises
-        # the weights of a new run (fine-tuning, HF imports) and is ignored once the run has
-        # checkpoints of its own.
-        self.resume_from = checkpoint.latest_checkpoint(self.run_dir)
-        if self.resume_from is not None and not cfg.checkpoint.resume:
-            raise TrainingError(f"{self.run_dir} already holds checkpoints; use a new run_dir or "
-                                "checkpoint.resume=true (refusing to overwrite them)")
-        self.init_from = Path(cfg.checkpoint.load_from) if cfg.checkpoint.load_from else None
-        if self.resume_from is not None:
-            self.init_from = None
-        for path in (self.resume_from, self.init_from):
-            if path is not None:
-                self._check_same_model(path)
+        self.resume_from, self.init_from = starting_point(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         # Rank 0 tokenizes (or finds the launcher's cache) first; the others then read the cache.
@@ -157,19 +178,6 @@ class Trainer:
             print(line, flush=True)
 
     # --- state ---------------------------------------------------------------------------
-    def _check_same_model(self, path: Path) -> None:
-        try:
-            saved = checkpoint.read_meta(path)["config"]["model"]
-        except (OSError, KeyError, ValueError):
-            raise TrainingError(f"{path}: unreadable checkpoint metadata; remove it or start a new "
-                                "run_dir") from None
-        current = asdict(self.cfg.model)
-        diff = [k for k in current if saved.get(k) != current[k]]
-        if diff:
-            k = diff[0]
-            raise TrainingError(f"checkpoint {path} was saved with model.{k}={saved.get(k)!r}, this run "
-                                f"has {current[k]!r}; use a new run_dir or the original model config")
-
     def _state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Everything a resume needs, as tensors: model (with expert biases), optimizer
         (ZeRO-1 shards as DTensors), and the step and data position."""

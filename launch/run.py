@@ -164,7 +164,7 @@ def launch(cfg, overrides: list[str]) -> int:
     """Start the run the way `launch.mode` says; every bad input is one line and exit 2."""
     from framework.config import world_size
     from framework.data import DataError, build_data
-    from framework.trainer import TrainingError, train
+    from framework.trainer import TrainingError, starting_point, train
     from launch import spawn
 
     mode, world = cfg.launch.mode, world_size(cfg)
@@ -186,7 +186,9 @@ def launch(cfg, overrides: list[str]) -> int:
         problem = _device_problem(cfg, world)
         if problem:
             return fail([problem])
-        # Tokenize once here: bad data fails before any worker starts, and ranks hit the cache.
+        # Check the run folder and tokenize once here: bad input fails before any worker
+        # starts, and the ranks find the data cache ready.
+        starting_point(cfg)
         build_data(cfg.data, cfg.model.vocab_size, Path(cfg.run_dir).expanduser() / "data")
         return spawn.spawn_local(cfg)
     except (DataError, TrainingError) as err:

@@ -14,6 +14,7 @@ launcher prints that rank's traceback once, then one line naming the rank and it
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import socket
@@ -67,14 +68,16 @@ def spawn_local(cfg: TrainConfig) -> int:
         log_line_prefix_template="[rank${rank}] ",
     )
     os.environ["DUET_LAUNCH_MODE"] = cfg.launch.mode  # read by the workers to place themselves
+    # The agent logs each failure with its traceback; we report the first failure once below.
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         elastic_launch(launch_cfg, worker_entry)(asdict(cfg))
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         message = failure.message  # a dict from a @record-ed worker's error file, else a string
         if isinstance(message, dict):
-            inner = message.get("message", message)
-            message = inner.get("extraInfo", {}).get("py_callstack", inner) if isinstance(inner, dict) else inner
+            message = message.get("extraInfo", {}).get("py_callstack") or message.get("message", message)
         print(str(message).rstrip(), file=sys.stderr)
         print(f"duet-train: rank {rank} failed (exit code {failure.exitcode}); all logs in {log_dir}",
               file=sys.stderr)

@@ -41,7 +41,8 @@ def args_for(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
 def reference(corpus, tmp_path_factory) -> dict[int, float]:
     """Per-step losses of the single-process run: what every layout must reproduce."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    losses = Trainer(compose(args_for(corpus, run_dir, f"steps={STEPS}", "checkpoint.interval=0"))).run().losses
+    cfg = compose(args_for(corpus, run_dir, f"steps={STEPS}", "checkpoint.interval=0"))
+    losses = Trainer(cfg).run().losses
     return dict(enumerate(losses, start=1))
 
 
@@ -120,11 +121,20 @@ def test_simulated_eight_ranks_run_to_completion(corpus, tmp_path):
     assert checkpoint.latest_checkpoint(run_dir).name == "step_00000002"
 
 
-def test_failing_rank_traceback_is_shown_once(corpus, tmp_path):
+def test_bad_run_folder_is_refused_before_spawning(corpus, tmp_path):
     run_dir = tmp_path / "run"
     bad = run_dir / "checkpoints" / "step_00000001"
     bad.mkdir(parents=True)
-    (bad / "meta.json").write_text("{not json")  # every rank fails reading it
+    (bad / "meta.json").write_text("{not json")
     proc = duet_train(*args_for(corpus, run_dir, "steps=2", "parallel.dp=2"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "unreadable checkpoint metadata" in proc.stderr and not (run_dir / "logs").exists()
+
+
+def test_failing_rank_traceback_is_shown_once(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = duet_train(*args_for(corpus, run_dir, "steps=2", "parallel.dp=2"),
+                      env={"DUET_FAULT": "raise:step:1:1"})
     assert proc.returncode == 1
-    assert proc.stderr.count("Traceback") <= 1 and "duet-train: rank" in proc.stderr
+    assert proc.stderr.count("Traceback") == 1 and "injected fault" in proc.stderr
+    assert "duet-train: rank 1 failed" in proc.stderr
