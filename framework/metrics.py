@@ -9,14 +9,21 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from framework.config import LoggingConfig
 
-# Dense BF16 / FP8 peaks (TFLOPS) used for MFU; ANCHORS.md gives H800's.
-PEAK_TFLOPS_BF16 = {"H800": 989.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense peaks in TFLOPS by GPU name (ANCHORS.md gives H800's; H100/H200 SXM share the
+# Hopper tensor cores). MFU divides achieved model FLOPs by the peak of the precision used.
+PEAK_TFLOPS = {
+    "H800": {"bf16": 989.0, "fp8": 1979.0},
+    "H100": {"bf16": 989.0, "fp8": 1979.0},
+    "H200": {"bf16": 989.0, "fp8": 1979.0},
+    "A100": {"bf16": 312.0, "fp8": 312.0},  # no FP8 tensor cores: FP8 runs at BF16 rate at best
+}
 
 
 def flops_per_token(activated_params: int, n_layers: int, n_heads: int, qk_head_dim: int,
@@ -27,8 +34,9 @@ def flops_per_token(activated_params: int, n_layers: int, n_heads: int, qk_head_
     return 6 * activated_params + attention
 
 
-def gpu_peak_tflops() -> float | None:
-    """Dense BF16 peak of GPU 0 by name, or None where unknown (CPU runs report no MFU)."""
+def gpu_peak_tflops(compute: str = "bf16") -> float | None:
+    """Dense peak of GPU 0 for `compute` (fp8 or bf16; fp32 counts as bf16's tensor-core
+    peak, the usual MFU convention), or None where unknown (CPU runs report no MFU)."""
     try:
         import torch
 
@@ -37,21 +45,78 @@ def gpu_peak_tflops() -> float | None:
         name = torch.cuda.get_device_name(0)
     except Exception:
         return None
-    return next((peak for key, peak in PEAK_TFLOPS_BF16.items() if key in name), None)
+    peaks = next((p for key, p in PEAK_TFLOPS.items() if key in name), None)
+    return None if peaks is None else peaks["fp8" if compute == "fp8" else "bf16"]
 
 
-def gpu_sample() -> dict[str, float]:
-    """Utilisation and memory of GPU 0 from NVML; empty where there is no driver."""
-    try:
-        import pynvml
+class NvmlSampler:
+    """Samples this rank's GPU every `interval_s` on a daemon thread: utilisation, memory,
+    power and temperature, averaged between reads. Silent and inert where NVML or a GPU is
+    missing (CPU runs, CI), so callers need no checks."""
 
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        return {"gpu_util": float(util.gpu), "gpu_mem_gib": mem.used / 2**30}
-    except Exception:  # pynvml.NVMLError where no driver; ImportError without the package
-        return {}
+    def __init__(self, device_index: int | None, interval_s: float = 1.0):
+        self.samples: list[dict[str, float]] = []
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.handle = None
+        if device_index is None:
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            self.pynvml = pynvml
+        except Exception:  # pynvml.NVMLError where no driver; ImportError without the package
+            self.handle = None
+            return
+        self.thread = threading.Thread(target=self._loop, args=(interval_s,), daemon=True,
+                                       name="duet-nvml")
+        self.thread.start()
+
+    def _sample(self) -> dict[str, float]:
+        nv, h = self.pynvml, self.handle
+        mem = nv.nvmlDeviceGetMemoryInfo(h)
+        return {"gpu_util": float(nv.nvmlDeviceGetUtilizationRates(h).gpu),
+                "gpu_mem_gib": mem.used / 2**30,
+                "gpu_power_w": nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
+                "gpu_temp_c": float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))}
+
+    def _loop(self, interval_s: float) -> None:
+        while not self.stop_event.wait(interval_s):
+            try:
+                sample = self._sample()
+            except Exception:
+                return  # the driver went away: stop sampling quietly
+            with self.lock:
+                self.samples.append(sample)
+
+    def read(self) -> dict[str, float]:
+        """Means since the last read ({} without samples)."""
+        with self.lock:
+            samples, self.samples = self.samples, []
+        if not samples:
+            return {}
+        return {k: sum(s[k] for s in samples) / len(samples) for k in samples[0]}
+
+    def close(self) -> None:
+        self.stop_event.set()
+
+
+def comm_record(stats: dict[str, dict[str, float]], step_seconds: float) -> dict[str, float]:
+    """Per-collective MB and seconds since the last reset, and their seconds over the
+    wall time. An async op counts from issue until its wait() returns, so collectives that
+    overlap backward can push the share past 1: it measures communication in flight, and
+    the exposed part is what the overlap failed to hide."""
+    record: dict[str, float] = {}
+    waited = 0.0
+    for kind, entry in sorted(stats.items()):
+        record[f"comm_{kind}_mb"] = entry["bytes"] / 2**20
+        record[f"comm_{kind}_s"] = entry["seconds"]
+        waited += entry["seconds"]
+    if stats and step_seconds > 0:
+        record["comm_time_share"] = waited / step_seconds
+    return record
 
 
 class ProgressBar:

@@ -29,7 +29,14 @@ from framework.config import TrainConfig
 from framework.data import DataError, build_data
 from framework.faults import maybe_fail
 from framework.fp8 import apply_fp8, companion_compute
-from framework.metrics import MetricsLogger, ProgressBar, flops_per_token, gpu_peak_tflops, gpu_sample
+from framework.metrics import (
+    MetricsLogger,
+    NvmlSampler,
+    ProgressBar,
+    comm_record,
+    flops_per_token,
+    gpu_peak_tflops,
+)
 from framework.model import Transformer, count_params
 from framework.optim import lr_at
 from parallel import comm
@@ -281,7 +288,9 @@ class Trainer:
             self.say(f"duet: weights initialised from {self.init_from}")
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg, resume=self.step > 0, enabled=self.is_main)
         bar = ProgressBar(cfg.steps, self.step, cfg.logging.progress_bar and self.is_main)
-        peak = gpu_peak_tflops()
+        peak = gpu_peak_tflops(self.compute)
+        nvml = NvmlSampler(self.device.index or 0 if self.device.type == "cuda" else None)
+        comm.reset_comm_stats()
         window_start, window_steps = time.perf_counter(), 0
         try:
             while self.step < last:
@@ -293,7 +302,9 @@ class Trainer:
                 tokens_per_s = window_steps * self.tokens_per_step / max(elapsed, 1e-9)
                 bar.update(self.step, record["loss"], tokens_per_s, record["lr"])
                 if self.step % cfg.logging.log_interval == 0 or self.step == cfg.steps:
-                    record.update(step=self.step, tokens_per_s=tokens_per_s, **gpu_sample())
+                    record.update(step=self.step, tokens_per_s=tokens_per_s, **nvml.read(),
+                                  **comm_record(comm.comm_stats(), elapsed))
+                    comm.reset_comm_stats()
                     if peak:
                         record["mfu"] = tokens_per_s * self.flops_per_token / (peak * self.mesh.world * 1e12)
                     logger.log(record)
@@ -319,6 +330,7 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
+            nvml.close()
         if logger.wandb_run is not None and logger.wandb_run.settings.mode == "offline":
             self.say(f"duet: offline wandb run in {self.run_dir / 'wandb'} "
                      f"(upload it with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`)")

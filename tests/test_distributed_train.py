@@ -75,6 +75,9 @@ def test_dp4_equals_single_process(corpus, reference, tmp_path, zero1):
     assert "[rank0] duet: tiny model" in proc.stdout and "4 ranks (dp 4)" in proc.stdout
     assert "[rank1]" not in proc.stdout  # other ranks write only to their log files
     assert_losses_match(logged_losses(run_dir), reference, range(1, STEPS + 1), 1e-5)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # Per-collective counters from parallel/comm.py: gradients all-reduced every step.
+    assert all(r["comm_all_reduce_mb"] > 0 and r["comm_time_share"] > 0 for r in records if "loss" in r)
     logs = list((run_dir / "logs").rglob("stdout.log"))
     assert len(logs) == 4 and all(p.stat().st_size > 0 for p in logs)
 
