@@ -16,7 +16,6 @@ Why these choices:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -28,17 +27,20 @@ import torch.distributed.checkpoint as dcp
 
 from framework.faults import maybe_fail
 from parallel import comm
-
-
-@contextlib.contextmanager
-def _quiet_single_process():
-    """A single process needs no process group; DCP warns about that on every call."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+from parallel.mesh import side_group
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+
+
+# DCP warns on every call made without a process group, even when told so; a single
+# process is a supported way to run, not a mistake.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+def _no_dist() -> bool:
+    """A single process has no process group: DCP then neither gathers nor barriers."""
+    return not comm.is_distributed()
 
 
 class CheckpointError(RuntimeError):
@@ -63,32 +65,66 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save(run_dir: str | Path, step: int, state: dict[str, dict[str, torch.Tensor]], config: dict,
-         keep_last: int) -> Path:
-    """Write checkpoint `step` atomically from every rank and prune all but the newest
-    `keep_last`. `state` maps sections ("model", "optim", "extra") to tensors; replicated
-    tensors are written once, DTensor shards (ZeRO-1 state) by their owners."""
-    root = checkpoint_root(run_dir)
-    final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f"{TMP_PREFIX}{final.name}"
-    main = comm.global_rank() == 0
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    comm.barrier()
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=str(tmp))
-    maybe_fail("save", step, comm.global_rank(), run_dir)
-    comm.barrier()  # every rank's shard is on disk before the folder becomes visible
-    if main:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "config": config}, indent=1))
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    comm.barrier()
-    return final
+class Saver:
+    """Writes checkpoints `<run_dir>/checkpoints/step_*` atomically from every rank.
+
+    `state` maps sections ("model", "optim", "extra") to tensors; replicated tensors are
+    written once, DTensor shards (ZeRO-1 state) by their owners. Each checkpoint is written
+    into a hidden temporary folder that rank 0 renames into place once every rank's shard is
+    on disk, then prunes all but the newest `keep_last`.
+
+    With `async_save`, DCP copies the state to host memory and writes it on a background
+    thread while training goes on; the checkpoint is committed at the next save or at
+    close(). Its collectives use a side process group so they never interleave with the
+    training's own.
+    """
+
+    def __init__(self, run_dir: str | Path, config: dict, keep_last: int, async_save: bool = False):
+        self.run_dir, self.config, self.keep_last = Path(run_dir), config, keep_last
+        self.root = checkpoint_root(run_dir)
+        self.async_save = async_save
+        self.group = side_group() if async_save else None
+        self.pending: tuple | None = None  # (future, step, tmp, final) of an async save
+
+    def save(self, step: int, state: dict[str, dict[str, torch.Tensor]]) -> Path:
+        self.wait()
+        final = self.root / f"{PREFIX}{step:08d}"
+        tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        if comm.global_rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        comm.barrier()
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group,
+                                    no_dist=_no_dist())
+            self.pending = (future, step, tmp, final)
+            return final
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
+        self._commit(step, tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish and commit an async save still in flight."""
+        if self.pending is None:
+            return
+        future, step, tmp, final = self.pending
+        self.pending = None
+        future.result()
+        self._commit(step, tmp, final)
+
+    def _commit(self, step: int, tmp: Path, final: Path) -> None:
+        maybe_fail("save", step, comm.global_rank(), self.run_dir)
+        comm.barrier()  # every rank's shard is on disk before the folder becomes visible
+        if comm.global_rank() == 0:
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "config": self.config}, indent=1))
+            if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.root)[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        comm.barrier()
+
+    close = wait
 
 
 def save_weights(path: str | Path, model: torch.nn.Module, config: dict) -> Path:
@@ -97,8 +133,7 @@ def save_weights(path: str | Path, model: torch.nn.Module, config: dict) -> Path
     final = Path(path)
     tmp = final.with_name(TMP_PREFIX + final.name)
     shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_single_process():
-        dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp))
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=_no_dist())
     (tmp / "meta.json").write_text(json.dumps({"step": 0, "config": config, "weights_only": True}, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -113,8 +148,7 @@ def load(path: str | Path, state: dict[str, dict[str, torch.Tensor]]) -> None:
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path} is not a complete duet checkpoint (no meta.json)")
     try:
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist())
     except Exception as err:  # DCP raises a wrapped multi-line error on any mismatch
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this model/config ({first[:200]}); "

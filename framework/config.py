@@ -116,6 +116,7 @@ class OptimConfig:
 class CheckpointConfig:
     interval: int = 100  # steps between saves; 0 saves only at the end
     keep_last: int = 2
+    async_save: bool = False  # write in the background while training continues
     resume: bool = True  # resume from the latest checkpoint in the run folder, if any
     load_from: str = ""  # an explicit checkpoint folder to start from
 

@@ -167,6 +167,8 @@ class Trainer:
         self.reducer = GradReducer(self.model, self.mesh, cfg.parallel.bucket_mb)
         self.optimizer = DataParallelOptimizer(self.model, cfg.optim, self.mesh, cfg.precision.moment_dtype,
                                                zero=cfg.parallel.zero1, bucket_mb=cfg.parallel.bucket_mb)
+        self.saver = checkpoint.Saver(self.run_dir, asdict(cfg), cfg.checkpoint.keep_last,
+                                      cfg.checkpoint.async_save)
         self.step = 0
         if self.resume_from is not None:
             self._load(self.resume_from)
@@ -212,8 +214,7 @@ class Trainer:
             raise TrainingError(str(err)) from None
 
     def save(self) -> Path:
-        return checkpoint.save(self.run_dir, self.step, self._state(), asdict(self.cfg),
-                               self.cfg.checkpoint.keep_last)
+        return self.saver.save(self.step, self._state())
 
     # --- one step ----------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -318,8 +319,10 @@ class Trainer:
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self.save()
             bar.close()
+            self.saver.wait()
             if latest_step(self.run_dir) != self.step:
                 self.save()
+            self.saver.wait()
             result.val_loss = self.evaluate()
             logger.log({"step": self.step, "val_loss": result.val_loss})
             self.say(f"duet: final validation loss {result.val_loss:.4f} at step {self.step} "

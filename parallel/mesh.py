@@ -249,6 +249,15 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     return rank, world
 
 
+def side_group() -> dist.ProcessGroup | None:
+    """A second gloo group over all ranks, for work that runs on a background thread (async
+    checkpoint writes) so its collectives never interleave with the training's. Every rank
+    must call this at the same point; None in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.new_group(backend="gloo")
+
+
 def shutdown() -> None:
     """Leave the process group (all outstanding handles must have been waited)."""
     if dist.is_available() and dist.is_initialized():

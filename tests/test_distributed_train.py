@@ -15,7 +15,7 @@ from framework import checkpoint
 from framework.trainer import Trainer
 from launch.run import compose
 
-STEPS = 12
+STEPS = 20
 # A small, fast run; constant lr after warm-up so runs of different lengths share a schedule.
 COMMON = ["data.tokenizer=byte", "model.vocab_size=256", "data.seq_len=32", "data.batch_size=8",
           "eval_interval=0", "eval_batches=2", "logging.progress_bar=false", "logging.wandb_mode=disabled",
@@ -94,7 +94,8 @@ def test_killed_rank_restarts_and_resumes_exactly(corpus, reference, tmp_path):
 
 def test_checkpoint_reshards_from_dp4_to_dp2(corpus, reference, tmp_path):
     run_dir = tmp_path / "run"
-    first = duet_train(*args_for(corpus, run_dir, "steps=6", "parallel.dp=4", "checkpoint.interval=6"))
+    first = duet_train(*args_for(corpus, run_dir, "steps=6", "parallel.dp=4", "checkpoint.interval=3",
+                                 "checkpoint.async_save=true"))
     assert first.returncode == 0, first.stderr[-3000:]
     second = duet_train(*args_for(corpus, run_dir, "steps=7", "parallel.dp=2"))
     assert second.returncode == 0, second.stderr[-3000:]

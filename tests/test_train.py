@@ -52,10 +52,11 @@ def test_tiny_preset_learns_below_unigram_entropy(tmp_path):
     assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step_00000200"
 
 
-def test_resume_equals_straight_run(tmp_path, small_corpus):
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_resume_equals_straight_run(tmp_path, small_corpus, async_save):
     args = ["steps=8", "eval_interval=0", f"data.source={small_corpus}", "data.tokenizer=byte",
-            "model.vocab_size=256", "checkpoint.interval=0", "optim.warmup_steps=3",
-            "model.bias_update_rate=0.01"]
+            "model.vocab_size=256", "checkpoint.interval=3", "optim.warmup_steps=3",
+            "model.bias_update_rate=0.01", f"checkpoint.async_save={async_save}"]
     straight = Trainer(tiny_cfg(tmp_path / "straight", *args))
     full = straight.run()
 
@@ -88,7 +89,7 @@ def test_failed_save_leaves_no_checkpoint(tmp_path, small_corpus, monkeypatch):
             "model.vocab_size=256", "checkpoint.interval=0"]
     trainer = Trainer(tiny_cfg(tmp_path / "run", *args))
 
-    def broken_save(state, checkpoint_id):
+    def broken_save(state, checkpoint_id, **kwargs):
         Path(checkpoint_id).mkdir(parents=True)
         (Path(checkpoint_id) / "half.distcp").write_bytes(b"partial")
         raise OSError("disk full")
