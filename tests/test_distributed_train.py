@@ -116,6 +116,16 @@ def test_save_killed_half_way_keeps_previous_checkpoint(corpus, reference, tmp_p
     assert_losses_match(logged_losses(run_dir), reference, range(3, 7), 1e-6)
 
 
+def test_torchrun_mode_joins_the_job_torchrun_started(corpus, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "launch.run", "launch=torchrun",
+           *args_for(corpus, run_dir, "steps=3", "parallel.dp=2", "checkpoint.interval=0")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_losses_match(logged_losses(run_dir), reference, range(1, 4), 1e-5)
+
+
 def test_simulated_eight_ranks_run_to_completion(corpus, tmp_path):
     run_dir = tmp_path / "run"
     proc = duet_train(*args_for(corpus, run_dir, "steps=2", "launch=simulated", "parallel.dp=8",
