@@ -68,6 +68,8 @@ def spawn_local(cfg: TrainConfig) -> int:
         log_line_prefix_template="[rank${rank}] ",
     )
     os.environ["DUET_LAUNCH_MODE"] = cfg.launch.mode  # read by the workers to place themselves
+    # CPU ranks share the cores: one intra-op pool per core, not one per rank per core.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     # The agent logs each failure with its traceback; we report the first failure once below.
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -23,16 +23,6 @@ COMMON = ["data.tokenizer=byte", "model.vocab_size=256", "data.seq_len=32", "dat
           "optim.warmup_steps=2", "model.bias_update_rate=0.01"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    import sysconfig
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("[g-k]*.py"))[:15]))
-    return path
-
-
 def args_for(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
     return [f"data.source={corpus}", f"run_dir={run_dir}", *COMMON, *extra]
 

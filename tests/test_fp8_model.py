@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -309,15 +308,6 @@ def test_fp8_experts_with_no_local_rows_give_zeros():
 # spread 0.4%. lr 1e-3 keeps the run smooth: at the preset's 3e-3 this tiny model has loss
 # spikes after warm-up, and whichever run spikes drifts by a few percent, FP8 or not.
 TRAIN_LOSS_TOL = 5e-3
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    text = "".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("[a-c]*.py"))[:20])
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(text)
-    return path
 
 
 def train_losses(run_dir: Path, corpus: Path, precision: str) -> tuple[list[float], Trainer]:

@@ -18,18 +18,6 @@ def tiny_cfg(run_dir: Path, *overrides: str):
     return compose([f"run_dir={run_dir}", "precision=fp32", *QUIET, *overrides])
 
 
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory) -> Path:
-    """A few hundred KB of this repository's and the stdlib's Python, as one text file."""
-    import sysconfig
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    text = "".join(p.read_text(errors="ignore") for p in sorted(stdlib.glob("[a-f]*.py"))[:40])
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(text)
-    return path
-
-
 def unigram_entropy_nats(tokens: np.ndarray, vocab: int) -> float:
     counts = np.bincount(tokens.astype(np.int64), minlength=vocab).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
@@ -53,8 +41,8 @@ def test_tiny_preset_learns_below_unigram_entropy(tmp_path):
 
 
 @pytest.mark.parametrize("async_save", ["false", "true"])
-def test_resume_equals_straight_run(tmp_path, small_corpus, async_save):
-    args = ["steps=8", "eval_interval=0", f"data.source={small_corpus}", "data.tokenizer=byte",
+def test_resume_equals_straight_run(tmp_path, corpus, async_save):
+    args = ["steps=8", "eval_interval=0", f"data.source={corpus}", "data.tokenizer=byte",
             "model.vocab_size=256", "checkpoint.interval=3", "optim.warmup_steps=3",
             "model.bias_update_rate=0.01", f"checkpoint.async_save={async_save}"]
     straight = Trainer(tiny_cfg(tmp_path / "straight", *args))
@@ -73,8 +61,8 @@ def test_resume_equals_straight_run(tmp_path, small_corpus, async_save):
     assert full.val_loss == second.val_loss
 
 
-def test_checkpoints_are_pruned_and_temporaries_ignored(tmp_path, small_corpus):
-    args = ["steps=6", "eval_interval=0", f"data.source={small_corpus}", "data.tokenizer=byte",
+def test_checkpoints_are_pruned_and_temporaries_ignored(tmp_path, corpus):
+    args = ["steps=6", "eval_interval=0", f"data.source={corpus}", "data.tokenizer=byte",
             "model.vocab_size=256", "checkpoint.interval=2", "checkpoint.keep_last=2"]
     Trainer(tiny_cfg(tmp_path / "run", *args)).run()
     root = tmp_path / "run" / "checkpoints"
@@ -84,8 +72,8 @@ def test_checkpoints_are_pruned_and_temporaries_ignored(tmp_path, small_corpus):
     assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step_00000006"
 
 
-def test_failed_save_leaves_no_checkpoint(tmp_path, small_corpus, monkeypatch):
-    args = ["steps=2", "eval_interval=0", f"data.source={small_corpus}", "data.tokenizer=byte",
+def test_failed_save_leaves_no_checkpoint(tmp_path, corpus, monkeypatch):
+    args = ["steps=2", "eval_interval=0", f"data.source={corpus}", "data.tokenizer=byte",
             "model.vocab_size=256", "checkpoint.interval=0"]
     trainer = Trainer(tiny_cfg(tmp_path / "run", *args))
 
@@ -100,8 +88,8 @@ def test_failed_save_leaves_no_checkpoint(tmp_path, small_corpus, monkeypatch):
     assert checkpoint.latest_checkpoint(tmp_path / "run") is None
 
 
-def test_resume_refuses_a_different_model_and_overwrites_nothing(tmp_path, small_corpus):
-    args = ["steps=2", "eval_interval=0", f"data.source={small_corpus}", "data.tokenizer=byte",
+def test_resume_refuses_a_different_model_and_overwrites_nothing(tmp_path, corpus):
+    args = ["steps=2", "eval_interval=0", f"data.source={corpus}", "data.tokenizer=byte",
             "model.vocab_size=256"]
     Trainer(tiny_cfg(tmp_path / "run", *args)).run()
     with pytest.raises(TrainingError, match="model.dim"):
@@ -111,8 +99,8 @@ def test_resume_refuses_a_different_model_and_overwrites_nothing(tmp_path, small
     assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step_00000002"
 
 
-def test_nan_loss_stops_with_a_clear_error(tmp_path, small_corpus):
-    args = ["steps=3", "eval_interval=0", f"data.source={small_corpus}", "data.tokenizer=byte",
+def test_nan_loss_stops_with_a_clear_error(tmp_path, corpus):
+    args = ["steps=3", "eval_interval=0", f"data.source={corpus}", "data.tokenizer=byte",
             "model.vocab_size=256"]
     trainer = Trainer(tiny_cfg(tmp_path / "run", *args))
     with torch.no_grad():
@@ -121,8 +109,8 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, small_corpus):
         trainer.run()
 
 
-def test_bf16_autocast_step_trains(tmp_path, small_corpus):
-    args = ["steps=2", "eval_interval=0", f"data.source={small_corpus}", "data.tokenizer=byte",
+def test_bf16_autocast_step_trains(tmp_path, corpus):
+    args = ["steps=2", "eval_interval=0", f"data.source={corpus}", "data.tokenizer=byte",
             "model.vocab_size=256", "model.dim=32", "data.seq_len=16", "data.batch_size=4"]
     trainer = Trainer(compose([f"run_dir={tmp_path / 'run'}", "precision=bf16", *QUIET, *args]))
     assert trainer.compute == "bf16"
@@ -131,10 +119,10 @@ def test_bf16_autocast_step_trains(tmp_path, small_corpus):
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # FP32 masters
 
 
-def test_load_from_initialises_weights_of_a_new_run(tmp_path, small_corpus):
+def test_load_from_initialises_weights_of_a_new_run(tmp_path, corpus):
     from framework.hf import _write_duet_checkpoint
 
-    args = ["steps=2", "eval_interval=0", f"data.source={small_corpus}", "data.tokenizer=byte",
+    args = ["steps=2", "eval_interval=0", f"data.source={corpus}", "data.tokenizer=byte",
             "model.vocab_size=256"]
     donor = Trainer(tiny_cfg(tmp_path / "donor", *args, "seed=7"))
     _write_duet_checkpoint(donor.model, donor.cfg.model, tmp_path / "weights")
