@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
 
         duet_round(), bare_round()  # warm-up: allocator, autograd graph caches
         duet_times, bare_times = [], []
