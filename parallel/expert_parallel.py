@@ -1,0 +1,270 @@
+"""Expert parallelism: dispatch / combine with DeepEP "normal" semantics on all_to_all_single.
+
+Experts are sharded contiguously over the ep group: rank r owns global experts
+[r*E/ep, (r+1)*E/ep). The router stays replicated (every rank scores all E experts for its own
+tokens); only the routed experts' weights are split.
+
+    dispatch(x_TD, topk_idx_TK, topk_weight_TK) -> (recv_x_ND, handle)
+        Each token goes ONCE to every rank that owns at least one of its top-k experts (dedup:
+        a token choosing two experts on the same rank is sent once). Order of the send buffer:
+        by destination rank, then by token. First the per-rank row counts are exchanged
+        (all_to_all_single of an int64 [ep] vector), then three payload all-to-alls with the
+        same splits: the rows of x, their top-k ids made local to the receiver (-1 where the
+        expert lives elsewhere; int32 on the wire) and their top-k weights.
+        handle.topk_idx [N, K] (local ids, long) and handle.topk_weight [N, K] feed
+        GroupedExperts, which applies the weights and sums the local experts per row.
+    combine(y_ND, handle) -> out_TD
+        Sends each received row back to its source rank (the reverse splits) and index-adds it
+        into the source token order: an unweighted sum over the ranks a token visited.
+
+Autograd: every all-to-all is a differentiable op whose backward is the reverse all-to-all on
+the cached splits, so the backward of dispatch is a combine of the gradient (gather rows ->
+reverse all-to-all -> index_add back to the tokens) and the backward of combine is a dispatch
+of the gradient. The weights travel with the payload, so their gradient comes home the same
+way and reaches the router.
+
+Split phase (overlap): dispatch_start / dispatch_wait and combine_start / combine_wait issue the
+payload all-to-alls asynchronously and wrap the result in autograd at wait time. The count
+exchange inside dispatch_start is synchronous (the payload sizes depend on it). Several
+dispatches/combines may be in flight at once as long as every rank starts them in the same
+order. Backward communication is synchronous.
+
+After `shard_experts`, dim 0 of every routed-expert parameter (`.experts.w1/w2/w3`) is this
+rank's block of E/ep experts -- parallel/data_parallel.py relies on that (it reduces expert
+gradients over the edp group and never cuts dim 0). Under EP a rank's expert gradients already
+hold the contributions of every rank of its ep group (they come home through the backward
+all-to-all). A rank whose experts received no token at all leaves their .grad None.
+
+All communication goes through parallel.comm (DESIGN.md rule 4); its "all_to_all" counters
+hold the bytes. `layout_stats(handle)` reports (token, rank) versus (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from parallel import comm
+
+# --------------------------------------------------------------------------- differentiable all-to-all
+
+
+def _a2a(t: torch.Tensor, out_splits: list[int], in_splits: list[int], group, async_op: bool
+         ) -> comm.Handle:
+    out = t.new_empty((sum(out_splits),) + tuple(t.shape[1:]))
+    return comm.all_to_all_single(out, t.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
+
+
+class _Pending:
+    """An all-to-all in flight; `wait()` returns the received tensor."""
+
+    def __init__(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> None:
+        self.out_splits, self.in_splits, self.group = out_splits, in_splits, group
+        self.handle = _a2a(t.detach(), out_splits, in_splits, group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        return self.handle.wait()
+
+
+def _reverse(grad: torch.Tensor | None, p: _Pending, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """The gradient of a finished all-to-all sent back the reverse way (same splits, swapped)."""
+    if grad is None:
+        grad = like.new_zeros((sum(p.out_splits),) + shape)
+    return _a2a(grad.contiguous(), p.in_splits, p.out_splits, p.group, async_op=False).result
+
+
+def _link() -> torch.Tensor:
+    """An empty tensor that requires grad. Fed to the comm Functions so that their nodes exist and
+    run in backward on EVERY rank whatever this rank's data: a rank receiving zero rows would
+    otherwise drop out of the graph (its experts never touch recv_x) and the backward
+    all-to-alls of the ranks would no longer match."""
+    return torch.empty(0, requires_grad=True)
+
+
+class _DispatchFn(torch.autograd.Function):
+    """Forward: the received x rows and weights of a finished dispatch, and a link tensor that
+    ties the matching combine to this node. Backward: one combine of both gradients (x, then w)."""
+
+    @staticmethod
+    def forward(ctx, x_send, w_send, link, px: _Pending, pw: _Pending):
+        ctx.px, ctx.pw = px, pw
+        ctx.x_meta = (tuple(x_send.shape[1:]), x_send.new_empty(0))
+        ctx.w_meta = (tuple(w_send.shape[1:]), w_send.new_empty(0))
+        ctx.set_materialize_grads(False)
+        return px.wait(), pw.wait(), link.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_w, _grad_link):
+        gx = _reverse(grad_x, ctx.px, *ctx.x_meta)
+        gw = _reverse(grad_w, ctx.pw, *ctx.w_meta)
+        return gx, gw, None, None, None
+
+
+class _CombineFn(torch.autograd.Function):
+    """Forward: the rows sent back by a finished combine. Backward: a dispatch of the gradient
+    (reverse all-to-all on the cached layout); the link routes backward to the dispatch node."""
+
+    @staticmethod
+    def forward(ctx, y, link, py: _Pending):
+        ctx.py = py
+        ctx.y_meta = (tuple(y.shape[1:]), y.new_empty(0))
+        ctx.set_materialize_grads(False)
+        return py.wait()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reverse(grad, ctx.py, *ctx.y_meta), torch.zeros(0), None
+
+
+# --------------------------------------------------------------------------- layout and handle
+
+
+@dataclass
+class EPHandle:
+    """What combine (and the backward) needs; also the experts' view of the received rows."""
+
+    topk_idx: torch.Tensor  # [N, K] expert ids local to this rank (-1: not here), long
+    topk_weight: torch.Tensor  # [N, K] gate weights (carry autograd back to the router)
+    send_token: torch.Tensor  # [S] source token of each sent row (rows ordered by destination rank)
+    send_counts: list[int]  # rows sent to each ep rank
+    recv_counts: list[int]  # rows received from each ep rank
+    n_tokens: int  # T, tokens of this rank
+    token_expert_pairs: int  # T * K routed (token, expert) pairs of this rank
+    payload_bytes: int = 0  # bytes of the x payload this rank sent in dispatch
+    link: torch.Tensor | None = None  # ties combine's backward node to dispatch's (see _link)
+
+
+@dataclass
+class DispatchPending:
+    x: _Pending
+    idx: _Pending
+    w: _Pending
+    x_send: torch.Tensor
+    w_send: torch.Tensor
+    handle: EPHandle
+
+
+@dataclass
+class CombinePending:
+    y: _Pending
+    y_in: torch.Tensor
+    handle: EPHandle
+
+
+def layout_stats(handle: EPHandle) -> dict[str, int | list[int]]:
+    """(token, rank) pairs actually sent versus the (token, expert) pairs routed (dedup gain)."""
+    return {"token_rank_pairs": int(handle.send_token.numel()),
+            "token_expert_pairs": handle.token_expert_pairs,
+            "recv_rows": int(sum(handle.recv_counts)),
+            "send_counts": list(handle.send_counts), "recv_counts": list(handle.recv_counts),
+            "payload_bytes": handle.payload_bytes}
+
+
+class AllToAllDispatcher:
+    """Drop-in for framework.model.moe.LocalDispatcher under expert parallelism."""
+
+    def __init__(self, ep_group, ep_rank: int, ep: int, n_experts: int) -> None:
+        if n_experts % ep:
+            raise ValueError(f"AllToAllDispatcher: n_experts={n_experts} is not divisible by ep={ep}")
+        self.group, self.ep_rank, self.ep, self.n_experts = ep_group, ep_rank, ep, n_experts
+        self.n_local = n_experts // ep
+
+    # ---- dispatch
+    def dispatch_start(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+                       topk_weight_TK: torch.Tensor) -> DispatchPending:
+        T, K = topk_idx_TK.shape
+        ep, L = self.ep, self.n_local
+        idx_TK = topk_idx_TK.long()
+        dest_TK = idx_TK // L
+        # mask_RT[r, t]: token t has at least one expert on rank r (dedup over k).
+        mask_RT = torch.zeros(ep, T, dtype=torch.bool, device=idx_TK.device)
+        mask_RT[dest_TK.T.reshape(-1), torch.arange(T, device=idx_TK.device).repeat(K)] = True
+        send_rank_S, send_token_S = mask_RT.nonzero(as_tuple=True)  # row-major: by rank, then token
+        send_counts = mask_RT.sum(1).tolist()
+        # Counts first: the receivers size their buffers from them.
+        counts_out = torch.tensor(send_counts, dtype=torch.int64)
+        recv_counts_t = torch.empty_like(counts_out)
+        comm.all_to_all_single(recv_counts_t, counts_out, group=self.group)
+        recv_counts = recv_counts_t.tolist()
+
+        idx_SK = idx_TK[send_token_S]
+        here_SK = dest_TK[send_token_S] == send_rank_S[:, None]
+        local_SK = torch.where(here_SK, idx_SK - send_rank_S[:, None] * L,
+                               torch.full_like(idx_SK, -1))
+        x_send = x_TD[send_token_S]
+        w_send = topk_weight_TK[send_token_S]
+        handle = EPHandle(topk_idx=None, topk_weight=None, send_token=send_token_S, send_counts=send_counts,
+                          recv_counts=recv_counts, n_tokens=T, token_expert_pairs=T * K,
+                          payload_bytes=x_send.nbytes)
+        return DispatchPending(x=_Pending(x_send, recv_counts, send_counts, self.group),
+                               idx=_Pending(local_SK.to(torch.int32), recv_counts, send_counts, self.group),
+                               w=_Pending(w_send, recv_counts, send_counts, self.group),
+                               x_send=x_send, w_send=w_send, handle=handle)
+
+    def dispatch_wait(self, pending: DispatchPending) -> tuple[torch.Tensor, EPHandle]:
+        handle = pending.handle
+        if torch.is_grad_enabled():
+            recv_x, recv_w, handle.link = _DispatchFn.apply(pending.x_send, pending.w_send, _link(),
+                                                            pending.x, pending.w)
+        else:
+            recv_x, recv_w, handle.link = pending.x.wait(), pending.w.wait(), None
+        handle.topk_idx = pending.idx.wait().long()
+        handle.topk_weight = recv_w
+        return recv_x, handle
+
+    def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
+        return self.dispatch_wait(self.dispatch_start(x_TD, topk_idx_TK, topk_weight_TK))
+
+    # ---- combine
+    def combine_start(self, y_ND: torch.Tensor, handle: EPHandle) -> CombinePending:
+        return CombinePending(y=_Pending(y_ND, handle.send_counts, handle.recv_counts, self.group),
+                              y_in=y_ND, handle=handle)
+
+    def combine_wait(self, pending: CombinePending) -> torch.Tensor:
+        h = pending.handle
+        if torch.is_grad_enabled():
+            back_SD = _CombineFn.apply(pending.y_in, h.link if h.link is not None else _link(), pending.y)
+        else:
+            back_SD = pending.y.wait()
+        out = back_SD.new_zeros((h.n_tokens,) + tuple(back_SD.shape[1:]))
+        return out.index_add(0, h.send_token, back_SD)
+
+    def combine(self, y_ND, handle):
+        return self.combine_wait(self.combine_start(y_ND, handle))
+
+
+# --------------------------------------------------------------------------- model surgery
+
+
+def shard_experts(model: nn.Module, mesh_or_rank) -> nn.Module:
+    """Keep only this rank's contiguous block of routed experts in every MoE layer and install an
+    AllToAllDispatcher. `mesh_or_rank` is a parallel.mesh.Mesh or a tuple (ep_rank, ep[, ep_group])
+    (group None = the default world group). Routers stay full. Afterwards dim 0 of each
+    `.experts.w1/w2/w3` is the local block of E/ep experts (global id = ep_rank*E/ep + local id).
+    ep == 1 leaves the model unchanged. Returns the model."""
+    from framework.model.moe import MoE  # parallel/ may import the model, never the reverse
+
+    if isinstance(mesh_or_rank, tuple):
+        ep_rank, ep, group = (tuple(mesh_or_rank) + (None,))[:3]
+    else:
+        ep_rank, ep, group = mesh_or_rank.ep_rank, mesh_or_rank.ep, mesh_or_rank.ep_group
+    if ep == 1:
+        return model
+    for module in model.modules():
+        if not isinstance(module, MoE):
+            continue
+        experts = module.experts
+        E = experts.w1.shape[0]
+        if E % ep:
+            raise ValueError(f"shard_experts: {E} routed experts are not divisible by ep={ep}")
+        if E != module.router.n_experts:
+            raise ValueError("shard_experts: experts already sharded (dim 0 != router's expert count)")
+        L = E // ep
+        for name in ("w1", "w2", "w3"):
+            full = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(full.detach()[ep_rank * L:(ep_rank + 1) * L].clone(),
+                                                requires_grad=full.requires_grad))
+        module.dispatcher = AllToAllDispatcher(group, ep_rank, ep, E)
+    return model
