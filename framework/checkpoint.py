@@ -116,10 +116,7 @@ class Saver:
         maybe_fail("save", step, comm.global_rank(), self.run_dir)
         comm.barrier()  # every rank's shard is on disk before the folder becomes visible
         if comm.global_rank() == 0:
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "config": self.config}, indent=1))
-            if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _publish(tmp, final, {"step": step, "config": self.config})
             for old in list_checkpoints(self.root)[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         comm.barrier()
@@ -134,11 +131,17 @@ def save_weights(path: str | Path, model: torch.nn.Module, config: dict) -> Path
     tmp = final.with_name(TMP_PREFIX + final.name)
     shutil.rmtree(tmp, ignore_errors=True)
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=_no_dist())
-    (tmp / "meta.json").write_text(json.dumps({"step": 0, "config": config, "weights_only": True}, indent=1))
+    _publish(tmp, final, {"step": 0, "config": config, "weights_only": True})
+    return final
+
+
+def _publish(tmp: Path, final: Path, meta: dict) -> None:
+    """Make a fully written temporary folder a checkpoint: meta.json last, then one rename.
+    An existing folder of the same name (re-saving a step after a resume) is replaced whole."""
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    return final
 
 
 def load(path: str | Path, state: dict[str, dict[str, torch.Tensor]]) -> None:

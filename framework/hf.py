@@ -312,7 +312,11 @@ def _load_duet_checkpoint(path: Path) -> tuple[Transformer, ModelConfig]:
                              "checkpoints")
         path = latest
     cfg = ModelConfig(**checkpoint.read_meta(path)["config"]["model"])
-    model = Transformer(cfg)
+    with torch.device("meta"):  # shapes only: every weight comes from the checkpoint
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    for moe in model.moe_layers():
+        moe.router.expert_load.zero_()  # not saved (transient counts), so set it here
     checkpoint.load_model(path, model)
     return model, cfg
 

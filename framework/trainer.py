@@ -98,13 +98,17 @@ def autocast(device: torch.device, compute: str):
 
 
 def expert_imbalance(model: Transformer) -> float:
-    """Max over mean expert load, averaged over MoE layers (1.0 is perfectly balanced)."""
-    ratios = []
-    for moe in model.moe_layers():
-        load = moe.router.expert_load.double()
-        if load.sum() > 0:
-            ratios.append((load.max() / load.mean()).item())
-    return sum(ratios) / len(ratios) if ratios else 1.0
+    """Max over mean expert load, averaged over MoE layers that saw tokens (1.0 is perfectly
+    balanced). Computed on the device with one read back, since it runs every step."""
+    moes = model.moe_layers()
+    if not moes:
+        return 1.0
+    load_LE = torch.stack([moe.router.expert_load.double() for moe in moes])
+    mean_L = load_LE.mean(-1)
+    used_L = mean_L > 0
+    ratio_L = torch.where(used_L, load_LE.amax(-1) / mean_L.clamp_min(1e-30), 0.0)
+    n_used = used_L.sum()
+    return float(torch.where(n_used > 0, ratio_L.sum() / n_used.clamp_min(1), 1.0))
 
 
 def starting_point(cfg: TrainConfig) -> tuple[Path | None, Path | None]:

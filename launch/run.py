@@ -201,12 +201,16 @@ def launch(cfg, overrides: list[str]) -> int:
 def _device_problem(cfg, world: int) -> str | None:
     import torch
 
+    from framework.trainer import TrainingError, pick_device
+
+    try:
+        pick_device(cfg.device)  # the workers' own check, made before they exist
+    except TrainingError as err:
+        return str(err)
     gpus = torch.cuda.device_count()
     if cfg.launch.mode == "local" and cfg.device != "cpu" and 0 < gpus < world:
         return (f"launch.mode=local needs one GPU per rank: {world} ranks, {gpus} GPUs visible; use "
                 "launch=simulated to put every rank on one device, or device=cpu")
-    if cfg.device == "cuda" and gpus == 0:
-        return "device=cuda but no CUDA GPU is visible; use device=auto or device=cpu"
     return None
 
 

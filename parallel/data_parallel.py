@@ -417,9 +417,11 @@ def all_reduce_expert_load(model: nn.Module, mesh: Mesh) -> None:
 def reduce_mean(values: dict[str, float | torch.Tensor], mesh: Mesh) -> dict[str, float]:
     """Average scalars (losses, metrics) over the dp group in one collective, for logging."""
     keys = list(values)
-    t = torch.tensor([float(v.detach()) if torch.is_tensor(v) else float(v) for v in values.values()],
-                     dtype=torch.float64,
-                     device=comm.collective_device(mesh.dp_group))
+    device = comm.collective_device(mesh.dp_group)
+    # One copy to the collective's device rather than a host read per value.
+    t = torch.stack([v.detach().to(device, torch.float64).reshape(()) if torch.is_tensor(v)
+                     else torch.tensor(float(v), dtype=torch.float64, device=device)
+                     for v in values.values()])
     comm.all_reduce(t, "avg", mesh.dp_group)
     return dict(zip(keys, t.tolist(), strict=True))
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import os
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -25,15 +24,11 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from launch.spawn import free_port
+
 
 class RankError(RuntimeError):
     """One or more ranks failed; the message holds each failing rank's traceback."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(fn: Callable, rank: int, world: int, port: int, args: tuple, results, threads: int,
