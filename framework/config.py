@@ -68,6 +68,12 @@ class ParallelConfig:
     schedule: str = "1f1b"  # gpipe, 1f1b, dualpipe, dualpipev
     micro_batches: int = 1  # per step and dp rank
     bucket_mb: float = 25.0  # gradient-reduction bucket size
+    # Expert parallelism. Node-limited routing (V3): a token's experts span at most this many
+    # nodes (launch.gpus_per_node ranks each; simulated on one machine); 0 = no limit.
+    max_nodes_per_token: int = 0
+    # Dispatch payload: auto (fp8 under precision=fp8, else the activations' dtype), fp8
+    # (1x128-scaled e4m3 + scales, about half of bf16's bytes), activation. Combine never uses fp8.
+    dispatch_dtype: str = "auto"
 
 
 @dataclass
@@ -129,7 +135,8 @@ class LaunchConfig:
     max_restarts: int = 0  # restart a crashed group this often; it resumes from the checkpoint
     port: int = 0  # rendezvous port on loopback for local/simulated; 0 picks a free one
     nodes: int = 1  # slurm: nodes to request
-    gpus_per_node: int = 8  # slurm: processes per node
+    gpus_per_node: int = 8  # ranks per node: slurm's processes per node, and the node size
+    # node-limited expert routing assumes (real on clusters, simulated on one machine)
     slurm_partition: str = ""
     slurm_time: str = "24:00:00"
 
@@ -168,6 +175,7 @@ MOMENT_DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "deepseek", "constant")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 LAUNCH_MODES = ("local", "simulated", "torchrun", "slurm")
+DISPATCH_DTYPES = ("auto", "fp8", "activation")
 TOKENIZERS = ("bpe", "byte")
 BIN_DTYPES = ("uint16", "uint32")
 
@@ -294,6 +302,7 @@ def layout_problems(cfg: TrainConfig) -> list[str]:
     elif (cfg.data.batch_size // par.dp) % par.micro_batches:
         p.append(f"parallel.micro_batches={par.micro_batches}: must divide the per-rank batch "
                  f"data.batch_size / parallel.dp = {cfg.data.batch_size // par.dp}")
+    p += _expert_routing_problems(cfg)
     stages = par.pp * (2 if par.schedule == "dualpipev" else 1)
     if par.pp > 1 and stages > cfg.model.n_layers:
         p.append(f"parallel.pp={par.pp}: {stages} pipeline stages need at least as many blocks, "
@@ -322,12 +331,36 @@ def layout_problems(cfg: TrainConfig) -> list[str]:
     return p
 
 
+def _expert_routing_problems(cfg: TrainConfig) -> list[str]:
+    """Node-limited routing and the dispatch payload (parallel/expert_parallel.py)."""
+    par, m, p = cfg.parallel, cfg.model, []
+    if par.dispatch_dtype not in DISPATCH_DTYPES:
+        p.append(f"parallel.dispatch_dtype={par.dispatch_dtype!r}: choose one of "
+                 f"{', '.join(DISPATCH_DTYPES)}")
+    limit, per_node = par.max_nodes_per_token, cfg.launch.gpus_per_node
+    if limit < 0:
+        return p + [f"parallel.max_nodes_per_token={limit}: must be >= 0 (0 = no node limit)"]
+    if limit == 0 or par.ep <= per_node or per_node < 1:
+        return p
+    if par.ep % per_node:
+        return p + [f"parallel.ep={par.ep}: node-limited routing needs whole nodes, a multiple of "
+                    f"launch.gpus_per_node={per_node}"]
+    nodes, E = par.ep // per_node, m.n_routed_experts
+    if limit >= nodes or E % par.ep:
+        return p
+    if m.n_expert_groups > 1 and m.n_limited_groups < m.n_expert_groups and m.n_expert_groups % nodes:
+        p.append(f"model.n_expert_groups={m.n_expert_groups}: with node-limited routing over {nodes} nodes "
+                 "the expert groups must nest in nodes (a multiple of the node count)")
+    if limit * (E // nodes) < m.n_activated_experts:
+        p.append(f"parallel.max_nodes_per_token={limit}: {limit} nodes hold {limit * (E // nodes)} experts, "
+                 f"fewer than the {m.n_activated_experts} each token picks; raise it")
+    return p
+
+
 def unbuilt_features(cfg: TrainConfig) -> list[str]:
     """Valid settings whose machinery is not built yet: refused for a real run, while a
     --dry-run may still describe them."""
     p = []
     if cfg.parallel.pp > 1:
         p.append(f"parallel.pp={cfg.parallel.pp}: pipeline parallelism is not built yet; use pp=1")
-    if cfg.parallel.ep > 1:
-        p.append(f"parallel.ep={cfg.parallel.ep}: expert-parallel dispatch is not built yet; use ep=1")
     return p

@@ -41,6 +41,7 @@ from framework.model import Transformer, count_params
 from framework.optim import lr_at
 from parallel import comm
 from parallel.data_parallel import DataParallelOptimizer, GradReducer, all_reduce_expert_load, reduce_mean
+from parallel.expert_parallel import enable_expert_parallel, ep_record, expert_state_dict, local_state_dict
 from parallel.mesh import Layout, Mesh, build_mesh, init_distributed, shutdown
 
 SAMPLE_PROMPT = "def "
@@ -97,18 +98,23 @@ def autocast(device: torch.device, compute: str):
     return contextlib.nullcontext()
 
 
-def expert_imbalance(model: Transformer) -> float:
+def expert_imbalance(model: Transformer, per_layer: bool = False) -> dict[str, float | list]:
     """Max over mean expert load, averaged over MoE layers that saw tokens (1.0 is perfectly
-    balanced). Computed on the device with one read back, since it runs every step."""
+    balanced). Computed on the device with one read back, since it runs every step.
+    per_layer adds each MoE layer's ratio and its tokens per expert (lists, for the log)."""
     moes = model.moe_layers()
     if not moes:
-        return 1.0
+        return {"expert_imbalance": 1.0}
     load_LE = torch.stack([moe.router.expert_load.double() for moe in moes])
     mean_L = load_LE.mean(-1)
     used_L = mean_L > 0
     ratio_L = torch.where(used_L, load_LE.amax(-1) / mean_L.clamp_min(1e-30), 0.0)
     n_used = used_L.sum()
-    return float(torch.where(n_used > 0, ratio_L.sum() / n_used.clamp_min(1), 1.0))
+    out = {"expert_imbalance": float(torch.where(n_used > 0, ratio_L.sum() / n_used.clamp_min(1), 1.0))}
+    if per_layer:
+        out["expert_imbalance_per_layer"] = ratio_L.tolist()
+        out["expert_load"] = load_LE.long().tolist()
+    return out
 
 
 def starting_point(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
@@ -166,8 +172,13 @@ class Trainer:
             comm.barrier()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = Transformer(cfg.model).to(self.device)
+        self.counts = count_params(self.model)  # before expert parallelism keeps a share of the experts
         if self.compute == "fp8":
             apply_fp8(self.model)  # FP8 GEMMs for attention projections, MLPs and experts
+        fp8_dispatch = cfg.parallel.dispatch_dtype == "fp8" or (
+            cfg.parallel.dispatch_dtype == "auto" and self.compute == "fp8")
+        enable_expert_parallel(self.model, self.mesh, cfg.launch.gpus_per_node,
+                               cfg.parallel.max_nodes_per_token, fp8_dispatch)
         self.reducer = GradReducer(self.model, self.mesh, cfg.parallel.bucket_mb)
         self.optimizer = DataParallelOptimizer(self.model, cfg.optim, self.mesh, cfg.precision.moment_dtype,
                                                zero=cfg.parallel.zero1, bucket_mb=cfg.parallel.bucket_mb)
@@ -178,7 +189,6 @@ class Trainer:
             self._load(self.resume_from)
         elif self.init_from is not None:
             self._load_weights(self.init_from)
-        self.counts = count_params(self.model)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         m = cfg.model
         self.flops_per_token = flops_per_token(self.counts["activated"], m.n_layers, m.n_heads,
@@ -195,8 +205,13 @@ class Trainer:
         """Everything a resume needs, as tensors: model (with expert biases), optimizer
         (ZeRO-1 shards as DTensors), and the step and data position."""
         extra = {"step": self.step, "data_position": self.data.train.state_dict()["position"]}
-        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict(),
+        return {"model": self._model_state(), "optim": self.optimizer.state_dict(),
                 "extra": {k: torch.tensor(v, dtype=torch.int64) for k, v in extra.items()}}
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """Under expert parallelism the routed experts are saved by global id (DTensors), so a
+        checkpoint reloads under any ep."""
+        return expert_state_dict(self.model.state_dict(), self.mesh)
 
     def _load(self, path: Path) -> None:
         state = self._state()
@@ -204,7 +219,7 @@ class Trainer:
             checkpoint.load(path, state)
         except checkpoint.CheckpointError as err:
             raise TrainingError(str(err)) from None
-        self.model.load_state_dict(state["model"])  # the model first: ZeRO masters follow it
+        self.model.load_state_dict(local_state_dict(state["model"]))  # first: ZeRO masters follow it
         self.optimizer.load_state_dict(state["optim"])
         self.step = int(state["extra"]["step"])
         data_state = self.data.train.state_dict()
@@ -212,18 +227,20 @@ class Trainer:
         self.data.train.load_state_dict(data_state)
 
     def _load_weights(self, path: Path) -> None:
+        state = {"model": self._model_state()}
         try:
-            checkpoint.load_model(path, self.model)
+            checkpoint.load(path, state)
         except checkpoint.CheckpointError as err:
             raise TrainingError(str(err)) from None
+        self.model.load_state_dict(local_state_dict(state["model"]))
 
     def save(self) -> Path:
         return self.saver.save(self.step, self._state())
 
     # --- one step ----------------------------------------------------------------------------
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, detail: bool = False) -> dict:
         """One optimizer step on this rank's share of the global batch; returns global-batch
-        metrics (identical on every rank)."""
+        metrics (identical on every rank); `detail` adds per-layer expert loads."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg.steps, cfg.optim)
         self.optimizer.set_lr(lr)
@@ -241,11 +258,11 @@ class Trainer:
         self.optimizer.zero_grad()
         # Aux-loss-free balancing: after the optimizer step, from the global batch's loads.
         all_reduce_expert_load(self.model, self.mesh)
-        imbalance = expert_imbalance(self.model)
+        balance = expert_imbalance(self.model, per_layer=detail)
         self.model.update_expert_bias(cfg.model.bias_update_rate)
         self.step += 1
         maybe_fail("step", self.step, self.mesh.rank, self.run_dir)
-        return {**record, "lr": lr, "grad_norm": float(grad_norm), "expert_imbalance": imbalance}
+        return {**record, "lr": lr, "grad_norm": float(grad_norm), **balance}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -300,15 +317,17 @@ class Trainer:
         try:
             while self.step < last:
                 inputs, targets = self.data.train.next()
-                record = self.train_step(inputs, targets)
+                log_now = (self.step + 1) % cfg.logging.log_interval == 0 or self.step + 1 == cfg.steps
+                record = self.train_step(inputs, targets, detail=log_now)
                 result.losses.append(record["loss"])
                 window_steps += 1
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * self.tokens_per_step / max(elapsed, 1e-9)
                 bar.update(self.step, record["loss"], tokens_per_s, record["lr"])
-                if self.step % cfg.logging.log_interval == 0 or self.step == cfg.steps:
+                if log_now:
                     record.update(step=self.step, tokens_per_s=tokens_per_s, **nvml.read(),
-                                  **comm_record(comm.comm_stats(), elapsed))
+                                  **comm_record(comm.comm_stats(), elapsed),
+                                  **ep_record(self.model, window_steps))
                     comm.reset_comm_stats()
                     if peak:
                         record["mfu"] = tokens_per_s * self.flops_per_token / (peak * self.mesh.world * 1e12)

@@ -41,12 +41,18 @@ hold the bytes. `layout_stats(handle)` reports (token, rank) versus (token, expe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from framework.model.moe import MoE, Router
+from kernels.fp8.quantize import dequantize_act, quantize_act
 from parallel import comm
+from parallel.data_parallel import is_expert
 
 # --------------------------------------------------------------------------- differentiable all-to-all
 
@@ -58,14 +64,39 @@ def _a2a(t: torch.Tensor, out_splits: list[int], in_splits: list[int], group, as
 
 
 class _Pending:
-    """An all-to-all in flight; `wait()` returns the received tensor."""
+    """An all-to-all in flight; `wait()` returns the received tensor and reports the seconds it
+    was blocked to `on_wait` (the dispatcher's exposed-communication counter)."""
 
-    def __init__(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> None:
-        self.out_splits, self.in_splits, self.group = out_splits, in_splits, group
+    def __init__(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
+                 on_wait=None) -> None:
+        self.out_splits, self.in_splits, self.group, self.on_wait = out_splits, in_splits, group, on_wait
         self.handle = _a2a(t.detach(), out_splits, in_splits, group, async_op=True)
 
     def wait(self) -> torch.Tensor:
-        return self.handle.wait()
+        began = time.perf_counter()
+        out = self.handle.wait()
+        if self.on_wait is not None:
+            self.on_wait(time.perf_counter() - began)
+        return out
+
+
+class _FP8Pending:
+    """Rows of x in flight as e4m3 bytes plus their fp32 1x128 scales (DeepSeek-V3's FP8
+    dispatch: about half the bytes of bf16); `wait()` dequantises to x's dtype. Quantisation
+    is treated as the identity in backward: the gradient returns in x's dtype (a BF16 combine)."""
+
+    def __init__(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
+                 on_wait=None) -> None:
+        self.out_splits, self.in_splits, self.group, self.dtype = out_splits, in_splits, group, x.dtype
+        q, scale = quantize_act(x.detach())
+        self.nbytes = q.nbytes + scale.nbytes
+        splits = (out_splits, in_splits, group, on_wait)
+        self.q = _Pending(q.view(torch.uint8), *splits)  # gloo has no fp8 type
+        self.scale = _Pending(scale, *splits)
+
+    def wait(self) -> torch.Tensor:
+        q = self.q.wait().view(torch.float8_e4m3fn)
+        return dequantize_act(q, self.scale.wait(), out_dtype=self.dtype)
 
 
 def _reverse(grad: torch.Tensor | None, p: _Pending, shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -138,7 +169,7 @@ class EPHandle:
 
 @dataclass
 class DispatchPending:
-    x: _Pending
+    x: _Pending | _FP8Pending
     idx: _Pending
     w: _Pending
     x_send: torch.Tensor
@@ -162,14 +193,42 @@ def layout_stats(handle: EPHandle) -> dict[str, int | list[int]]:
             "payload_bytes": handle.payload_bytes}
 
 
-class AllToAllDispatcher:
-    """Drop-in for framework.model.moe.LocalDispatcher under expert parallelism."""
+@dataclass
+class DispatchStats:
+    """Forward-pass totals of one dispatcher since its last reset (read by `ep_record`)."""
 
-    def __init__(self, ep_group, ep_rank: int, ep: int, n_experts: int) -> None:
+    calls: int = 0
+    tokens: int = 0  # tokens of this rank dispatched
+    token_rank_pairs: int = 0  # rows sent (one per token and destination rank)
+    token_expert_pairs: int = 0  # what per-expert sending would have sent
+    payload_bytes: int = 0  # bytes of x rows sent (fp8 data + scales under an FP8 payload)
+    # Seconds blocked on communication (not the buffer work around it): in dispatch, the count
+    # exchange and waiting for rows still in flight; in combine, waiting for the rows to return.
+    dispatch_wait_s: float = 0.0
+    combine_wait_s: float = 0.0
+
+    def reset(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, type(getattr(self, f.name))())
+
+
+class AllToAllDispatcher:
+    """Drop-in for framework.model.moe.LocalDispatcher under expert parallelism.
+    fp8_payload: dispatch x as 1x128-scaled e4m3 (combine stays in the activations' dtype)."""
+
+    def __init__(self, ep_group, ep_rank: int, ep: int, n_experts: int, fp8_payload: bool = False) -> None:
         if n_experts % ep:
             raise ValueError(f"AllToAllDispatcher: n_experts={n_experts} is not divisible by ep={ep}")
         self.group, self.ep_rank, self.ep, self.n_experts = ep_group, ep_rank, ep, n_experts
         self.n_local = n_experts // ep
+        self.fp8_payload = fp8_payload
+        self.stats = DispatchStats()
+
+    def _waited_dispatch(self, seconds: float) -> None:
+        self.stats.dispatch_wait_s += seconds
+
+    def _waited_combine(self, seconds: float) -> None:
+        self.stats.combine_wait_s += seconds
 
     # ---- dispatch
     def dispatch_start(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
@@ -186,7 +245,9 @@ class AllToAllDispatcher:
         # Counts first: the receivers size their buffers from them.
         counts_out = torch.tensor(send_counts, dtype=torch.int64)
         recv_counts_t = torch.empty_like(counts_out)
+        began = time.perf_counter()
         comm.all_to_all_single(recv_counts_t, counts_out, group=self.group)
+        self._waited_dispatch(time.perf_counter() - began)
         recv_counts = recv_counts_t.tolist()
 
         idx_SK = idx_TK[send_token_S]
@@ -195,13 +256,20 @@ class AllToAllDispatcher:
                                torch.full_like(idx_SK, -1))
         x_send = x_TD[send_token_S]
         w_send = topk_weight_TK[send_token_S]
+        splits = (recv_counts, send_counts, self.group, self._waited_dispatch)
+        px = _FP8Pending(x_send, *splits) if self.fp8_payload else _Pending(x_send, *splits)
         handle = EPHandle(topk_idx=None, topk_weight=None, send_token=send_token_S, send_counts=send_counts,
                           recv_counts=recv_counts, n_tokens=T, token_expert_pairs=T * K,
-                          payload_bytes=x_send.nbytes)
-        return DispatchPending(x=_Pending(x_send, recv_counts, send_counts, self.group),
-                               idx=_Pending(local_SK.to(torch.int32), recv_counts, send_counts, self.group),
-                               w=_Pending(w_send, recv_counts, send_counts, self.group),
-                               x_send=x_send, w_send=w_send, handle=handle)
+                          payload_bytes=px.nbytes if self.fp8_payload else x_send.nbytes)
+        pending = DispatchPending(x=px, idx=_Pending(local_SK.to(torch.int32), *splits),
+                                  w=_Pending(w_send, *splits), x_send=x_send, w_send=w_send, handle=handle)
+        st = self.stats
+        st.calls += 1
+        st.tokens += T
+        st.token_rank_pairs += int(send_token_S.numel())
+        st.token_expert_pairs += T * K
+        st.payload_bytes += handle.payload_bytes
+        return pending
 
     def dispatch_wait(self, pending: DispatchPending) -> tuple[torch.Tensor, EPHandle]:
         handle = pending.handle
@@ -219,8 +287,8 @@ class AllToAllDispatcher:
 
     # ---- combine
     def combine_start(self, y_ND: torch.Tensor, handle: EPHandle) -> CombinePending:
-        return CombinePending(y=_Pending(y_ND, handle.send_counts, handle.recv_counts, self.group),
-                              y_in=y_ND, handle=handle)
+        return CombinePending(y=_Pending(y_ND, handle.send_counts, handle.recv_counts, self.group,
+                                         self._waited_combine), y_in=y_ND, handle=handle)
 
     def combine_wait(self, pending: CombinePending) -> torch.Tensor:
         h = pending.handle
@@ -238,14 +306,12 @@ class AllToAllDispatcher:
 # --------------------------------------------------------------------------- model surgery
 
 
-def shard_experts(model: nn.Module, mesh_or_rank) -> nn.Module:
+def shard_experts(model: nn.Module, mesh_or_rank, fp8_payload: bool = False) -> nn.Module:
     """Keep only this rank's contiguous block of routed experts in every MoE layer and install an
     AllToAllDispatcher. `mesh_or_rank` is a parallel.mesh.Mesh or a tuple (ep_rank, ep[, ep_group])
     (group None = the default world group). Routers stay full. Afterwards dim 0 of each
     `.experts.w1/w2/w3` is the local block of E/ep experts (global id = ep_rank*E/ep + local id).
     ep == 1 leaves the model unchanged. Returns the model."""
-    from framework.model.moe import MoE  # parallel/ may import the model, never the reverse
-
     if isinstance(mesh_or_rank, tuple):
         ep_rank, ep, group = (tuple(mesh_or_rank) + (None,))[:3]
     else:
@@ -266,5 +332,82 @@ def shard_experts(model: nn.Module, mesh_or_rank) -> nn.Module:
             full = getattr(experts, name)
             setattr(experts, name, nn.Parameter(full.detach()[ep_rank * L:(ep_rank + 1) * L].clone(),
                                                 requires_grad=full.requires_grad))
-        module.dispatcher = AllToAllDispatcher(group, ep_rank, ep, E)
+        module.dispatcher = AllToAllDispatcher(group, ep_rank, ep, E, fp8_payload)
     return model
+
+
+def nodes_spanned(ep: int, ranks_per_node: int) -> int:
+    """Nodes one expert-parallel group covers (its ranks are contiguous, numbered node by node)."""
+    return max(1, ep // ranks_per_node)
+
+
+def limit_nodes(model: nn.Module, n_nodes: int, max_nodes: int) -> None:
+    """Node-limited routing: every router confines a token's experts to its best `max_nodes` of
+    the `n_nodes` nodes (experts split into n_nodes contiguous blocks). max_nodes 0 or >=
+    n_nodes: no limit, plain group-limited routing."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            if module.n_experts % n_nodes:
+                raise ValueError(f"limit_nodes: {module.n_experts} experts do not split over {n_nodes} nodes")
+            module.n_nodes, module.max_nodes = n_nodes, max_nodes
+
+
+def enable_expert_parallel(model: nn.Module, mesh, ranks_per_node: int = 8, max_nodes_per_token: int = 0,
+                           fp8_payload: bool = False) -> nn.Module:
+    """What the trainer does for ep > 1: shard the experts over the mesh's ep group, install the
+    all-to-all dispatchers and set node-limited routing from the layout."""
+    if mesh.ep == 1:
+        return model
+    shard_experts(model, mesh, fp8_payload)
+    limit_nodes(model, nodes_spanned(mesh.ep, ranks_per_node), max_nodes_per_token)
+    return model
+
+
+# --------------------------------------------------------------------------- checkpoints and metrics
+
+
+def expert_state_dict(state: dict[str, torch.Tensor], mesh) -> dict[str, torch.Tensor]:
+    """A model state dict with every routed-expert tensor (this rank's block of experts) wrapped
+    as a DTensor of the full expert count -- sharded over ep, replicated over edp -- so DCP saves
+    global expert ids and a checkpoint reloads under any ep (or in one process)."""
+    if mesh.ep == 1 or mesh.is_single:
+        return state
+    out = {}
+    for name, t in state.items():
+        if is_expert(name):
+            shape = (t.shape[0] * mesh.ep,) + tuple(t.shape[1:])
+            stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+            t = DTensor.from_local(t, mesh.expert_mesh, [Replicate(), Shard(0)], run_check=False,
+                                   shape=torch.Size(shape), stride=stride)
+        out[name] = t
+    return out
+
+
+def local_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo expert_state_dict after a DCP load: each rank's own blocks as plain tensors."""
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+def dispatchers(model: nn.Module) -> list[AllToAllDispatcher]:
+    return [m.dispatcher for m in model.modules()
+            if isinstance(m, MoE) and isinstance(m.dispatcher, AllToAllDispatcher)]
+
+
+def ep_record(model: nn.Module, steps: int) -> dict[str, float]:
+    """Expert-parallel metrics since the last call, for the metrics log: bytes sent per token
+    per MoE layer, rows sent per (token, expert) pair (the dedup gain; 1.0 = none), and the
+    milliseconds per step this rank sat blocked in dispatch and in combine. Resets the counters.
+    Empty without expert parallelism."""
+    found = dispatchers(model)
+    if not found:
+        return {}
+    total = DispatchStats()
+    for d in found:
+        for f in fields(total):
+            setattr(total, f.name, getattr(total, f.name) + getattr(d.stats, f.name))
+        d.stats.reset()
+    steps = max(steps, 1)
+    return {"ep_bytes_per_token": total.payload_bytes / max(total.tokens, 1),
+            "ep_rows_per_pair": total.token_rank_pairs / max(total.token_expert_pairs, 1),
+            "ep_dispatch_wait_ms": 1e3 * total.dispatch_wait_s / steps,
+            "ep_combine_wait_ms": 1e3 * total.combine_wait_s / steps}

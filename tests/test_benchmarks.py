@@ -18,3 +18,15 @@ def test_fp8_gemm_benchmark_says_when_no_gpu_was_measured(capsys):
     fp8_gemm.main(["--reps", "1"])
     out = capsys.readouterr().out
     assert "NO GPU FIGURES WERE MEASURED" in out and "duet torch reference" in out
+
+
+def test_ep_overlap_benchmark_reports_exposed_comm_and_dedup_bytes(capsys):
+    from benchmarks import ep_overlap
+
+    result = ep_overlap.main(["--quick"])
+    out = capsys.readouterr().out
+    assert result["serial_exposed_ms"] > 0 and result["hidden_fraction"] <= 1
+    for ranks in (4, 8):
+        b = result["bytes_per_token"][ranks]
+        assert b["dedup"] <= b["per_expert"]
+    assert ep_overlap.TABLE_HEADING in out

@@ -19,9 +19,9 @@ import torch
 
 from framework.config import ModelConfig
 from framework.model.moe import MoE
+from launch.ranks import run_ranks
 from parallel import comm
 from parallel.expert_parallel import AllToAllDispatcher, layout_stats, shard_experts
-from tests.dist_utils import run_ranks
 
 D, E, TOKENS_PER_RANK = 32, 8, 10  # 2 sequences of 5 tokens per rank
 TOL = 1e-10

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from framework.config import ModelConfig, OptimConfig
 from framework.model import Transformer
 from framework.optim import build_optimizer, clip_grad_norm, set_lr
+from launch.ranks import RankError, run_ranks
 from parallel import comm
 from parallel.data_parallel import (
     DataParallelOptimizer,
@@ -29,7 +30,6 @@ from parallel.data_parallel import (
     reduce_mean_loss,
 )
 from parallel.mesh import Layout, Mesh, build_mesh, init_distributed
-from tests.dist_utils import RankError, run_ranks
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_dense_layers=1, dense_inter_dim=64, max_seq_len=32,
                   n_heads=2, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,

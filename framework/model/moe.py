@@ -11,9 +11,16 @@ without touching this file. Contract (DeepEP "normal" semantics):
     y_ND = experts(recv_x_ND, handle.topk_idx, handle.topk_weight)   # ids local to this rank, -1 = elsewhere
     out_TD = dispatcher.combine(y_ND, handle)                        # unweighted sum back to the tokens
 Each received row is one token; the experts apply the gate weights and sum the local experts.
+Both calls also come split in two (dispatch_start/dispatch_wait, combine_start/combine_wait) so
+work can run while tokens are in flight; MoE.forward runs the shared expert there.
+
+Node-limited routing (V3): under expert parallelism over several nodes, a token's experts may
+be confined to its best `max_nodes` nodes (each rated by the sum of its K/M best biased scores)
+before the group limit applies; parallel/expert_parallel.py sets it from the layout.
 
 Legend: B batch, T tokens (or sequence), D model dim, E experts (local ones for GroupedExperts),
-K top-k, G groups, I expert inner dim, N received rows, M routed (token, expert) pairs.
+K top-k, G groups (or nodes: any contiguous blocks of experts), X experts per group, I expert
+inner dim, N received rows, M routed (token, expert) pairs.
 """
 
 from dataclasses import dataclass
@@ -36,6 +43,10 @@ class Router(nn.Module):
         self.score_func = cfg.score_func
         self.route_scale = cfg.route_scale
         self.norm_topk_prob = cfg.norm_topk_prob
+        # Node-limited routing (V3): each token's experts span at most `max_nodes` of the
+        # `n_nodes` nodes its expert-parallel group covers. Set by parallel/expert_parallel.py
+        # from the layout; 0 = no limit (a single process, or ep within one node).
+        self.n_nodes, self.max_nodes = 1, 0
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         # Balancing bias: used for selection only; fp32 and saved with the model.
         self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
@@ -60,18 +71,18 @@ class Router(nn.Module):
 
     def select(self, s_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids and gate weights from the scores (group limit and bias applied)."""
-        T, E, G = s_TE.shape[0], self.n_experts, self.n_groups
+        E, G, N = self.n_experts, self.n_groups, self.n_nodes
         biased_TE = s_TE + self.expert_bias
+        if self.max_nodes and self.max_nodes < N:
+            # V3: a node is as good as the sum of its K/M best (biased) experts.
+            best = min(-(-self.topk // self.max_nodes), E // N)
+            biased_TE = _keep_best_blocks(biased_TE, N, self.max_nodes, best)
         if 1 < G and self.topk_groups < G:
-            biased_TGX = biased_TE.view(T, G, E // G)
-            if self.score_func == "sigmoid":
-                # V3: a group is as good as its two best (biased) experts.
-                group_TG = biased_TGX.topk(min(2, E // G), dim=-1).values.sum(-1)
-            else:
-                group_TG = biased_TGX.amax(-1)
-            keep_TG = group_TG.topk(self.topk_groups, dim=-1).indices
-            mask_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
-            biased_TE = biased_TGX.masked_fill(mask_TG[..., None], float("-inf")).view(T, E)
+            # V3 (sigmoid): a group is as good as its two best experts; V2 (softmax): its best.
+            # Under a node limit the groups nest in nodes (the config checks it), so the groups
+            # of dropped nodes score -inf and never displace a kept one.
+            best = min(2, E // G) if self.score_func == "sigmoid" else 1
+            biased_TE = _keep_best_blocks(biased_TE, G, self.topk_groups, best)
         idx_TK = biased_TE.topk(self.topk, dim=-1).indices
         w_TK = s_TE.gather(1, idx_TK)  # unbiased: the bias steers selection, never the output
         if self.norm_topk_prob:
@@ -100,6 +111,17 @@ class Router(nn.Module):
         with torch.no_grad():
             self.expert_bias.zero_()
             self.expert_load.zero_()
+
+
+def _keep_best_blocks(scores_TE: torch.Tensor, n_blocks: int, keep: int, best: int) -> torch.Tensor:
+    """Cut the experts into n_blocks contiguous blocks, rate each block per token by the sum of
+    its `best` highest scores, and set every expert outside the `keep` best blocks to -inf."""
+    T, E = scores_TE.shape
+    scores_TGX = scores_TE.view(T, n_blocks, E // n_blocks)
+    rating_TG = scores_TGX.topk(best, dim=-1).values.sum(-1)
+    keep_TG = rating_TG.topk(keep, dim=-1).indices
+    drop_TG = torch.ones_like(rating_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
+    return scores_TGX.masked_fill(drop_TG[..., None], float("-inf")).view(T, E)
 
 
 def seq_balance_loss(s_BTE: torch.Tensor, idx_BTK: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -162,13 +184,26 @@ class LocalHandle:
 
 
 class LocalDispatcher:
-    """Single rank owns every expert: dispatch and combine are identities."""
+    """Single rank owns every expert: dispatch and combine are identities. The split-phase
+    pairs (start, then wait) are the overlap points an all-to-all dispatcher fills."""
 
-    def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
+    def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK):
         return x_TD, LocalHandle(topk_idx_TK, topk_weight_TK)
 
-    def combine(self, y_TD, handle):
+    def dispatch_wait(self, pending):
+        return pending
+
+    def combine_start(self, y_TD, handle):
         return y_TD
+
+    def combine_wait(self, pending):
+        return pending
+
+    def dispatch(self, x_TD, topk_idx_TK, topk_weight_TK):
+        return self.dispatch_wait(self.dispatch_start(x_TD, topk_idx_TK, topk_weight_TK))
+
+    def combine(self, y_TD, handle):
+        return self.combine_wait(self.combine_start(y_TD, handle))
 
 
 class MoE(nn.Module):
@@ -189,11 +224,14 @@ class MoE(nn.Module):
         self.aux_loss = None
         if self.training and self.seq_aux_alpha > 0:
             self.aux_loss = seq_balance_loss(s_TE.view(B, T, -1), idx_TK.view(B, T, -1), self.seq_aux_alpha)
-        recv_x, handle = self.dispatcher.dispatch(x_TD, idx_TK, w_TK)
+        # The shared expert runs while the tokens travel to their routed experts.
+        pending = self.dispatcher.dispatch_start(x_TD, idx_TK, w_TK)
+        shared_TD = self.shared(x_TD) if self.shared is not None else None
+        recv_x, handle = self.dispatcher.dispatch_wait(pending)
         y = self.experts(recv_x, handle.topk_idx, handle.topk_weight)
-        out_TD = self.dispatcher.combine(y, handle)
-        if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+        out_TD = self.dispatcher.combine_wait(self.dispatcher.combine_start(y, handle))
+        if shared_TD is not None:
+            out_TD = out_TD + shared_TD
         return out_TD.view(B, T, D)
 
     def init_weights(self, std: float) -> None:
