@@ -10,9 +10,11 @@
      overlapped  dispatch_start | shared expert | dispatch_wait | experts | combine_start
                  | next micro-batch | combine_wait
    (the overlapped order is what a transformer block does: the shared expert runs while the
-   tokens travel, the next micro-batch's attention while they come back). Exposed time is the
-   time spent inside the communication calls; per repetition take the slowest rank, then the
-   median over repetitions. hidden = 1 - exposed_overlapped / exposed_serial.
+   tokens travel, the next micro-batch's attention while they come back). Exposed time is what
+   the dispatcher itself counts as blocked on communication (DispatchStats: the count exchange
+   and the waits for rows in flight, not the buffer gathers and index_adds around them); per
+   repetition take the slowest rank, then the median over repetitions.
+   hidden = 1 - exposed_overlapped / exposed_serial.
 2. Bytes per token of dispatch at DeepSeek-V3's routing shape (top-8 of 256 experts), random
    routing: with dedup a token goes once to each rank owning one of its experts (DeepEP); without,
    once per (token, expert) pair. Pure arithmetic over a random topk_idx, no processes.
@@ -29,7 +31,7 @@ import time
 
 import torch
 
-TABLE_HEADING = "scheme        exposed ms/iter   wall ms/iter   per call (ms, median)"
+TABLE_HEADING = "scheme        exposed ms/iter   wall ms/iter   blocked in (ms, median)"
 V3_EXPERTS, V3_TOPK, V3_HIDDEN, BF16_BYTES = 256, 8, 7168, 2
 EP_EXPERTS, EP_TOPK = 64, 8  # routing shape of the live benchmark (part 1)
 ROUTING_TOKENS = 8192  # tokens drawn for the part-2 arithmetic
@@ -43,42 +45,28 @@ def _compute(ms: float) -> None:
     time.sleep(ms / 1000)
 
 
-class _Clock:
-    """Sums the seconds spent inside the calls it runs (the exposed communication), per call too."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.calls: dict[str, float] = {}
-
-    def __call__(self, fn, *args):
-        start = time.perf_counter()
-        out = fn(*args)
-        took = time.perf_counter() - start
-        self.seconds += took
-        self.calls[fn.__name__] = self.calls.get(fn.__name__, 0.0) + took
-        return out
+def _blocked(d) -> tuple[float, float]:
+    """The dispatcher's own counters: seconds blocked on communication in dispatch and combine
+    (the count exchange and waits for rows in flight; not the buffer work around them)."""
+    return d.stats.dispatch_wait_s, d.stats.combine_wait_s
 
 
-def _serial(d, x_TD, idx_TK, w_TK, ms: float) -> tuple[float, float, dict[str, float]]:
-    clock, start = _Clock(), time.perf_counter()
-    recv_x_ND, handle = clock(d.dispatch, x_TD, idx_TK, w_TK)
+def _serial(d, x_TD, idx_TK, w_TK, ms: float) -> None:
+    recv_x_ND, handle = d.dispatch(x_TD, idx_TK, w_TK)
     _compute(ms)  # shared expert, after dispatch instead of during it
     _compute(ms)  # routed experts
-    clock(d.combine, recv_x_ND, handle)  # identity experts: y_ND = recv_x_ND
+    d.combine(recv_x_ND, handle)  # identity experts: y_ND = recv_x_ND
     _compute(ms)  # next micro-batch's attention, after combine instead of during it
-    return clock.seconds, time.perf_counter() - start, clock.calls
 
 
-def _overlapped(d, x_TD, idx_TK, w_TK, ms: float) -> tuple[float, float, dict[str, float]]:
-    clock, start = _Clock(), time.perf_counter()
-    pending = clock(d.dispatch_start, x_TD, idx_TK, w_TK)
+def _overlapped(d, x_TD, idx_TK, w_TK, ms: float) -> None:
+    pending = d.dispatch_start(x_TD, idx_TK, w_TK)
     _compute(ms)  # shared expert while the tokens travel
-    recv_x_ND, handle = clock(d.dispatch_wait, pending)
+    recv_x_ND, handle = d.dispatch_wait(pending)
     _compute(ms)  # routed experts (they need the tokens: nothing to overlap with)
-    pending = clock(d.combine_start, recv_x_ND, handle)
+    pending = d.combine_start(recv_x_ND, handle)
     _compute(ms)  # next micro-batch's attention while the outputs come back
-    clock(d.combine_wait, pending)
-    return clock.seconds, time.perf_counter() - start, clock.calls
+    d.combine_wait(pending)
 
 
 def _rank(rank: int, world: int, tokens: int, dim: int, compute_ms: float, reps: int) -> dict:
@@ -97,9 +85,14 @@ def _rank(rank: int, world: int, tokens: int, dim: int, compute_ms: float, reps:
             # Alternate the schemes so that drift on a shared host hits both alike.
             for name, scheme in (("serial", _serial), ("overlapped", _overlapped)):
                 comm.barrier()  # start together: waiting for a late peer is not comm cost
-                result = scheme(d, x_TD, idx_TK, w_TK, compute_ms)
+                d.stats.reset()
+                began = time.perf_counter()
+                scheme(d, x_TD, idx_TK, w_TK, compute_ms)
+                wall = time.perf_counter() - began
+                dispatch_s, combine_s = _blocked(d)
                 if rep > 0:  # rep 0 warms up (buffers, gloo connections)
-                    times[name].append(result)
+                    times[name].append((dispatch_s + combine_s, wall,
+                                        {"dispatch": dispatch_s, "combine": combine_s}))
         _, handle = d.dispatch(x_TD, idx_TK, w_TK)
     stats = layout_stats(handle)
     return {"times": times, "rows_per_token": stats["token_rank_pairs"] / tokens}
@@ -130,7 +123,7 @@ def bytes_per_token(ranks: int, tokens: int = ROUTING_TOKENS, seed: int = 0) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--compute-ms", type=float, default=20.0, help="duration of each synthetic compute")
@@ -141,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.ranks, args.tokens, args.dim, args.reps = 2, 256, 128, 2
     from launch.ranks import run_ranks
 
-    print("Exposed expert-parallel communication (time inside dispatch/combine calls) with and\n"
+    print("Exposed expert-parallel communication (time blocked on dispatch/combine) with and\n"
           "without split-phase overlap, and dispatch bytes per token with and without dedup.\n"
           "Speed is never asserted.")
     print(f"\n{args.ranks} gloo ranks, {args.tokens} tokens x {args.dim} fp32 per rank, top-{EP_TOPK} of "
