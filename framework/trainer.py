@@ -300,7 +300,8 @@ class Trainer:
         result = TrainResult(run_dir=self.run_dir, start_step=self.step)
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(_to_yaml(cfg))
-        layout = "" if self.mesh.is_single else f", {self.mesh.world} ranks (dp {self.mesh.dp})"
+        mesh = self.mesh
+        layout = "" if mesh.is_single else f", {mesh.world} ranks (dp {mesh.dp}, ep {mesh.ep})"
         self.say(f"duet: {cfg.model.name} model, {self.counts['total']:,} parameters "
                  f"({self.counts['activated']:,} activated), {self.device}, {self.compute}{layout}, "
                  f"run folder {self.run_dir}")
@@ -350,7 +351,8 @@ class Trainer:
             logger.log({"step": self.step, "val_loss": result.val_loss})
             self.say(f"duet: final validation loss {result.val_loss:.4f} at step {self.step} "
                      f"(checkpoint in {checkpoint.checkpoint_root(self.run_dir)})")
-            if cfg.logging.sample_tokens and self.is_main:
+            # Under expert parallelism every rank generates: its experts serve the others' tokens.
+            if cfg.logging.sample_tokens and (self.is_main or self.mesh.ep > 1):
                 result.sample = self.sample(cfg.logging.sample_tokens)
                 self.say("duet: greedy sample:\n" + result.sample)
         finally:

@@ -1,18 +1,22 @@
 """duet-train with several ranks, end to end through the launcher (elastic agent, gloo):
 data parallel equals one process, a killed rank restarts and resumes exactly, a checkpoint
 reshards from dp=4 to dp=2, an interrupted save leaves the previous checkpoint usable, and
-a simulated 8-rank layout runs on the CPU."""
+a simulated 8-rank layout runs on the CPU. Expert parallelism (ep = 2, 4) trains exactly like
+one process, and its checkpoint resumes in one process."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from framework import checkpoint
 from framework.trainer import Trainer
+from launch.ranks import run_ranks
 from launch.run import compose
 
 STEPS = 20
@@ -62,7 +66,7 @@ def test_dp4_equals_single_process(corpus, reference, tmp_path, zero1):
     proc = duet_train(*args_for(corpus, run_dir, f"steps={STEPS}", "parallel.dp=4", "launch.nproc=4",
                                 f"parallel.zero1={zero1}", "checkpoint.interval=0"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[rank0] duet: tiny model" in proc.stdout and "4 ranks (dp 4)" in proc.stdout
+    assert "[rank0] duet: tiny model" in proc.stdout and "4 ranks (dp 4, ep 1)" in proc.stdout
     assert "[rank1]" not in proc.stdout  # other ranks write only to their log files
     assert_losses_match(logged_losses(run_dir), reference, range(1, STEPS + 1), 1e-5)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -121,7 +125,7 @@ def test_simulated_eight_ranks_run_to_completion(corpus, tmp_path):
     proc = duet_train(*args_for(corpus, run_dir, "steps=2", "launch=simulated", "parallel.dp=8",
                                 "checkpoint.interval=0"), timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "8 ranks (dp 8)" in proc.stdout
+    assert "8 ranks (dp 8, ep 1)" in proc.stdout
     assert checkpoint.latest_checkpoint(run_dir).name == "step_00000002"
 
 
@@ -142,3 +146,36 @@ def test_failing_rank_traceback_is_shown_once(corpus, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("Traceback") == 1 and "injected fault" in proc.stderr
     assert "duet-train: rank 1 failed" in proc.stderr
+
+
+def ep_train_worker(rank: int, world: int, argv: list[str]) -> dict:
+    trainer = Trainer(compose(argv))
+    losses = trainer.run().losses
+    return {"losses": losses, "biases": [m.router.expert_bias.clone() for m in trainer.model.moe_layers()],
+            "expert_rows": trainer.model.moe_layers()[0].experts.w1.shape[0]}
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_expert_parallel_training_equals_single_process(corpus, reference, tmp_path, ep):
+    run_dir = tmp_path / "run"
+    argv = args_for(corpus, run_dir, f"steps={STEPS}", f"parallel.dp={ep}", f"parallel.ep={ep}",
+                    "checkpoint.interval=10", "checkpoint.keep_last=2")
+    per_rank = run_ranks(ep_train_worker, ep, argv, timeout_s=400)
+    assert [r["expert_rows"] for r in per_rank] == [8 // ep] * ep  # experts really sharded
+    for r in per_rank:
+        assert_losses_match(dict(enumerate(r["losses"], start=1)), reference, range(1, STEPS + 1), 1e-5)
+        assert all(torch.equal(a, b) for a, b in zip(r["biases"], per_rank[0]["biases"], strict=True))
+    assert any(b.abs().sum() > 0 for b in per_rank[0]["biases"])  # the bias update really ran
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    tokens_k = 8 * 32 * 2  # global batch tokens x top-2: every routed pair counted once
+    for r in steps:
+        assert sum(r["expert_load"][0]) == tokens_k and len(r["expert_load"][0]) == 8
+        assert 1.0 <= max(r["expert_imbalance_per_layer"])
+        assert 0 < r["ep_rows_per_pair"] <= 1 and r["ep_bytes_per_token"] > 0
+        assert r["ep_dispatch_wait_ms"] >= 0 and r["comm_all_to_all_mb"] > 0
+    if ep == 2:  # the checkpoint holds global expert ids: resume it in one process
+        shutil.rmtree(run_dir / "checkpoints" / "step_00000020")
+        resumed = Trainer(compose(args_for(corpus, run_dir, f"steps={STEPS}"))).run()
+        assert resumed.start_step == 10
+        assert_losses_match(dict(enumerate(resumed.losses, start=11)), reference, range(11, STEPS + 1), 1e-5)

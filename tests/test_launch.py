@@ -34,6 +34,14 @@ V3_LAYOUT = ["model=deepseek_v3", "parallel=deepseek_v3", "data.batch_size=15360
     (["launch.port=70000"], "launch.port=70000"),
     (["parallel.bucket_mb=0"], "parallel.bucket_mb"),
     (["launch=torchrun"], "RANK/WORLD_SIZE are not set"),
+    (["parallel.dispatch_dtype=int4"], "parallel.dispatch_dtype='int4'"),
+    (["parallel.max_nodes_per_token=-1"], "parallel.max_nodes_per_token=-1"),
+    (["parallel.dp=4", "parallel.ep=4", "launch.gpus_per_node=3", "parallel.max_nodes_per_token=1"],
+     "node-limited routing needs whole nodes"),
+    (["parallel.dp=4", "parallel.ep=4", "launch.gpus_per_node=1", "parallel.max_nodes_per_token=1",
+      "model.n_activated_experts=3"], "fewer than the 3 each token picks"),
+    (["parallel.dp=8", "parallel.ep=8", "launch.gpus_per_node=1", "parallel.max_nodes_per_token=2"],
+     "groups must nest in nodes"),
 ])
 def test_invalid_layouts_exit_2_with_one_line_and_start_nothing(capsys, tmp_path, overrides, named):
     run_dir = tmp_path / "run"
