@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from parallel import watchdog
+
 Group = dist.ProcessGroup | None
 ReduceOp = Literal["sum", "avg", "max", "min"]
 
@@ -90,8 +92,12 @@ class Handle:
 
     def wait(self) -> torch.Tensor | None:
         if not self._done:
-            for work in self._works:
-                work.wait()
+            token = watchdog.enter(self.kind)  # hang detection (parallel/watchdog.py)
+            try:
+                for work in self._works:
+                    work.wait()
+            finally:
+                watchdog.leave(token)
             if self._finish is not None:
                 self._finish()
             self._done = True
@@ -317,17 +323,26 @@ def _need_peer(what: str) -> None:
         raise RuntimeError(f"{what}: no process group; point-to-point needs torch.distributed initialised")
 
 
-def send(t: torch.Tensor, dst: int, group: Group = None, async_op: bool = False) -> Handle:
+def send(t: torch.Tensor, dst: int, group: Group = None, async_op: bool = False, tag: int = 0) -> Handle:
+    """dst is a global rank. A tag tells apart several messages in flight between two ranks."""
     _need_peer("send")
     (buf,), _ = _staged([t.contiguous()], group, n_out=0)
-    return _issue("send", t.nbytes, lambda: [dist.isend(_movable(buf), dst, group=group)], async_op)
+    return _issue("send", t.nbytes, lambda: [dist.isend(_movable(buf), dst, group=group, tag=tag)], async_op)
 
 
-def recv(t: torch.Tensor, src: int, group: Group = None, async_op: bool = False) -> Handle:
+def recv(t: torch.Tensor, src: int, group: Group = None, async_op: bool = False, tag: int = 0) -> Handle:
     _need_peer("recv")
     (buf,), copy_back = _staged([t], group)
-    return _issue("recv", t.nbytes, lambda: [dist.irecv(_movable(buf), src, group=group)],
+    return _issue("recv", t.nbytes, lambda: [dist.irecv(_movable(buf), src, group=group, tag=tag)],
                   async_op, copy_back, t)
+
+
+def new_group(ranks: Sequence[int]) -> Group:
+    """A process group over `ranks` (global ranks). Collective: every rank of the world calls it
+    with the same arguments in the same order; None when not distributed."""
+    if not is_distributed():
+        return None
+    return dist.new_group(sorted(ranks))
 
 
 P2P = tuple[Literal["send", "recv"], torch.Tensor, int]  # (direction, tensor, global peer rank)

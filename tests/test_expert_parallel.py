@@ -243,7 +243,8 @@ def test_fp8_payload_is_the_quantised_rows(spawned):
         exact = moe(x)
     got = torch.cat([r["fp8_out"] for r in spawned_ranks])
     assert rel_diff(got, want) <= TOL
-    assert rel_diff(got, exact) > 1e-8  # the payload really was quantised
+    # the payload really was quantised, and stays within FP8's tolerance of the exact layer
+    assert 1e-8 < rel_diff(got, exact) < 1e-3
     for r in spawned_ranks:
         st = r["fp8_stats"]
         assert st["payload_bytes"] == st["token_rank_pairs"] * (D + 4 * -(-D // 128))

@@ -1,0 +1,233 @@
+"""Pipeline execution: one rank runs its schedule's actions on its stages, exchanging stage
+boundary tensors with the other pipeline ranks (activations forward, gradients backward).
+
+    stages = hold_stages(model, placement, pp_rank)     # this rank's Stage per phase
+    runner = PipelineRunner(stages, placement, schedule[pp_rank], peers)
+    out = runner.step(tokens_mbs, targets_mbs)          # forward + backward of every micro-batch
+    out.losses[mb], out.parts[mb]                       # last-stage losses of the micro-batches here
+
+Communication (through parallel.comm): a forward's output is sent at once, asynchronously, to
+the rank holding the next stage for that micro-batch; a backward's input gradient likewise to
+the previous stage's rank. Receives block when the action needs them. Sends are eager, so a
+schedule runs without deadlock exactly when the simulator can run it. Messages are tagged
+with (kind, stage, micro-batch), so several may be in flight between two ranks. A stage
+boundary on one rank (DualPipeV's turn) is handed over locally.
+
+Loss scaling: every micro-batch's backward starts from loss / n_micro_batches (and each
+non-last stage adds its MoE balance loss / n_micro_batches), so the accumulated gradients are
+those of the mean loss over the rank's batch, as without a pipeline. Weight gradients of
+split backwards wait in a FIFO for W actions (parallel/pipeline/wgrad.py).
+
+Legend: B micro-batch sequences, T sequence, D model dim.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from framework.model.transformer import Stage, Transformer
+from parallel import comm
+from parallel.pipeline.schedules import Action, Placement
+from parallel.pipeline.wgrad import WeightGradWork, capture
+
+
+def split_model(model: Transformer, placement: Placement, layers_per_stage: list[int] | None = None
+                ) -> list[Stage]:
+    return model.split_stages(placement.n_stages, layers_per_stage)
+
+
+def hold_stages(all_stages: list[Stage], placement: Placement, pp_rank: int) -> list[Stage]:
+    """This rank's stage for each phase."""
+    return [all_stages[placement.stage_of(pp_rank, phase)] for phase in range(placement.phases)]
+
+
+def holders(model: Transformer, all_stages: list[Stage], placement: Placement) -> dict[str, list[int]]:
+    """Parameter (and buffer) name -> the pipeline ranks holding it, for every tensor of the model.
+    Under DualPipe every stage lives on two ranks; a tied embedding can live on the first and
+    the last stage."""
+    name_of = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    out: dict[str, set[int]] = {}
+    for r in range(placement.pp):
+        for stage in hold_stages(all_stages, placement, r):
+            for t in [*stage.parameters(), *stage.buffers()]:
+                out.setdefault(name_of[id(t)], set()).add(r)
+    return {n: sorted(rs) for n, rs in out.items()}
+
+
+def prune(model: Transformer, kept: list[Stage]) -> Transformer:
+    """Drop every module this rank does not hold (in place): blocks become Identity, unheld
+    embedding / norm / head / MTP become None. Names of what stays are unchanged, so the
+    state_dict is the full model's restricted to this rank's stages."""
+    kept_ids = {id(m) for stage in kept for m in stage.modules()}
+    for i, block in enumerate(model.blocks):
+        if id(block) not in kept_ids:
+            model.blocks[i] = nn.Identity()
+    for name in ("embed", "norm", "head", "mtp"):
+        if id(getattr(model, name)) not in kept_ids:
+            setattr(model, name, None)
+    return model
+
+
+@dataclass
+class StepOutput:
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)  # mb -> last-stage loss (detached)
+    parts: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # mb -> loss terms
+    aux: dict[int, torch.Tensor] = field(default_factory=dict)  # mb -> balance loss of the other stages here
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # forward-only: mb -> logits
+
+
+@dataclass
+class _Live:
+    """What a forward leaves for its backward."""
+    x: torch.Tensor | None  # the stage input (requires grad unless the first stage)
+    out: torch.Tensor  # the stage output, or the loss on the last stage
+    aux: torch.Tensor | None  # this stage's balance loss (non-last stages)
+
+
+class PipelineRunner:
+    """Runs one rank's action list. `peers[pp_rank]` is the global rank of that pipeline rank
+    in this rank's dp column; `group` the pipeline process group."""
+
+    def __init__(self, stages: list[Stage], placement: Placement, actions: list[Action], pp_rank: int,
+                 peers: list[int], group=None, record: Callable[[str, float, float], None] | None = None):
+        self.stages, self.placement, self.actions = stages, placement, actions
+        self.pp_rank, self.peers, self.group = pp_rank, peers, group
+        self.record = record  # timeline hook: (label, start, end)
+        self.last_stage = placement.n_stages - 1
+
+    # --- communication -------------------------------------------------------------------
+    def _tag(self, grad: bool, stage: int, mb: int) -> int:
+        return int(grad) + 2 * (stage + self.placement.n_stages * mb)
+
+    def _send(self, t: torch.Tensor, grad: bool, stage: int, mb: int) -> None:
+        """Deliver to whoever runs `stage` for `mb` (the receiver's stage names the message)."""
+        rank, _ = self.placement.locate(stage, self.placement.direction_of(mb))
+        if rank == self.pp_rank:
+            self._local[(grad, stage, mb)] = t
+        else:
+            self._sends.append(comm.send(t.detach().contiguous(), self.peers[rank], self.group,
+                                         async_op=True, tag=self._tag(grad, stage, mb)))
+
+    def _recv(self, grad: bool, stage: int, mb: int, from_stage: int) -> torch.Tensor:
+        local = self._local.pop((grad, stage, mb), None)
+        if local is not None:
+            return local.detach()
+        rank, _ = self.placement.locate(from_stage, self.placement.direction_of(mb))
+        buf = torch.empty(self._shape, dtype=self._dtype, device=self._device)
+        start = time.perf_counter()
+        comm.recv(buf, self.peers[rank], self.group, tag=self._tag(grad, stage, mb))
+        self._mark("recv", start)
+        return buf
+
+    def _mark(self, label: str, start: float) -> None:
+        if self.record is not None:
+            self.record(label, start, time.perf_counter())
+
+    # --- chunks --------------------------------------------------------------------------
+    def _forward(self, phase: int, mb: int, grad: bool) -> None:
+        stage_id = self.placement.stage_of(self.pp_rank, phase)
+        stage = self.stages[phase]
+        if stage.is_first:
+            x = self._tokens[mb]
+        else:
+            x = self._recv(False, stage_id, mb, stage_id - 1).requires_grad_(grad)
+        start = time.perf_counter()
+        with torch.set_grad_enabled(grad), self._autocast():
+            if stage.is_last and self._targets is not None:
+                loss, parts = stage.loss(x, self._targets[mb])
+                self.out.losses[mb], self.out.parts[mb] = loss.detach(), parts
+                live = _Live(x, loss, None)
+            elif stage.is_last:
+                self.out.logits[mb] = stage(x).detach()
+                live = None
+            else:
+                h_BTD = stage(x)
+                aux = stage.balance_loss() if grad else None
+                if aux is not None:
+                    self.out.aux[mb] = self.out.aux.get(mb, 0) + aux.detach()
+                live = _Live(x, h_BTD, aux)
+        self._mark(f"F{mb}", start)
+        if not stage.is_last:
+            self._send(live.out, False, stage_id + 1, mb)
+        if grad:
+            self._live[(phase, mb)] = live
+
+    def _backward(self, phase: int, mb: int, split: bool) -> None:
+        stage_id = self.placement.stage_of(self.pp_rank, phase)
+        stage = self.stages[phase]
+        live = self._live.pop((phase, mb))
+        grad_out = None if stage.is_last else self._recv(True, stage_id, mb, stage_id + 1)
+        start = time.perf_counter()
+        tensors, grads = [live.out * self._scale if stage.is_last else live.out], [grad_out]
+        if live.aux is not None and live.aux.requires_grad:
+            tensors.append(live.aux * self._scale)
+            grads.append(None)
+        if split:
+            with capture() as work:
+                torch.autograd.backward(tensors, grads)
+            self._wgrad.append(work)
+        else:
+            torch.autograd.backward(tensors, grads)
+        self._mark(f"B{mb}", start)
+        if not stage.is_first:
+            self._send(live.x.grad, True, stage_id - 1, mb)
+
+    def _weight(self) -> None:
+        start = time.perf_counter()
+        self._wgrad.popleft().run()
+        self._mark("W", start)
+
+    # --- one step ------------------------------------------------------------------------
+    def _setup(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, hidden_shape,
+               dtype, device, autocast) -> None:
+        self._tokens, self._targets = tokens, targets
+        self._shape, self._dtype, self._device = hidden_shape, dtype, device
+        self._autocast = autocast
+        self._scale = 1.0 / self.placement.chunks
+        self._local: dict = {}
+        self._live: dict[tuple[int, int], _Live] = {}
+        self._sends: list[comm.Handle] = []
+        self._wgrad: deque[WeightGradWork] = deque()
+        self.out = StepOutput()
+
+    def _finish(self) -> StepOutput:
+        for handle in self._sends:
+            handle.wait()
+        if self._live or self._wgrad or self._local:
+            raise RuntimeError("pipeline step ended with work left: the schedule is inconsistent")
+        self._sends = []
+        return self.out
+
+    def step(self, tokens: list[torch.Tensor], targets: list[torch.Tensor], hidden_shape: tuple,
+             dtype: torch.dtype, device: torch.device, autocast) -> StepOutput:
+        """Forward and backward of every micro-batch (lists indexed by global micro-batch id;
+        entries this rank never reads may be anything). Gradients accumulate into .grad."""
+        self._setup(tokens, targets, hidden_shape, dtype, device, autocast)
+        for action in self.actions:
+            if action.kind == "F":
+                self._forward(action.phase, action.mb, grad=True)
+            elif action.kind == "B":
+                self._backward(action.phase, action.mb, action.split)
+            elif action.kind == "W":
+                self._weight()
+            else:  # FB: the forward of one micro-batch, then the backward of another
+                self._forward(action.phase, action.mb, grad=True)
+                self._backward(action.b_phase, action.b_mb, action.split)
+        return self._finish()
+
+    @torch.no_grad()
+    def forward_only(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, hidden_shape,
+                     dtype, device, autocast) -> StepOutput:
+        """Evaluation: the schedule's forwards in the same order (its backwards dropped, which
+        cannot create a wait cycle). With targets: losses; without: logits on the last stage."""
+        self._setup(tokens, targets, hidden_shape, dtype, device, autocast)
+        for action in self.actions:
+            if action.kind in ("F", "FB"):
+                self._forward(action.phase, action.mb, grad=False)
+        return self._finish()

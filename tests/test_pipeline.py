@@ -1,0 +1,175 @@
+"""Pipeline parallelism against the sequential single-process reference (DESIGN.md rule 6), and
+the schedule simulator against ANCHORS.md's bubble and memory formulas.
+
+One spawn per pp size runs every schedule, micro-batch count and weight-gradient setting. The
+reference runs the same stages one micro-batch after another in this process, from the same
+initial weights: per-micro-batch losses must be torch.equal (the stages compute the same ops on
+the same bytes), gradients (summed over the ranks holding a parameter: DualPipe's mirrors, a
+tied embedding) within calc_diff 1e-10, forward-only logits torch.equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import pytest
+import torch
+
+from framework.config import ModelConfig
+from framework.model import Transformer
+from kernels.fp8.reference import calc_diff
+from launch.ranks import run_ranks
+from parallel.pipeline.runtime import PipelineRunner, hold_stages, holders, split_model
+from parallel.pipeline.schedules import Placement, build, check
+from parallel.pipeline.simulator import Costs, simulate
+from parallel.pipeline.wgrad import split_weight_grads
+
+MB, T = 2, 8  # sequences per micro-batch, sequence length
+
+
+def model_cfg(n_layers: int) -> ModelConfig:
+    return ModelConfig(vocab_size=64, dim=32, n_layers=n_layers, n_dense_layers=1, dense_inter_dim=48,
+                       max_seq_len=T, n_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                       qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, n_shared_experts=1,
+                       n_activated_experts=2, moe_inter_dim=16, n_expert_groups=1, n_limited_groups=1,
+                       mtp_depth=1, seq_aux_alpha=0.01)
+
+
+def cases(pp: int) -> list[tuple[str, int, bool]]:
+    out = []
+    for name in ("gpipe", "1f1b", "dualpipe", "dualpipev"):
+        for chunks in (2 * pp, 2 * pp + (4 if name == "dualpipe" else 2)):
+            for split in (False, True):
+                out.append((name, chunks, split))
+    return out
+
+
+def make_model(n_stages: int, split: bool) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(model_cfg(n_stages)).double()  # one block per stage
+    return split_weight_grads(model) if split else model
+
+
+def batch(chunks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(chunks)
+    tokens = torch.randint(0, 64, (chunks, MB, T), generator=g)
+    targets = torch.randint(0, 64, (chunks, MB, T), generator=g)
+    return list(tokens), list(targets)
+
+
+def pp_worker(rank: int, world: int) -> list[dict]:
+    results = []
+    for name, chunks, split in cases(world):
+        placement = Placement(name, world, chunks)
+        model = make_model(placement.n_stages, split)
+        stages = split_model(model, placement)
+        mine = hold_stages(stages, placement, rank)
+        actions = build(name, world, chunks, wgrad_split=split)[rank]
+        runner = PipelineRunner(mine, placement, actions, rank, list(range(world)))
+        tokens, targets = batch(chunks)
+        args = ((MB, T, 32), torch.float64, torch.device("cpu"), contextlib.nullcontext)
+        out = runner.step(tokens, targets, *args)
+        held = {n for n, rs in holders(model, stages, placement).items() if rank in rs}
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if n in held and p.grad is not None}
+        model.eval()
+        logits = runner.forward_only(tokens, None, *args).logits
+        results.append({"losses": out.losses, "aux": out.aux, "grads": grads, "logits": logits,
+                        "held": held})
+    return results
+
+
+def reference(pp: int, name: str, chunks: int) -> dict:
+    """The same stages run one after another, one micro-batch at a time, in one process."""
+    n_stages = Placement(name, pp, chunks).n_stages
+    model = make_model(n_stages, split=False)
+    stages = model.split_stages(n_stages)
+    tokens, targets = batch(chunks)
+    losses, totals = {}, {}
+    for mb in range(chunks):
+        h, aux = tokens[mb], []
+        for stage in stages[:-1]:
+            h = stage(h)
+            aux.append(stage.balance_loss())
+        loss, _ = stages[-1].loss(h, targets[mb])
+        total = loss + sum(aux)
+        (total / chunks).backward()
+        losses[mb], totals[mb] = loss.detach(), total.detach()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.eval()
+    with torch.no_grad():
+        logits = {mb: model(tokens[mb]) for mb in range(chunks)}
+        full = {mb: model.train().loss(tokens[mb], targets[mb])[0] for mb in range(chunks)}
+    return {"losses": losses, "totals": totals, "full": full, "grads": grads, "logits": logits}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["pp2", "pp4"])
+def spawned(request):
+    return request.param, run_ranks(pp_worker, request.param, timeout_s=400)
+
+
+def test_pipelined_step_equals_sequential_reference(spawned):
+    pp, per_rank = spawned
+    worst = 0.0
+    for i, (name, chunks, split) in enumerate(cases(pp)):
+        label = f"{name} pp={pp} chunks={chunks} split={split}"
+        ref = reference(pp, name, chunks)
+        got = [per_rank[r][i] for r in range(pp)]
+        losses = {mb: v for g in got for mb, v in g["losses"].items()}
+        assert sorted(losses) == list(range(chunks)), label
+        for mb in range(chunks):
+            assert torch.equal(losses[mb], ref["losses"][mb]), (label, mb)
+            total = losses[mb] + sum(g["aux"].get(mb, 0) for g in got)
+            assert abs(total - ref["totals"][mb]) <= 1e-6 * abs(ref["totals"][mb]), (label, mb)
+            # the whole model's loss sums the same terms in another order (the loss is fp32)
+            assert abs(total - ref["full"][mb]) <= 1e-6 * abs(ref["full"][mb]), (label, mb)
+        held = set().union(*(g["held"] for g in got))
+        assert held >= set(ref["grads"]), label  # every parameter lives somewhere
+        for n, want in ref["grads"].items():
+            pieces = [g["grads"][n] for g in got if n in g["grads"]]
+            diff = calc_diff(sum(pieces), want)
+            worst = max(worst, diff)
+            assert diff < 1e-10, (label, n, diff)
+        logits = {mb: v for g in got for mb, v in g["logits"].items()}
+        assert sorted(logits) == list(range(chunks))
+        assert all(torch.equal(logits[mb], ref["logits"][mb]) for mb in range(chunks)), label
+    print(f"pp={pp}: {len(cases(pp))} cases, worst gradient calc_diff {worst:.2e}")
+
+
+def test_dualpipe_holds_every_stage_twice(spawned):
+    pp, per_rank = spawned
+    i = [c[0] for c in cases(pp)].index("dualpipe")
+    held = [per_rank[r][i]["held"] for r in range(pp)]
+    for r in range(pp):
+        assert held[r] == held[pp - 1 - r]  # rank r and its mirror hold the same stages
+    assert "embed.weight" in held[0] and "head.weight" in held[0]  # first and last stage together
+
+
+@pytest.mark.parametrize("pp", [4, 8, 16])
+@pytest.mark.parametrize("costs", [Costs(F=1, B=2, W=1, FB=3), Costs(F=1, B=2, W=1, FB=2.5),
+                                   Costs(F=2, B=4, W=2, FB=5), Costs(F=1, B=2, W=1, FB=2)])
+def test_simulator_reproduces_bubble_formulas(pp, costs):
+    """ANCHORS.md's table, in DeepSeek's accounting (B = 2F, W = F; F&B from no overlap gain to
+    the full one): 1F1B's bubble on every rank, DualPipe's and DualPipeV's on the worst rank,
+    and the peak number of live micro-batches on the first rank."""
+    F, B, W, FB = costs.F, costs.B, costs.W, costs.FB
+    for chunks in (2 * pp, 4 * pp):
+        one = simulate(build("1f1b", pp, chunks, wgrad_split=False), Placement("1f1b", pp, chunks), costs)
+        assert one.bubble == pytest.approx([(pp - 1) * (F + B)] * pp)
+        assert one.peak_live[0] == pp
+        dual = simulate(build("dualpipe", pp, chunks), Placement("dualpipe", pp, chunks), costs)
+        assert max(dual.bubble) == pytest.approx((pp / 2 - 1) * (FB + B - 3 * W))
+        assert dual.peak_live[0] == pp + 1
+        # DualPipeV: 2 * pp stages on pp ranks; the formula counts stages
+        v = simulate(build("dualpipev", pp, chunks), Placement("dualpipev", pp, chunks), costs)
+        assert max(v.bubble) == pytest.approx((2 * pp / 2 - 1) * (FB + B - 3 * W))
+        assert v.peak_live[0] == 2 * pp + 1
+        assert dual.makespan < one.makespan  # what DualPipe is for
+
+
+def test_schedule_rules_are_enforced():
+    for name, pp, chunks, named in [("dualpipe", 3, 6, "even pp"), ("dualpipe", 4, 7, "even number"),
+                                    ("dualpipe", 4, 6, ">= 2 * pp"), ("dualpipev", 4, 7, ">= 2 * pp"),
+                                    ("zigzag", 2, 4, "choose one of")]:
+        with pytest.raises(ValueError, match=re.escape(named)):
+            check(name, pp, chunks)
