@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -74,6 +75,26 @@ class ParallelConfig:
     # Dispatch payload: auto (fp8 under precision=fp8, else the activations' dtype), fp8
     # (1x128-scaled e4m3 + scales, about half of bf16's bytes), activation. Combine never uses fp8.
     dispatch_dtype: str = "auto"
+    # Pipeline: blocks per stage (empty: balance parameters; DualPipeV has 2 * pp stages), and
+    # the weight-gradient split (zero bubble: backward computes input gradients first).
+    layers_per_stage: list[int] = field(default_factory=list)
+    wgrad_split: bool = True
+
+
+@dataclass
+class EngineConfig:
+    """Who runs the optimizer: duet's own data-parallel engine, or DeepSpeed's ZeRO (pp == 1 only,
+    parallel/deepspeed_engine.py). The model, EP dispatcher, data, LR schedule and AdamW are duet's
+    under both, so the two engines train the same numbers."""
+
+    name: str = "native"  # native or deepspeed
+    zero_stage: int = 1  # deepspeed: 1, 2 or 3 (the native engine uses parallel.zero1)
+    # deepspeed: write the newest DeepSpeed checkpoint of run_dir in duet's format too (so the native
+    # engine can resume it), then stop without training. Needs the layout it was saved with.
+    convert_to_native: bool = False
+    # deepspeed: keys merged over the generated DeepSpeed config, e.g.
+    # +engine.deepspeed.zero_optimization.reduce_bucket_size=1e6
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,6 +137,9 @@ class OptimConfig:
     decay_end: float = 0.9
     step_lrs: list[float] = field(default_factory=list)
     step_at: list[float] = field(default_factory=list)
+    # NaN/Inf guard: a step whose loss or gradient norm is not finite on any rank is skipped on
+    # every rank; this many skips in a row are tolerated, the next one stops the run.
+    max_consecutive_skips: int = 3
 
 
 @dataclass
@@ -134,6 +158,9 @@ class LaunchConfig:
     dry_run: bool = False
     max_restarts: int = 0  # restart a crashed group this often; it resumes from the checkpoint
     port: int = 0  # rendezvous port on loopback for local/simulated; 0 picks a free one
+    # A blocking wait on a collective longer than this is a hang: the watchdog names the rank,
+    # collective and step, and exits so the group restarts (parallel/watchdog.py).
+    collective_timeout_s: float = 300.0
     nodes: int = 1  # slurm: nodes to request
     gpus_per_node: int = 8  # ranks per node: slurm's processes per node, and the node size
     # node-limited expert routing assumes (real on clusters, simulated on one machine)
@@ -160,6 +187,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     steps: int = 300
     eval_interval: int = 100  # 0 evaluates only at the end
     eval_batches: int = 8
@@ -259,6 +287,9 @@ def validate(cfg: TrainConfig) -> list[str]:
                  "need 0 <= decay_start <= decay_end <= 1")
     if len(o.step_lrs) != len(o.step_at):
         p.append("optim.step_lrs and optim.step_at must have the same length")
+    if o.max_consecutive_skips < 0:
+        p.append(f"optim.max_consecutive_skips={o.max_consecutive_skips}: must be >= 0 (0 stops at the "
+                 "first non-finite step)")
     if cfg.precision.compute not in COMPUTE_DTYPES:
         p.append(f"precision.compute={cfg.precision.compute!r}: choose one of {', '.join(COMPUTE_DTYPES)}")
     if cfg.precision.moment_dtype not in MOMENT_DTYPES:
@@ -277,6 +308,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.logging.wandb_mode not in WANDB_MODES:
         p.append(f"logging.wandb_mode={cfg.logging.wandb_mode!r}: choose one of {', '.join(WANDB_MODES)}")
     p += layout_problems(cfg)
+    p += engine_problems(cfg)
     return p
 
 
@@ -307,6 +339,10 @@ def layout_problems(cfg: TrainConfig) -> list[str]:
     if par.pp > 1 and stages > cfg.model.n_layers:
         p.append(f"parallel.pp={par.pp}: {stages} pipeline stages need at least as many blocks, "
                  f"model.n_layers={cfg.model.n_layers}")
+    elif par.layers_per_stage and (len(par.layers_per_stage) != stages or min(par.layers_per_stage) < 1
+                                   or sum(par.layers_per_stage) != cfg.model.n_layers):
+        p.append(f"parallel.layers_per_stage={list(par.layers_per_stage)}: give {stages} counts >= 1 "
+                 f"summing to model.n_layers={cfg.model.n_layers} (or [] to balance parameters)")
     if par.pp > 1 and par.schedule == "dualpipe":
         if par.pp % 2:
             p.append(f"parallel.pp={par.pp}: DualPipe needs an even pp (or parallel.schedule=dualpipev)")
@@ -328,6 +364,9 @@ def layout_problems(cfg: TrainConfig) -> list[str]:
                  f"equal parallel.pp * parallel.dp = {world_size(cfg)}")
     if not 0 <= launch.port < 65536:
         p.append(f"launch.port={launch.port}: must lie in [0, 65535]")
+    if not (launch.collective_timeout_s > 0 and math.isfinite(launch.collective_timeout_s)):
+        p.append(f"launch.collective_timeout_s={launch.collective_timeout_s}: must be a positive number "
+                 "of seconds (default 300)")
     return p
 
 
@@ -357,10 +396,62 @@ def _expert_routing_problems(cfg: TrainConfig) -> list[str]:
     return p
 
 
-def unbuilt_features(cfg: TrainConfig) -> list[str]:
-    """Valid settings whose machinery is not built yet: refused for a real run, while a
-    --dry-run may still describe them."""
-    p = []
+ENGINES = ("native", "deepspeed")
+# DeepSpeed keys duet derives from its own config (one source of truth): overriding them would be
+# ignored or would make the two engines train different numbers.
+DS_OWNED_KEYS = {
+    "optimizer": "duet's AdamW is DeepSpeed's client optimizer; set optim.*",
+    "scheduler": "duet's LR schedule drives the optimizer; set optim.schedule and friends",
+    "train_batch_size": "set data.batch_size", "train_micro_batch_size_per_gpu": "set data.batch_size",
+    "gradient_accumulation_steps": "derived from data.batch_size and parallel.dp",
+    "gradient_clipping": "set optim.grad_clip", "fp16": "set precision.compute", "bf16": "set precision.compute",
+    "zero_optimization.stage": "set engine.zero_stage",
+    "zero_optimization.offload_optimizer": "offload needs DeepSpeed's CPUAdam op instead of duet's AdamW",
+    "zero_optimization.offload_param": "offload needs DeepSpeed's CPUAdam op instead of duet's AdamW",
+}
+
+
+def engine_problems(cfg: TrainConfig) -> list[str]:
+    """engine=deepspeed combinations DeepSpeed cannot honour (parallel/deepspeed_engine.py)."""
+    e, p = cfg.engine, []
+    if e.name not in ENGINES:
+        return [f"engine.name={e.name!r}: choose one of {', '.join(ENGINES)}"]
+    if e.name != "deepspeed":
+        return [] if not e.convert_to_native else ["engine.convert_to_native=true needs engine=deepspeed"]
+    if e.zero_stage not in (1, 2, 3):
+        p.append(f"engine.zero_stage={e.zero_stage}: choose 1, 2 or 3")
     if cfg.parallel.pp > 1:
-        p.append(f"parallel.pp={cfg.parallel.pp}: pipeline parallelism is not built yet; use pp=1")
+        p.append(f"parallel.pp={cfg.parallel.pp}: engine=deepspeed runs without pipeline parallelism; "
+                 "use parallel.pp=1 or engine=native")
+    if cfg.checkpoint.async_save:
+        p.append("checkpoint.async_save=true: DeepSpeed checkpoints are written synchronously; set it to false")
+    flat = _flatten(e.deepspeed)
+    for key, why in DS_OWNED_KEYS.items():
+        if any(k == key or k.startswith(key + ".") for k in flat):
+            p.append(f"engine.deepspeed.{key}: not settable with engine=deepspeed ({why})")
+    zero = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("zero_optimization.")}
+    # DeepSpeed asserts these for expert parameter groups (stage_1_and_2.py _configure_moe_settings).
+    if e.zero_stage in (1, 2) and zero.get("reduce_scatter") is False:
+        p.append("engine.deepspeed.zero_optimization.reduce_scatter=false: DeepSpeed's ZeRO 1/2 needs "
+                 "reduce_scatter for expert parameter groups; drop the override")
+    if e.zero_stage == 2 and zero.get("contiguous_gradients") is False:
+        p.append("engine.deepspeed.zero_optimization.contiguous_gradients=false: DeepSpeed's ZeRO-2 needs "
+                 "contiguous gradients for expert parameter groups; drop the override")
+    # ZeRO-3 partitions experts over the expert-data-parallel group through DeepSpeed's AutoEP
+    # placement, which refuses these (engine.py _validate_zero3_moe_compatibility).
+    if e.zero_stage == 3:
+        for key in ("zero_hpz_partition_size", "zero_quantized_gradients", "zero_quantized_weights"):
+            if key in zero and zero[key] not in (False, 0, 1):
+                p.append(f"engine.deepspeed.zero_optimization.{key}={zero[key]}: DeepSpeed's ZeRO-3 cannot "
+                         "partition expert parameters with it; drop the override or use engine.zero_stage=2")
     return p
+
+
+def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from framework import checkpoint
+from framework import checkpoint, integrity
 from framework.config import TrainConfig
 from framework.data import DataError, build_data
-from framework.faults import maybe_fail
+from framework.faults import maybe_fail, planned, poison
 from framework.fp8 import apply_fp8, companion_compute
 from framework.metrics import (
     MetricsLogger,
@@ -39,12 +39,16 @@ from framework.metrics import (
 )
 from framework.model import Transformer, count_params
 from framework.optim import lr_at
-from parallel import comm
+from parallel import comm, watchdog
 from parallel.data_parallel import DataParallelOptimizer, GradReducer, all_reduce_expert_load, reduce_mean
 from parallel.expert_parallel import enable_expert_parallel, ep_record, expert_state_dict, local_state_dict
 from parallel.mesh import Layout, Mesh, build_mesh, init_distributed, shutdown
+from parallel.pipeline.engine import PipelineEngine
 
 SAMPLE_PROMPT = "def "
+# The process group's own timeout is this much longer than the watchdog's, so a hang is
+# reported by the watchdog's one line rather than by gloo's multi-line error.
+WATCHDOG_GRACE_S = 60.0
 
 
 class TrainingError(RuntimeError):
@@ -77,7 +81,8 @@ def setup_mesh(cfg: TrainConfig, device: torch.device) -> Mesh:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Mesh.single()
     simulated = os.environ.get("DUET_LAUNCH_MODE", cfg.launch.mode) == "simulated"
-    init_distributed("nccl" if device.type == "cuda" and not simulated else "gloo")
+    init_distributed("nccl" if device.type == "cuda" and not simulated else "gloo",
+                     timeout_s=cfg.launch.collective_timeout_s + WATCHDOG_GRACE_S)
     return build_mesh(Layout.from_config(cfg.parallel))
 
 
@@ -117,22 +122,41 @@ def expert_imbalance(model: Transformer, per_layer: bool = False) -> dict[str, f
     return out
 
 
-def starting_point(cfg: TrainConfig) -> tuple[Path | None, Path | None]:
+def starting_point(cfg: TrainConfig, damaged: list | None = None) -> tuple[Path | None, Path | None]:
     """(checkpoint to resume, weights to start from), checked against this config.
 
     Resuming the run folder restores everything; `checkpoint.load_from` only initialises the
     weights of a new run (fine-tuning, HF imports) and is ignored once the run has
     checkpoints of its own. The launcher calls this before spawning, so a mismatch is one
     line and exit 2 rather than a failure in every worker.
+
+    Checkpoints are verified against their manifests: a damaged newest one is skipped for the
+    newest intact one, and (path, reason) of each skipped one is appended to `damaged`; when
+    none is intact the run is refused rather than silently started from scratch.
     """
-    resume_from = checkpoint.latest_checkpoint(Path(cfg.run_dir).expanduser())
+    resume_from, found_damaged = checkpoint.latest_good_checkpoint(Path(cfg.run_dir).expanduser())
+    if damaged is not None:
+        damaged += found_damaged
+    if resume_from is None and found_damaged:
+        path, why = found_damaged[-1]
+        raise TrainingError(f"{path}: {why}, and no intact checkpoint is left to resume from; move the "
+                            "damaged folders out of checkpoints/ or use a new run_dir")
     if resume_from is not None and not cfg.checkpoint.resume:
         raise TrainingError(f"{cfg.run_dir} already holds checkpoints; use a new run_dir or "
                             "checkpoint.resume=true (refusing to overwrite them)")
     init_from = Path(cfg.checkpoint.load_from) if cfg.checkpoint.load_from and resume_from is None else None
+    if init_from is not None and (problem := integrity.verify(init_from)):
+        raise TrainingError(f"checkpoint.load_from={cfg.checkpoint.load_from}: {problem}; point it at an "
+                            "intact checkpoint folder")
     for path in (resume_from, init_from):
         if path is not None:
             _check_same_model(path, cfg)
+    if resume_from is not None:
+        from parallel.deepspeed_engine import checkpoint_format_problem  # imports no deepspeed
+
+        problem = checkpoint_format_problem(resume_from, cfg.engine.name)
+        if problem:
+            raise TrainingError(problem)
     return resume_from, init_from
 
 
@@ -145,9 +169,9 @@ def _check_same_model(path: Path, cfg: TrainConfig) -> None:
     current = asdict(cfg.model)
     diff = [k for k in current if saved.get(k) != current[k]]
     if diff:
-        k = diff[0]
-        raise TrainingError(f"checkpoint {path} was saved with model.{k}={saved.get(k)!r}, this run "
-                            f"has {current[k]!r}; use a new run_dir or the original model config")
+        keys = ", ".join(f"model.{k}={saved.get(k)!r} (this run: {current[k]!r})" for k in diff)
+        raise TrainingError(f"checkpoint {path} was saved with a different model: {keys}; use a new "
+                            "run_dir or the original model config")
 
 
 class Trainer:
@@ -161,7 +185,8 @@ class Trainer:
         self.compute = resolve_compute(cfg.precision.compute, self.device)
         self.mesh = setup_mesh(cfg, self.device)
         self.is_main = self.mesh.rank == 0
-        self.resume_from, self.init_from = starting_point(cfg)
+        self.resume_from, self.init_from, self.damaged = self._agreed_start(cfg)
+        self.consecutive_skips = 0  # NaN/Inf guard: skipped steps in a row (train_step)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         # Rank 0 tokenizes (or finds the launcher's cache) first; the others then read the cache.
@@ -179,9 +204,9 @@ class Trainer:
             cfg.parallel.dispatch_dtype == "auto" and self.compute == "fp8")
         enable_expert_parallel(self.model, self.mesh, cfg.launch.gpus_per_node,
                                cfg.parallel.max_nodes_per_token, fp8_dispatch)
-        self.reducer = GradReducer(self.model, self.mesh, cfg.parallel.bucket_mb)
-        self.optimizer = DataParallelOptimizer(self.model, cfg.optim, self.mesh, cfg.precision.moment_dtype,
-                                               zero=cfg.parallel.zero1, bucket_mb=cfg.parallel.bucket_mb)
+        # pp > 1: keep only this rank's stages; the engine runs the schedule
+        self.pipeline = PipelineEngine(self.model, cfg, self.mesh) if cfg.parallel.pp > 1 else None
+        self._setup_optimizer()
         self.saver = checkpoint.Saver(self.run_dir, asdict(cfg), cfg.checkpoint.keep_last,
                                       cfg.checkpoint.async_save)
         self.step = 0
@@ -194,6 +219,47 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.counts["activated"], m.n_layers, m.n_heads,
                                                m.qk_nope_head_dim + m.qk_rope_head_dim,
                                                m.v_head_dim, cfg.data.seq_len)
+
+    def _setup_optimizer(self) -> None:
+        """Gradient reduction and the optimizer; parallel/deepspeed_engine.py replaces this part."""
+        cfg = self.cfg
+        self.reducer = GradReducer(self.model, self.mesh, cfg.parallel.bucket_mb)
+        self.optimizer = DataParallelOptimizer(self.model, cfg.optim, self.mesh, cfg.precision.moment_dtype,
+                                               zero=cfg.parallel.zero1, bucket_mb=cfg.parallel.bucket_mb,
+                                               pp_copies=self.pipeline.copies if self.pipeline else None)
+
+    @property
+    def every_rank_generates(self) -> bool:
+        """Under expert parallelism every rank generates: its experts serve the others' tokens."""
+        return self.mesh.ep > 1
+
+    def _agreed_start(self, cfg: TrainConfig) -> tuple[Path | None, Path | None, list]:
+        """starting_point() on rank 0 only, which checksums the checkpoint once rather than once
+        per rank, sets damaged checkpoints aside and broadcasts the chosen step, so every rank
+        loads the same folder."""
+        damaged: list[tuple[Path, str]] = []
+        if self.mesh.is_single:
+            return (*starting_point(cfg, damaged), damaged)
+        choice = torch.tensor([0, -1], dtype=torch.int64, device=comm.collective_device())  # ok, step
+        error = None
+        if self.is_main:
+            try:
+                resume_from, init_from = starting_point(cfg, damaged)
+                step = -1 if resume_from is None else int(resume_from.name[len(checkpoint.PREFIX):])
+                choice = torch.tensor([1, step], dtype=torch.int64, device=choice.device)
+            except TrainingError as err:
+                error = err
+        comm.broadcast(choice, src=0)
+        if error is not None:
+            raise error
+        ok, step = choice.tolist()
+        if not ok:
+            raise TrainingError("rank 0 found no usable starting point; its log says why")
+        root = checkpoint.checkpoint_root(self.run_dir)
+        resume_from = None if step < 0 else root / f"{checkpoint.PREFIX}{step:08d}"
+        load_from = cfg.checkpoint.load_from
+        init_from = Path(load_from) if load_from and resume_from is None else None
+        return resume_from, init_from, damaged
 
     def say(self, line: str) -> None:
         """Console output comes from rank 0 only (the others' logs are files)."""
@@ -216,7 +282,7 @@ class Trainer:
     def _load(self, path: Path) -> None:
         state = self._state()
         try:
-            checkpoint.load(path, state)
+            checkpoint.load(path, state, verify=False)  # starting_point verified it
         except checkpoint.CheckpointError as err:
             raise TrainingError(str(err)) from None
         self.model.load_state_dict(local_state_dict(state["model"]))  # first: ZeRO masters follow it
@@ -240,29 +306,86 @@ class Trainer:
     # --- one step ----------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, detail: bool = False) -> dict:
         """One optimizer step on this rank's share of the global batch; returns global-batch
-        metrics (identical on every rank); `detail` adds per-layer expert loads."""
+        metrics (identical on every rank); `detail` adds per-layer expert loads.
+
+        NaN/Inf guard: when the loss or the gradient norm is not finite on any rank (two flags
+        that ride in the loss's own all-reduce, so the check costs no extra collective), every
+        rank skips the step: no optimizer update (weights, AdamW moments and AdamW's update count
+        stay as they were) and no expert-bias update (the batch's expert loads are dropped). A
+        skipped step k still counts as a step: the step counter moves to k, batch k is consumed
+        (the data position moves on), and the LR schedule, a function of the step counter, moves
+        on with it, so step k+1 trains on batch k+1 at the LR of step k+1. The weights after a
+        run that skipped step k therefore equal those of a run that discarded batch k unseen.
+        The record names the non-finite quantity under `skipped`; more than
+        optim.max_consecutive_skips skips in a row stop the run with a TrainingError (nothing is
+        saved, so the last checkpoint stays the last good one). The count of skips in a row
+        restarts at 0 when a run resumes.
+        """
         cfg = self.cfg
+        watchdog.set_step(self.step + 1)
         lr = lr_at(self.step, cfg.steps, cfg.optim)
         self.optimizer.set_lr(lr)
         self.model.train()
-        with autocast(self.device, self.compute):
-            loss, parts = self.model.loss(inputs.to(self.device), targets.to(self.device))
-        loss.backward()
+        if self.pipeline is not None:
+            loss, parts = self._pipeline_forward_backward(inputs, targets)
+        else:
+            with autocast(self.device, self.compute):
+                loss, parts = self.model.loss(inputs.to(self.device), targets.to(self.device))
+        if (bad := poison("loss", self.step + 1, self.mesh.rank)) is not None:
+            loss = loss * bad  # fault injection (framework/faults.py)
+        if self.pipeline is None:
+            loss.backward()
         self.reducer.finish()  # dense grads averaged over dp, expert grads over edp
+        if self.pipeline is not None:
+            self.pipeline.sync_shared_grads()  # DualPipe's mirror stages, a tied embedding
+        if (bad := poison("grad", self.step + 1, self.mesh.rank)) is not None:
+            next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = bad
         grad_norm = self.optimizer.clip_grad_norm(cfg.optim.grad_clip)
-        record = reduce_mean({"loss": loss.detach(), **parts}, self.mesh)
-        if not math.isfinite(record["loss"]):  # every rank sees the same value and stops
-            raise TrainingError(f"loss became {record['loss']} at step {self.step}; lower optim.lr or "
-                                "use precision=fp32, then resume from the last checkpoint")
+        flags = {"nonfinite_loss": (~torch.isfinite(loss.detach())).float(),
+                 "nonfinite_grad_norm": (~torch.isfinite(grad_norm)).float()}
+        record = reduce_mean({"loss": loss.detach(), **parts, **flags}, self.mesh)
+        bad_parts = [q for q in ("loss", "grad_norm") if record.pop(f"nonfinite_{q}") > 0]
+        if bad_parts:
+            return self._skip_step(record, lr, grad_norm, bad_parts)
+        self.consecutive_skips = 0
         self.optimizer.step()
         self.optimizer.zero_grad()
         # Aux-loss-free balancing: after the optimizer step, from the global batch's loads.
+        if self.pipeline is not None:
+            self.pipeline.sync_shared_loads()
         all_reduce_expert_load(self.model, self.mesh)
         balance = expert_imbalance(self.model, per_layer=detail)
         self.model.update_expert_bias(cfg.model.bias_update_rate)
         self.step += 1
         maybe_fail("step", self.step, self.mesh.rank, self.run_dir)
         return {**record, "lr": lr, "grad_norm": float(grad_norm), **balance}
+
+    def _autocast(self):
+        return autocast(self.device, self.compute)
+
+    def _pipeline_forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """The schedule's forwards and backwards over parallel.micro_batches micro-batches; the
+        loss terms come back summed over the pipeline ranks (the same value on each)."""
+        with self.reducer.no_sync():  # gradients accumulate over micro-batches; reduced once after
+            out = self.pipeline.train(inputs, targets, self.device, self._autocast)
+        terms = self.pipeline.loss_terms(out, self.device)
+        loss = terms.pop("loss")
+        return loss, terms
+
+    def _skip_step(self, record: dict, lr: float, grad_norm: torch.Tensor, bad: list[str]) -> dict:
+        """The rest of a step whose loss or gradient norm was not finite (see train_step)."""
+        self.optimizer.zero_grad()
+        self.model.update_expert_bias(0.0)  # rate 0: only drop this batch's expert loads
+        self.step += 1
+        self.consecutive_skips += 1
+        limit = self.cfg.optim.max_consecutive_skips
+        if self.consecutive_skips > limit:
+            raise TrainingError(f"non-finite {' and '.join(bad)} at {self.consecutive_skips} steps in a row "
+                                f"(steps {self.step - self.consecutive_skips + 1}-{self.step}, more than "
+                                f"optim.max_consecutive_skips={limit}); stopped without saving, so the last "
+                                "checkpoint is intact: lower optim.lr or use precision=fp32, then resume")
+        maybe_fail("step", self.step, self.mesh.rank, self.run_dir)
+        return {**record, "lr": lr, "grad_norm": float(grad_norm), "skipped": "+".join(bad)}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -272,6 +395,9 @@ class Trainer:
         total = 0.0
         for index in range(self.cfg.eval_batches):
             inputs, targets = self.data.val.batch(index)
+            if self.pipeline is not None:
+                total += self.pipeline.evaluate(inputs, targets, self.device, self._autocast).item()
+                continue
             with autocast(self.device, self.compute):
                 logits = self.model(inputs.to(self.device))
             total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten()).item()
@@ -301,10 +427,14 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(_to_yaml(cfg))
         mesh = self.mesh
-        layout = "" if mesh.is_single else f", {mesh.world} ranks (dp {mesh.dp}, ep {mesh.ep})"
+        pp = f", pp {mesh.pp} {self.cfg.parallel.schedule}" if mesh.pp > 1 else ""
+        layout = "" if mesh.is_single else f", {mesh.world} ranks (dp {mesh.dp}, ep {mesh.ep}{pp})"
         self.say(f"duet: {cfg.model.name} model, {self.counts['total']:,} parameters "
                  f"({self.counts['activated']:,} activated), {self.device}, {self.compute}{layout}, "
                  f"run folder {self.run_dir}")
+        for path, why in self.damaged:  # set aside by rank 0 when it picked the starting point
+            self.say(f"duet: checkpoint {path.name} is damaged ({why}); moved to "
+                     f"{checkpoint.set_aside(path).name}, using the newest intact one")
         if self.resume_from is not None:
             self.say(f"duet: resumed from {self.resume_from} at step {self.step}")
         elif self.init_from is not None:
@@ -314,12 +444,20 @@ class Trainer:
         peak = gpu_peak_tflops(self.compute)
         nvml = NvmlSampler(self.device.index or 0 if self.device.type == "cuda" else None)
         comm.reset_comm_stats()
+        if not mesh.is_single:  # hang detection: a blocking wait longer than the timeout exits
+            watchdog.arm(cfg.launch.collective_timeout_s, mesh.rank)
+            if planned("collective"):  # fault injection: stall this rank inside a collective
+                watchdog.on_wait = lambda kind, step: maybe_fail("collective", step, mesh.rank, self.run_dir)
         window_start, window_steps = time.perf_counter(), 0
         try:
             while self.step < last:
                 inputs, targets = self.data.train.next()
                 log_now = (self.step + 1) % cfg.logging.log_interval == 0 or self.step + 1 == cfg.steps
                 record = self.train_step(inputs, targets, detail=log_now)
+                if "skipped" in record:  # always logged, whatever the interval
+                    log_now = True
+                    bar.write(f"step {self.step}: non-finite {record['skipped']}; optimizer step skipped "
+                              f"on every rank ({self.consecutive_skips} in a row)")
                 result.losses.append(record["loss"])
                 window_steps += 1
                 elapsed = time.perf_counter() - window_start
@@ -351,11 +489,14 @@ class Trainer:
             logger.log({"step": self.step, "val_loss": result.val_loss})
             self.say(f"duet: final validation loss {result.val_loss:.4f} at step {self.step} "
                      f"(checkpoint in {checkpoint.checkpoint_root(self.run_dir)})")
-            # Under expert parallelism every rank generates: its experts serve the others' tokens.
-            if cfg.logging.sample_tokens and (self.is_main or self.mesh.ep > 1):
+            if cfg.logging.sample_tokens and self.pipeline is not None:
+                self.say("duet: no greedy sample under pipeline parallelism (each rank holds only its "
+                         "stages); export the checkpoint with duet-hf or sample from a pp=1 run")
+            elif cfg.logging.sample_tokens and (self.is_main or self.every_rank_generates):
                 result.sample = self.sample(cfg.logging.sample_tokens)
                 self.say("duet: greedy sample:\n" + result.sample)
         finally:
+            watchdog.disarm()
             bar.close()
             logger.close()
             nvml.close()
@@ -376,8 +517,17 @@ def _to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    """The trainer of cfg.engine: duet's own, or DeepSpeed's ZeRO (imported only when chosen)."""
+    if cfg.engine.name == "deepspeed":
+        from parallel.deepspeed_engine import DeepSpeedTrainer
+
+        return DeepSpeedTrainer(cfg)
+    return Trainer(cfg)
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     try:
-        return Trainer(cfg).run()
+        return build_trainer(cfg).run()
     finally:
         shutdown()  # leave the process group (a no-op in a single process)

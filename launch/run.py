@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -48,7 +49,11 @@ def _explain_hydra_error(err: Exception) -> str:
         # Hydra wraps the useful OmegaConf error ("Value 'x' could not be converted...")
         key = re.search(r"full_key: ([\w.]+)", str(cause))
         first = str(cause).strip().splitlines()[0]
-        return f"{key.group(1) + ': ' if key else ''}{first}"
+        if "not in" in first:
+            fix = "check the spelling; `duet-train --cfg` lists every key"
+        else:
+            fix = "give a value of the key's type; `duet-train --cfg` shows every key with its default"
+        return f"{key.group(1) + ': ' if key else ''}{first} - {fix}"
     missing = re.search(r"Could not find '([\w/]+)/(\w+)'", text)
     if missing:
         group, option = missing.groups()
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         print("config groups: " + "; ".join(
             f"{g}: {', '.join(_group_options(g))}" for g in
-            ("model", "optim", "data", "precision", "parallel", "launch", "logging")))
+            ("model", "optim", "data", "precision", "parallel", "launch", "logging", "engine")))
         return 0
     show_cfg = "--cfg" in args
     dry_run = "--dry-run" in args
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         return 0
 
-    from framework.config import unbuilt_features, validate
+    from framework.config import validate
 
     problems = validate(cfg)
     if problems:
@@ -154,9 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(dry_run_report(cfg))
         return 0
-    problems = unbuilt_features(cfg)
-    if problems:
-        return fail(problems)
     return launch(cfg, overrides)
 
 
@@ -180,16 +182,25 @@ def launch(cfg, overrides: list[str]) -> int:
                              f"parallel.pp * parallel.dp = {world}; match --nnodes * --nproc-per-node"])
             train(cfg)
             return 0
+        if world > 1 or mode != "local":
+            problem = _device_problem(cfg, world)
+            if problem:
+                return fail([problem])
+        # Check the run folder and tokenize once here: bad input fails before training (and
+        # before any worker starts), and the ranks find the data cache ready. A run folder
+        # made by this check is removed again, so a refused run leaves nothing behind.
+        run_dir = Path(cfg.run_dir).expanduser()
+        created = not run_dir.exists()
+        try:
+            starting_point(cfg)
+            build_data(cfg.data, cfg.model.vocab_size, run_dir / "data")
+        except (DataError, TrainingError):
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if world == 1 and mode == "local":
             train(cfg)
             return 0
-        problem = _device_problem(cfg, world)
-        if problem:
-            return fail([problem])
-        # Check the run folder and tokenize once here: bad input fails before any worker
-        # starts, and the ranks find the data cache ready.
-        starting_point(cfg)
-        build_data(cfg.data, cfg.model.vocab_size, Path(cfg.run_dir).expanduser() / "data")
         return spawn.spawn_local(cfg)
     except (DataError, TrainingError) as err:
         return fail([str(err)])

@@ -233,8 +233,11 @@ class DataParallelOptimizer:
     """
 
     def __init__(self, model: nn.Module, optim_cfg: OptimConfig, mesh: Mesh, moment_dtype: str = "fp32",
-                 zero: bool = True, bucket_mb: float = 25.0) -> None:
+                 zero: bool = True, bucket_mb: float = 25.0, pp_copies: dict[str, int] | None = None) -> None:
         self.mesh = mesh
+        # Parameters held by several pipeline ranks (DualPipe's mirrors, a tied embedding) count
+        # once in the global gradient norm: each holder adds 1/copies of its square sum.
+        self.pp_copies = pp_copies or {}
         self.zero = zero and mesh.dp > 1
         self.entries: list[_Entry] = []
         for name, p in _trainable(model):
@@ -280,18 +283,30 @@ class DataParallelOptimizer:
         self._attach_grads()
         device = comm.collective_device(self.mesh.dp_group)
         if self.zero:  # pieces partition dense params over dp and experts over edp x ep
-            sq = grad_sq_sum([e.view for e in self.entries if e.sharded]).to(device)
+            sq = self._sq([e for e in self.entries if e.sharded], views=True).to(device)
             comm.all_reduce(sq, "sum", self.mesh.dp_group)
-            sq = sq + grad_sq_sum([e.param for e in self.entries if not e.sharded]).to(device)
+            sq = sq + self._sq([e for e in self.entries if not e.sharded]).to(device)
         elif self.mesh.ep == 1:  # every rank holds every gradient: no communication
-            sq = grad_sq_sum([e.param for e in self.entries]).to(device)
+            sq = self._sq(self.entries).to(device)
         else:  # dense grads are equal on every dp rank; experts differ across the ep group
-            sq = grad_sq_sum([e.param for e in self.entries if not e.expert]).to(device)
-            expert_sq = grad_sq_sum([e.param for e in self.entries if e.expert]).to(device)
+            sq = self._sq([e for e in self.entries if not e.expert]).to(device)
+            expert_sq = self._sq([e for e in self.entries if e.expert]).to(device)
             comm.all_reduce(expert_sq, "sum", self.mesh.ep_group)
             sq = sq + expert_sq
         comm.all_reduce(sq, "sum", self.mesh.pp_group)  # stages hold different parameters
         return sq.sqrt()
+
+    def _sq(self, entries: list[_Entry], views: bool = False) -> torch.Tensor:
+        """Square sum of the entries' gradients (their pieces with views=True), each weighted by
+        1 / the number of pipeline ranks holding it."""
+        by_copies: dict[int, list[torch.Tensor]] = {}
+        for e in entries:
+            by_copies.setdefault(self.pp_copies.get(e.name, 1), []).append(e.view if views else e.param)
+        total = torch.zeros((), dtype=torch.float32)
+        for copies, tensors in sorted(by_copies.items()):
+            sq = grad_sq_sum(tensors)
+            total = total.to(sq.device) + (sq if copies == 1 else sq / copies)
+        return total
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Scale grads to global norm <= max_norm (0: only measure); returns the norm before,

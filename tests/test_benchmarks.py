@@ -30,3 +30,17 @@ def test_ep_overlap_benchmark_reports_exposed_comm_and_dedup_bytes(capsys):
         b = result["bytes_per_token"][ranks]
         assert b["dedup"] <= b["per_expert"]
     assert ep_overlap.TABLE_HEADING in out
+
+
+def test_pipeline_bubble_benchmark_measures_every_schedule_and_draws_a_timeline(tmp_path, capsys):
+    from benchmarks import pipeline_bubble
+
+    result = pipeline_bubble.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert set(result["schedules"]) == {"gpipe", "1f1b", "dualpipe", "dualpipev"}
+    for entry in result["schedules"].values():
+        assert entry["step_ms"] > 0 and entry["sim_step_ms"] > 0 and entry["bubble_max_ms"] > 0
+    assert result["dualpipe_vs_1f1b"] > 0 and "DualPipe step / 1F1B step" in out
+    png = tmp_path / "dualpipe.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "dualpipe.trace.json").exists()

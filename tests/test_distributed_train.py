@@ -151,8 +151,9 @@ def test_failing_rank_traceback_is_shown_once(corpus, tmp_path):
 def ep_train_worker(rank: int, world: int, argv: list[str]) -> dict:
     trainer = Trainer(compose(argv))
     losses = trainer.run().losses
-    return {"losses": losses, "biases": [m.router.expert_bias.clone() for m in trainer.model.moe_layers()],
-            "expert_rows": trainer.model.moe_layers()[0].experts.w1.shape[0]}
+    moes = trainer.model.moe_layers()  # this rank's (its pipeline stages' under pp)
+    return {"losses": losses, "biases": [m.router.expert_bias.clone() for m in moes],
+            "expert_rows": moes[0].experts.w1.shape[0] if moes else 0}
 
 
 @pytest.mark.parametrize("ep", [2, 4])
@@ -179,3 +180,23 @@ def test_expert_parallel_training_equals_single_process(corpus, reference, tmp_p
         resumed = Trainer(compose(args_for(corpus, run_dir, f"steps={STEPS}"))).run()
         assert resumed.start_step == 10
         assert_losses_match(dict(enumerate(resumed.losses, start=11)), reference, range(11, STEPS + 1), 1e-5)
+
+
+@pytest.mark.parametrize("layout", [
+    ("parallel.pp=2", "parallel.dp=1", "parallel.schedule=1f1b", "parallel.micro_batches=4"),
+    ("parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.schedule=dualpipe",
+     "parallel.micro_batches=4"),
+], ids=["pp2_1f1b", "pp2_dp2_ep2_dualpipe"])
+def test_pipeline_training_equals_single_process(corpus, reference, tmp_path, layout):
+    steps = 10
+    run_dir = tmp_path / "run"
+    argv = args_for(corpus, run_dir, f"steps={steps}", *layout, "checkpoint.interval=5")
+    world = 2 * (2 if "parallel.dp=2" in layout else 1)
+    per_rank = run_ranks(ep_train_worker, world, argv, timeout_s=400)
+    for r in per_rank:
+        assert_losses_match(dict(enumerate(r["losses"], start=1)), reference, range(1, steps + 1), 1e-5)
+    # the pipeline checkpoint (each rank saved its stages) resumes in one process
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000010")
+    resumed = Trainer(compose(args_for(corpus, run_dir, f"steps={steps}"))).run()
+    assert resumed.start_step == 5
+    assert_losses_match(dict(enumerate(resumed.losses, start=6)), reference, range(6, steps + 1), 1e-5)

@@ -98,7 +98,9 @@ class PipelineRunner:
                  peers: list[int], group=None, record: Callable[[str, float, float], None] | None = None):
         self.stages, self.placement, self.actions = stages, placement, actions
         self.pp_rank, self.peers, self.group = pp_rank, peers, group
-        self.record = record  # timeline hook: (label, start, end)
+        # Timeline hook: record(label, start, end) with perf_counter seconds; labels "F<phase>.<mb>",
+        # "B<phase>.<mb>" (suffix z: weight gradients deferred), "W", "recv" (blocked receiving).
+        self.record = record
         self.last_stage = placement.n_stages - 1
 
     # --- communication -------------------------------------------------------------------
@@ -152,7 +154,7 @@ class PipelineRunner:
                 if aux is not None:
                     self.out.aux[mb] = self.out.aux.get(mb, 0) + aux.detach()
                 live = _Live(x, h_BTD, aux)
-        self._mark(f"F{mb}", start)
+        self._mark(f"F{phase}.{mb}", start)
         if not stage.is_last:
             self._send(live.out, False, stage_id + 1, mb)
         if grad:
@@ -174,7 +176,7 @@ class PipelineRunner:
             self._wgrad.append(work)
         else:
             torch.autograd.backward(tensors, grads)
-        self._mark(f"B{mb}", start)
+        self._mark(f"B{phase}.{mb}" + ("z" if split else ""), start)
         if not stage.is_first:
             self._send(live.x.grad, True, stage_id - 1, mb)
 
