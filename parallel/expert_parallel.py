@@ -35,8 +35,18 @@ gradients over the edp group and never cuts dim 0). Under EP a rank's expert gra
 hold the contributions of every rank of its ep group (they come home through the backward
 all-to-all). A rank whose experts received no token at all leaves their .grad None.
 
+FP8 payload (fp8_payload=True, DeepSeek-V3's recipe): the x rows travel as 1x128-scaled e4m3
+bytes plus fp32 scales and are dequantised on arrival; combine and all gradients stay in the
+activations' dtype.
+
 All communication goes through parallel.comm (DESIGN.md rule 4); its "all_to_all" counters
-hold the bytes. `layout_stats(handle)` reports (token, rank) versus (token, expert) pairs.
+hold the bytes. `layout_stats(handle)` reports (token, rank) versus (token, expert) pairs;
+each dispatcher's DispatchStats count tokens, rows, bytes and the seconds blocked on
+communication, which `ep_record` turns into metrics.
+
+For the trainer: `enable_expert_parallel` shards the experts and sets node-limited routing
+from the layout; `expert_state_dict` / `local_state_dict` map local experts to global ids for
+checkpoints.
 """
 
 from __future__ import annotations
