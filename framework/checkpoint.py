@@ -12,6 +12,10 @@ Why these choices:
   prunes old ones.
 - Atomic: everything is written to a hidden temporary folder that is renamed into place
   only once complete, so a crash mid-save never leaves a half checkpoint that resume picks.
+- Verified: `manifest.json` (framework/integrity.py) is written last, with the size and
+  checksum of every file; loading checks it, and resume falls back to the newest intact
+  checkpoint when the latest is damaged. DCP's pickled index is read by a restricted
+  unpickler, so loading never runs code a crafted checkpoint names.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from framework import integrity
 from framework.faults import maybe_fail
 from parallel import comm
 from parallel.mesh import side_group
@@ -56,13 +61,36 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and (p / "meta.json").is_file()]
+             and p.name[len(PREFIX):].isdigit() and (p / "meta.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(checkpoint_root(run_dir))
     return found[-1] if found else None
+
+
+def latest_good_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint whose manifest verifies, and the newer damaged ones with the reason
+    each failed (newest first). Every file of the chosen one is checksummed."""
+    damaged = []
+    for path in reversed(list_checkpoints(checkpoint_root(run_dir))):
+        problem = integrity.verify(path)
+        if problem is None and integrity.read_manifest(path)["step"] != int(path.name[len(PREFIX):]):
+            problem = "its manifest is for another step (a copied or renamed folder)"
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to a hidden folder: kept for inspection, never resumed from
+    or counted by pruning."""
+    target = path.with_name(f".damaged-{path.name}")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    return target
 
 
 class Saver:
@@ -94,6 +122,7 @@ class Saver:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         comm.barrier()
+        maybe_fail("save-begin", step, comm.global_rank(), self.run_dir)
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group,
                                     no_dist=_no_dist())
@@ -116,7 +145,7 @@ class Saver:
         maybe_fail("save", step, comm.global_rank(), self.run_dir)
         comm.barrier()  # every rank's shard is on disk before the folder becomes visible
         if comm.global_rank() == 0:
-            _publish(tmp, final, {"step": step, "config": self.config})
+            _publish(tmp, final, {"step": step, "config": self.config}, self.run_dir)
             for old in list_checkpoints(self.root)[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         comm.barrier()
@@ -135,23 +164,40 @@ def save_weights(path: str | Path, model: torch.nn.Module, config: dict) -> Path
     return final
 
 
-def _publish(tmp: Path, final: Path, meta: dict) -> None:
-    """Make a fully written temporary folder a checkpoint: meta.json last, then one rename.
-    An existing folder of the same name (re-saving a step after a resume) is replaced whole."""
+def _publish(tmp: Path, final: Path, meta: dict, run_dir: Path | None = None) -> None:
+    """Make a fully written temporary folder a checkpoint: meta.json, then the manifest of every
+    file (last), then one rename. An existing folder of the same name (re-saving a step after a
+    resume) is replaced whole. run_dir enables the fault-injection points."""
+    step = meta["step"]
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if run_dir is not None:
+        maybe_fail("publish-meta", step, 0, run_dir)
+    integrity.write_manifest(tmp, meta)
+    if run_dir is not None:
+        maybe_fail("publish-manifest", step, 0, run_dir)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    if run_dir is not None:
+        maybe_fail("publish-done", step, 0, run_dir)
 
 
-def load(path: str | Path, state: dict[str, dict[str, torch.Tensor]]) -> None:
+def load(path: str | Path, state: dict[str, dict[str, torch.Tensor]], verify: bool = True) -> None:
     """Fill `state` (same layout as saved; any subset of sections) in place from `path`.
-    The caller then hands the sections to model/optimizer `load_state_dict`."""
+    The caller then hands the sections to model/optimizer `load_state_dict`. verify=False
+    skips the checksums (when the caller verified the folder already)."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path} is not a complete duet checkpoint (no meta.json)")
+    problem = integrity.verify(path) if verify else None
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}; use an older checkpoint")
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist())
+        integrity.read_metadata(path / ".metadata")
+    except integrity.UnsafeCheckpoint as err:
+        raise CheckpointError(f"checkpoint {path} refused: {err}") from None
+    try:
+        dcp.load(state, storage_reader=integrity.SafeReader(str(path)), no_dist=_no_dist())
     except Exception as err:  # DCP raises a wrapped multi-line error on any mismatch
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this model/config ({first[:200]}); "

@@ -280,8 +280,15 @@ def read_corpus(cfg: DataConfig) -> str:
     if not raw.strip():
         raise DataError(f"data.source={cfg.source!r}: the corpus is empty; give a file with "
                         "text in it")
-    # Stray bytes that are not UTF-8 become U+FFFD rather than stopping the run.
-    return raw.decode("utf-8", errors="replace")
+    # Stray bytes that are not UTF-8 become U+FFFD rather than stopping the run, but a file that
+    # is mostly not text (NUL bytes, or over a tenth undecodable) is a wrong path, not a corpus.
+    text = raw.decode("utf-8", errors="replace")
+    undecodable = text.count("\ufffd") / len(text)
+    if "\x00" in text or undecodable > 0.1:
+        raise DataError(f"data.source={cfg.source!r}: looks binary, not UTF-8 text "
+                        f"({undecodable:.0%} undecodable{', NUL bytes' if chr(0) in text else ''}); give a "
+                        "text file, or a .bin of token ids with data.bin_dtype")
+    return text
 
 
 def _read_bin(cfg: DataConfig) -> np.ndarray:

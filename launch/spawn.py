@@ -78,6 +78,10 @@ def spawn_local(cfg: TrainConfig) -> int:
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         message = failure.message  # a dict from a @record-ed worker's error file, else a string
+        reason = message.get("message", "") if isinstance(message, dict) else ""
+        if reason.startswith("TrainingError: "):  # a stated reason (e.g. too many NaN steps): one line
+            print(f"duet-train: error: {reason.removeprefix('TrainingError: ')}", file=sys.stderr)
+            return 2
         if isinstance(message, dict):
             message = message.get("extraInfo", {}).get("py_callstack") or message.get("message", message)
         print(str(message).rstrip(), file=sys.stderr)

@@ -99,14 +99,16 @@ def test_resume_refuses_a_different_model_and_overwrites_nothing(tmp_path, corpu
     assert checkpoint.latest_checkpoint(tmp_path / "run").name == "step_00000002"
 
 
-def test_nan_loss_stops_with_a_clear_error(tmp_path, corpus):
+def test_nan_loss_every_step_stops_with_a_clear_error(tmp_path, corpus):
     args = ["steps=3", "eval_interval=0", f"data.source={corpus}", "data.tokenizer=byte",
-            "model.vocab_size=256"]
+            "model.vocab_size=256", "optim.max_consecutive_skips=1"]
     trainer = Trainer(tiny_cfg(tmp_path / "run", *args))
     with torch.no_grad():
         trainer.model.head.weight.fill_(math.nan)
-    with pytest.raises(TrainingError, match="loss became nan at step 0"):
+    with pytest.raises(TrainingError, match=r"non-finite loss and grad_norm at 2 steps in a row \(steps 1-2, "
+                                            r"more than optim.max_consecutive_skips=1\)"):
         trainer.run()
+    assert checkpoint.latest_checkpoint(tmp_path / "run") is None  # nothing saved from a broken model
 
 
 def test_bf16_autocast_step_trains(tmp_path, corpus):
