@@ -82,7 +82,11 @@ def verify(folder: Path) -> str | None:
         listed = [(str(name), int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"unreadable {MANIFEST}"
-    if manifest.get("step") != meta["step"] or "meta.json" not in files or ".metadata" not in files:
+    # engine=deepspeed checkpoints hold DeepSpeed's files and DCP's only once converted
+    # (parallel/deepspeed_engine.py); "formats" is absent from native checkpoints.
+    native = "native" in meta.get("formats", ["native"])
+    if (manifest.get("step") != meta["step"] or "meta.json" not in files
+            or (native and ".metadata" not in files)):
         return f"{MANIFEST} does not describe this folder"
     for name, size, digest in listed:
         path = folder / name
@@ -93,7 +97,8 @@ def verify(folder: Path) -> str | None:
         if file_digest(path) != digest:
             return f"{name} fails its checksum (corrupted)"
     try:
-        read_metadata(folder / ".metadata")
+        if native:
+            read_metadata(folder / ".metadata")
     except UnsafeCheckpoint as err:
         return f"refused: {err}"
     return None
