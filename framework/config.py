@@ -79,6 +79,9 @@ class ParallelConfig:
     # the weight-gradient split (zero bubble: backward computes input gradients first).
     layers_per_stage: list[int] = field(default_factory=list)
     wgrad_split: bool = True
+    # DualPipe(V)'s overlapped pairs: the backward of one micro-batch runs on a second thread
+    # beside the forward of another, each one's communication hidden by the other's compute.
+    overlap_fb: bool = True
 
 
 @dataclass
@@ -404,7 +407,8 @@ DS_OWNED_KEYS = {
     "scheduler": "duet's LR schedule drives the optimizer; set optim.schedule and friends",
     "train_batch_size": "set data.batch_size", "train_micro_batch_size_per_gpu": "set data.batch_size",
     "gradient_accumulation_steps": "derived from data.batch_size and parallel.dp",
-    "gradient_clipping": "set optim.grad_clip", "fp16": "set precision.compute", "bf16": "set precision.compute",
+    "gradient_clipping": "set optim.grad_clip",
+    "fp16": "set precision.compute", "bf16": "set precision.compute",
     "zero_optimization.stage": "set engine.zero_stage",
     "zero_optimization.offload_optimizer": "offload needs DeepSpeed's CPUAdam op instead of duet's AdamW",
     "zero_optimization.offload_param": "offload needs DeepSpeed's CPUAdam op instead of duet's AdamW",
@@ -424,7 +428,8 @@ def engine_problems(cfg: TrainConfig) -> list[str]:
         p.append(f"parallel.pp={cfg.parallel.pp}: engine=deepspeed runs without pipeline parallelism; "
                  "use parallel.pp=1 or engine=native")
     if cfg.checkpoint.async_save:
-        p.append("checkpoint.async_save=true: DeepSpeed checkpoints are written synchronously; set it to false")
+        p.append("checkpoint.async_save=true: DeepSpeed checkpoints are written synchronously; "
+                 "set it to false")
     flat = _flatten(e.deepspeed)
     for key, why in DS_OWNED_KEYS.items():
         if any(k == key or k.startswith(key + ".") for k in flat):
