@@ -59,9 +59,11 @@ def plan_faults(seed: int, world: int, steps: int, interval: int, kills: int,
     return sorted(faults, key=lambda f: f[1])  # the order they fire in
 
 
-def duet_train(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+def duet_train(*args: str, env: dict | None = None,
+               timeout: float | None = 300) -> subprocess.CompletedProcess:
+    """`duet-train args...` in a subprocess (the tests use it too); timeout None waits forever."""
     return subprocess.run([sys.executable, "-m", "launch.run", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:
@@ -102,13 +104,13 @@ def soak(corpus: str, root: Path, world: int = 4, steps: int = 200, interval: in
               f"checkpoint.interval={interval}", "checkpoint.keep_last=2", *overrides]
     spec = ",".join(f"kill:{point}:{step}:{rank}" for point, step, rank in faults)
     start = time.perf_counter()
-    killed = duet_train([*common, f"run_dir={root / 'soak'}", f"launch.max_restarts={len(faults)}"],
-                        env={"DUET_FAULT": spec})
+    killed = duet_train(*common, f"run_dir={root / 'soak'}", f"launch.max_restarts={len(faults)}",
+                        env={"DUET_FAULT": spec}, timeout=None)
     soak_s = time.perf_counter() - start
     if killed.returncode != 0:
         raise RuntimeError(f"the soak run failed:\n{killed.stderr[-3000:]}")
     start = time.perf_counter()
-    straight = duet_train([*common, f"run_dir={root / 'straight'}"])
+    straight = duet_train(*common, f"run_dir={root / 'straight'}", timeout=None)
     straight_s = time.perf_counter() - start
     if straight.returncode != 0:
         raise RuntimeError(f"the uninterrupted run failed:\n{straight.stderr[-3000:]}")

@@ -5,7 +5,6 @@ a simulated 8-rank layout runs on the CPU. Expert parallelism (ep = 2, 4) trains
 one process, and its checkpoint resumes in one process."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.soak import duet_train, logged_losses
 from framework import checkpoint
 from framework.trainer import Trainer
 from launch.ranks import run_ranks
@@ -38,21 +38,6 @@ def reference(corpus, tmp_path_factory) -> dict[int, float]:
     cfg = compose(args_for(corpus, run_dir, f"steps={STEPS}", "checkpoint.interval=0"))
     losses = Trainer(cfg).run().losses
     return dict(enumerate(losses, start=1))
-
-
-def duet_train(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.run", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def logged_losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; after a restart the later record of a step wins."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
 
 
 def assert_losses_match(got: dict[int, float], want: dict[int, float], steps, rel: float) -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed_train import args_for, assert_losses_match, duet_train, logged_losses
+from test_distributed_train import args_for, assert_losses_match
 
 from benchmarks import soak
+from benchmarks.soak import duet_train, logged_losses
 from framework import checkpoint, integrity
 from framework.trainer import Trainer
 from launch.ranks import run_ranks
