@@ -172,6 +172,26 @@ class LaunchConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """The machines `duet-plan` plans for (configs/cluster/); training never reads it. Node size
+    is launch.gpus_per_node. Bandwidths are per GPU and direction, taken as achieved (DeepEP
+    reaches 153-158 of NVLink's 160 GB/s and 43-58 of IB's 50 on H800); the efficiencies are the
+    planner's stated assumptions, the share of peak a kernel class reaches."""
+
+    name: str = "h800"
+    memory_gib: float = 80.0
+    reserved_gib: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+    nvlink_gbps: float = 160.0
+    ib_gbps: float = 50.0
+    bf16_tflops: float = 989.0  # dense peaks; FP32 runs as TF32 at half the BF16 peak
+    fp8_tflops: float = 1979.0
+    gemm_efficiency: float = 0.6  # linear layers and grouped expert GEMMs (DeepGEMM: 1214-1550 of 1979)
+    attention_efficiency: float = 0.4  # causal attention core, forward and backward
+    other_overhead: float = 0.15  # norms, SwiGLU, RoPE, quantisation, routing: share of GEMM time
+    comm_sm_share: float = 0.15  # SMs given to overlapped communication (V3: 20 of 132)
+
+
+@dataclass
 class LoggingConfig:
     progress_bar: bool = True
     log_interval: int = 10  # steps between JSONL records
@@ -191,6 +211,7 @@ class TrainConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     steps: int = 300
     eval_interval: int = 100  # 0 evaluates only at the end
     eval_batches: int = 8

@@ -78,8 +78,9 @@ class _Pending:
     was blocked to `on_wait` (the dispatcher's exposed-communication counter)."""
 
     def __init__(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
-                 on_wait=None) -> None:
+                 on_wait=None, back_group=None) -> None:
         self.out_splits, self.in_splits, self.group, self.on_wait = out_splits, in_splits, group, on_wait
+        self.back_group = group if back_group is None else back_group  # for the reverse in backward
         self.handle = _a2a(t.detach(), out_splits, in_splits, group, async_op=True)
 
     def wait(self) -> torch.Tensor:
@@ -96,8 +97,9 @@ class _FP8Pending:
     is treated as the identity in backward: the gradient returns in x's dtype (a BF16 combine)."""
 
     def __init__(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
-                 on_wait=None) -> None:
+                 on_wait=None, back_group=None) -> None:
         self.out_splits, self.in_splits, self.group, self.dtype = out_splits, in_splits, group, x.dtype
+        self.back_group = group if back_group is None else back_group
         q, scale = quantize_act(x.detach())
         self.nbytes = q.nbytes + scale.nbytes
         splits = (out_splits, in_splits, group, on_wait)
@@ -113,7 +115,7 @@ def _reverse(grad: torch.Tensor | None, p: _Pending, shape: tuple, like: torch.T
     """The gradient of a finished all-to-all sent back the reverse way (same splits, swapped)."""
     if grad is None:
         grad = like.new_zeros((sum(p.out_splits),) + shape)
-    return _a2a(grad.contiguous(), p.in_splits, p.out_splits, p.group, async_op=False).result
+    return _a2a(grad.contiguous(), p.in_splits, p.out_splits, p.back_group, async_op=False).result
 
 
 def _link() -> torch.Tensor:
@@ -226,10 +228,15 @@ class AllToAllDispatcher:
     """Drop-in for framework.model.moe.LocalDispatcher under expert parallelism.
     fp8_payload: dispatch x as 1x128-scaled e4m3 (combine stays in the activations' dtype)."""
 
-    def __init__(self, ep_group, ep_rank: int, ep: int, n_experts: int, fp8_payload: bool = False) -> None:
+    def __init__(self, ep_group, ep_rank: int, ep: int, n_experts: int, fp8_payload: bool = False,
+                 backward_group=None) -> None:
         if n_experts % ep:
             raise ValueError(f"AllToAllDispatcher: n_experts={n_experts} is not divisible by ep={ep}")
         self.group, self.ep_rank, self.ep, self.n_experts = ep_group, ep_rank, ep, n_experts
+        # A second group over the same ranks for the backward's all-to-alls, so a backward may
+        # run on another thread beside a forward (the pipeline's overlapped pairs) without the
+        # two threads' all-to-alls interleaving differently on different ranks.
+        self.backward_group = ep_group if backward_group is None else backward_group
         self.n_local = n_experts // ep
         self.fp8_payload = fp8_payload
         self.stats = DispatchStats()
@@ -266,7 +273,7 @@ class AllToAllDispatcher:
                                torch.full_like(idx_SK, -1))
         x_send = x_TD[send_token_S]
         w_send = topk_weight_TK[send_token_S]
-        splits = (recv_counts, send_counts, self.group, self._waited_dispatch)
+        splits = (recv_counts, send_counts, self.group, self._waited_dispatch, self.backward_group)
         px = _FP8Pending(x_send, *splits) if self.fp8_payload else _Pending(x_send, *splits)
         handle = EPHandle(topk_idx=None, topk_weight=None, send_token=send_token_S, send_counts=send_counts,
                           recv_counts=recv_counts, n_tokens=T, token_expert_pairs=T * K,
@@ -298,7 +305,7 @@ class AllToAllDispatcher:
     # ---- combine
     def combine_start(self, y_ND: torch.Tensor, handle: EPHandle) -> CombinePending:
         return CombinePending(y=_Pending(y_ND, handle.send_counts, handle.recv_counts, self.group,
-                                         self._waited_combine), y_in=y_ND, handle=handle)
+                                         self._waited_combine, self.backward_group), y_in=y_ND, handle=handle)
 
     def combine_wait(self, pending: CombinePending) -> torch.Tensor:
         h = pending.handle
@@ -316,7 +323,8 @@ class AllToAllDispatcher:
 # --------------------------------------------------------------------------- model surgery
 
 
-def shard_experts(model: nn.Module, mesh_or_rank, fp8_payload: bool = False) -> nn.Module:
+def shard_experts(model: nn.Module, mesh_or_rank, fp8_payload: bool = False,
+                  backward_group=None) -> nn.Module:
     """Keep only this rank's contiguous block of routed experts in every MoE layer and install an
     AllToAllDispatcher. `mesh_or_rank` is a parallel.mesh.Mesh or a tuple (ep_rank, ep[, ep_group])
     (group None = the default world group). Routers stay full. Afterwards dim 0 of each
@@ -342,7 +350,7 @@ def shard_experts(model: nn.Module, mesh_or_rank, fp8_payload: bool = False) -> 
             full = getattr(experts, name)
             setattr(experts, name, nn.Parameter(full.detach()[ep_rank * L:(ep_rank + 1) * L].clone(),
                                                 requires_grad=full.requires_grad))
-        module.dispatcher = AllToAllDispatcher(group, ep_rank, ep, E, fp8_payload)
+        module.dispatcher = AllToAllDispatcher(group, ep_rank, ep, E, fp8_payload, backward_group)
     return model
 
 
@@ -363,12 +371,20 @@ def limit_nodes(model: nn.Module, n_nodes: int, max_nodes: int) -> None:
 
 
 def enable_expert_parallel(model: nn.Module, mesh, ranks_per_node: int = 8, max_nodes_per_token: int = 0,
-                           fp8_payload: bool = False) -> nn.Module:
+                           fp8_payload: bool = False, backward_groups: bool = False) -> nn.Module:
     """What the trainer does for ep > 1: shard the experts over the mesh's ep group, install the
-    all-to-all dispatchers and set node-limited routing from the layout."""
+    all-to-all dispatchers and set node-limited routing from the layout. backward_groups: give
+    the backward's all-to-alls groups of their own (a pipeline overlapping forward and backward
+    on two threads needs them; creating them is collective, like any group)."""
     if mesh.ep == 1:
         return model
-    shard_experts(model, mesh, fp8_payload)
+    backward_group = None
+    if backward_groups:
+        for ranks in mesh.layout.groups("ep"):
+            group = comm.new_group(ranks)
+            if mesh.rank in ranks:
+                backward_group = group
+    shard_experts(model, mesh, fp8_payload, backward_group)
     limit_nodes(model, nodes_spanned(mesh.ep, ranks_per_node), max_nodes_per_token)
     return model
 

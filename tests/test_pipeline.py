@@ -11,6 +11,7 @@ tied embedding) within calc_diff 1e-10, forward-only logits torch.equal.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 
 import pytest
@@ -25,23 +26,25 @@ from parallel.pipeline.schedules import Placement, build, check
 from parallel.pipeline.simulator import Costs, simulate
 from parallel.pipeline.wgrad import split_weight_grads
 
-MB, T = 2, 8  # sequences per micro-batch, sequence length
+MB, T, D = 2, 8, 16  # sequences per micro-batch, sequence length, model dim
 
 
 def model_cfg(n_layers: int) -> ModelConfig:
-    return ModelConfig(vocab_size=64, dim=32, n_layers=n_layers, n_dense_layers=1, dense_inter_dim=48,
-                       max_seq_len=T, n_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-                       qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, n_shared_experts=1,
-                       n_activated_experts=2, moe_inter_dim=16, n_expert_groups=1, n_limited_groups=1,
+    return ModelConfig(vocab_size=64, dim=D, n_layers=n_layers, n_dense_layers=1, dense_inter_dim=24,
+                       max_seq_len=T, n_heads=2, q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4,
+                       qk_rope_head_dim=4, v_head_dim=4, n_routed_experts=4, n_shared_experts=1,
+                       n_activated_experts=2, moe_inter_dim=8, n_expert_groups=1, n_limited_groups=1,
                        mtp_depth=1, seq_aux_alpha=0.01)
 
 
-def cases(pp: int) -> list[tuple[str, int, bool]]:
+def cases(pp: int) -> list[tuple[str, int, bool, bool]]:
+    """(schedule, micro-batches, weight-gradient split, overlapped pairs on two threads)."""
     out = []
     for name in ("gpipe", "1f1b", "dualpipe", "dualpipev"):
         for chunks in (2 * pp, 2 * pp + (4 if name == "dualpipe" else 2)):
-            for split in (False, True):
-                out.append((name, chunks, split))
+            out += [(name, chunks, False, False), (name, chunks, True, False)]
+            if name.startswith("dual"):  # the schedules with overlapped pairs
+                out.append((name, chunks, True, True))
     return out
 
 
@@ -60,15 +63,15 @@ def batch(chunks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 def pp_worker(rank: int, world: int) -> list[dict]:
     results = []
-    for name, chunks, split in cases(world):
+    for name, chunks, split, overlap in cases(world):
         placement = Placement(name, world, chunks)
         model = make_model(placement.n_stages, split)
         stages = split_model(model, placement)
         mine = hold_stages(stages, placement, rank)
         actions = build(name, world, chunks, wgrad_split=split)[rank]
-        runner = PipelineRunner(mine, placement, actions, rank, list(range(world)))
+        runner = PipelineRunner(mine, placement, actions, rank, list(range(world)), overlap=overlap)
         tokens, targets = batch(chunks)
-        args = ((MB, T, 32), torch.float64, torch.device("cpu"), contextlib.nullcontext)
+        args = ((MB, T, D), torch.float64, torch.device("cpu"), contextlib.nullcontext)
         out = runner.step(tokens, targets, *args)
         held = {n for n, rs in holders(model, stages, placement).items() if rank in rs}
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if n in held and p.grad is not None}
@@ -79,6 +82,7 @@ def pp_worker(rank: int, world: int) -> list[dict]:
     return results
 
 
+@functools.lru_cache(maxsize=None)
 def reference(pp: int, name: str, chunks: int) -> dict:
     """The same stages run one after another, one micro-batch at a time, in one process."""
     n_stages = Placement(name, pp, chunks).n_stages
@@ -111,8 +115,8 @@ def spawned(request):
 def test_pipelined_step_equals_sequential_reference(spawned):
     pp, per_rank = spawned
     worst = 0.0
-    for i, (name, chunks, split) in enumerate(cases(pp)):
-        label = f"{name} pp={pp} chunks={chunks} split={split}"
+    for i, (name, chunks, split, overlap) in enumerate(cases(pp)):
+        label = f"{name} pp={pp} chunks={chunks} split={split} overlap={overlap}"
         ref = reference(pp, name, chunks)
         got = [per_rank[r][i] for r in range(pp)]
         losses = {mb: v for g in got for mb, v in g["losses"].items()}

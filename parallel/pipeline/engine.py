@@ -96,7 +96,8 @@ class PipelineEngine:
             if len(ranks) > 1 and mesh.pp_rank in ranks]
         peers = [mesh.layout.rank_of(p, mesh.dp_rank) for p in range(par.pp)]
         actions = build(par.schedule, par.pp, par.micro_batches, wgrad_split=par.wgrad_split)
-        self.runner = PipelineRunner(self.stages, self.placement, actions[mesh.pp_rank], mesh.pp_rank, peers)
+        self.runner = PipelineRunner(self.stages, self.placement, actions[mesh.pp_rank], mesh.pp_rank, peers,
+                                     overlap=par.overlap_fb)
         self.holds_last = any(stage.is_last for stage in self.stages)
 
     # --- one step ------------------------------------------------------------------------

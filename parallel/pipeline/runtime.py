@@ -8,8 +8,9 @@ boundary tensors with the other pipeline ranks (activations forward, gradients b
 
 Communication (through parallel.comm): a forward's output is sent at once, asynchronously, to
 the rank holding the next stage for that micro-batch; a backward's input gradient likewise to
-the previous stage's rank. Receives block when the action needs them. Sends are eager, so a
-schedule runs without deadlock exactly when the simulator can run it. Messages are tagged
+the previous stage's rank. Receives are posted one action ahead and waited for when the action
+needs them. Sends are eager, so a schedule runs without deadlock exactly when the simulator
+can run it. Messages are tagged
 with (kind, stage, micro-batch), so several may be in flight between two ranks. A stage
 boundary on one rank (DualPipeV's turn) is handed over locally.
 
@@ -23,6 +24,7 @@ Legend: B micro-batch sequences, T sequence, D model dim.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -95,8 +97,14 @@ class PipelineRunner:
     in this rank's dp column; `group` the pipeline process group."""
 
     def __init__(self, stages: list[Stage], placement: Placement, actions: list[Action], pp_rank: int,
-                 peers: list[int], group=None, record: Callable[[str, float, float], None] | None = None):
+                 peers: list[int], group=None, record: Callable[[str, float, float], None] | None = None,
+                 overlap: bool = False):
         self.stages, self.placement, self.actions = stages, placement, actions
+        # overlap: an FB pair runs its backward on a second thread beside its forward, so each
+        # one's communication (P2P, and the all-to-alls of expert parallelism, which then need
+        # their own backward groups: expert_parallel.enable_expert_parallel) hides behind the
+        # other's computation. The arithmetic is unchanged: each graph runs the same ops.
+        self.overlap = overlap
         self.pp_rank, self.peers, self.group = pp_rank, peers, group
         # Timeline hook: record(label, start, end) with perf_counter seconds; labels "F<phase>.<mb>",
         # "B<phase>.<mb>" (suffix z: weight gradients deferred), "W", "recv" (blocked receiving).
@@ -116,16 +124,44 @@ class PipelineRunner:
             self._sends.append(comm.send(t.detach().contiguous(), self.peers[rank], self.group,
                                          async_op=True, tag=self._tag(grad, stage, mb)))
 
-    def _recv(self, grad: bool, stage: int, mb: int, from_stage: int) -> torch.Tensor:
+    def _source(self, grad: bool, stage: int, mb: int) -> int:
+        """The pipeline rank that sends message (grad, stage, mb) to this rank."""
+        from_stage = stage + 1 if grad else stage - 1
+        return self.placement.locate(from_stage, self.placement.direction_of(mb))[0]
+
+    def _post(self, grad: bool, stage: int, mb: int) -> None:
+        """Post a receive early: gloo hands a message over only once its receive is posted, so
+        a receive posted when the action starts costs a round trip the schedule can hide."""
+        key = (grad, stage, mb)
+        rank = self._source(grad, stage, mb)
+        if rank == self.pp_rank or key in self._posted:
+            return
+        buf = torch.empty(self._shape, dtype=self._dtype, device=self._device)
+        self._posted[key] = (buf, comm.recv(buf, self.peers[rank], self.group, async_op=True,
+                                            tag=self._tag(grad, stage, mb)))
+
+    def _recv(self, grad: bool, stage: int, mb: int) -> torch.Tensor:
         local = self._local.pop((grad, stage, mb), None)
         if local is not None:
             return local.detach()
-        rank, _ = self.placement.locate(from_stage, self.placement.direction_of(mb))
-        buf = torch.empty(self._shape, dtype=self._dtype, device=self._device)
+        self._post(grad, stage, mb)
+        buf, handle = self._posted.pop((grad, stage, mb))
         start = time.perf_counter()
-        comm.recv(buf, self.peers[rank], self.group, tag=self._tag(grad, stage, mb))
+        handle.wait()
         self._mark("recv", start)
         return buf
+
+    def _prefetch(self, action: Action, forward_only: bool) -> None:
+        """Post the receives `action` will need."""
+        if action.kind in ("F", "FB"):
+            stage = self.placement.stage_of(self.pp_rank, action.phase)
+            if stage > 0:
+                self._post(False, stage, action.mb)
+        if not forward_only and action.kind in ("B", "FB"):
+            phase, mb = (action.phase, action.mb) if action.kind == "B" else (action.b_phase, action.b_mb)
+            stage = self.placement.stage_of(self.pp_rank, phase)
+            if stage < self.last_stage:
+                self._post(True, stage, mb)
 
     def _mark(self, label: str, start: float) -> None:
         if self.record is not None:
@@ -138,7 +174,7 @@ class PipelineRunner:
         if stage.is_first:
             x = self._tokens[mb]
         else:
-            x = self._recv(False, stage_id, mb, stage_id - 1).requires_grad_(grad)
+            x = self._recv(False, stage_id, mb).requires_grad_(grad)
         start = time.perf_counter()
         with torch.set_grad_enabled(grad), self._autocast():
             if stage.is_last and self._targets is not None:
@@ -164,7 +200,7 @@ class PipelineRunner:
         stage_id = self.placement.stage_of(self.pp_rank, phase)
         stage = self.stages[phase]
         live = self._live.pop((phase, mb))
-        grad_out = None if stage.is_last else self._recv(True, stage_id, mb, stage_id + 1)
+        grad_out = None if stage.is_last else self._recv(True, stage_id, mb)
         start = time.perf_counter()
         tensors, grads = [live.out * self._scale if stage.is_last else live.out], [grad_out]
         if live.aux is not None and live.aux.requires_grad:
@@ -193,6 +229,7 @@ class PipelineRunner:
         self._autocast = autocast
         self._scale = 1.0 / self.placement.chunks
         self._local: dict = {}
+        self._posted: dict = {}  # (grad, stage, mb) -> (buffer, receive handle)
         self._live: dict[tuple[int, int], _Live] = {}
         self._sends: list[comm.Handle] = []
         self._wgrad: deque[WeightGradWork] = deque()
@@ -201,7 +238,7 @@ class PipelineRunner:
     def _finish(self) -> StepOutput:
         for handle in self._sends:
             handle.wait()
-        if self._live or self._wgrad or self._local:
+        if self._live or self._wgrad or self._local or self._posted:
             raise RuntimeError("pipeline step ended with work left: the schedule is inconsistent")
         self._sends = []
         return self.out
@@ -211,17 +248,42 @@ class PipelineRunner:
         """Forward and backward of every micro-batch (lists indexed by global micro-batch id;
         entries this rank never reads may be anything). Gradients accumulate into .grad."""
         self._setup(tokens, targets, hidden_shape, dtype, device, autocast)
-        for action in self.actions:
+        for i, action in enumerate(self.actions):
+            for ahead in self.actions[i:i + 2]:  # this action's receives and the next one's
+                self._prefetch(ahead, forward_only=False)
             if action.kind == "F":
                 self._forward(action.phase, action.mb, grad=True)
             elif action.kind == "B":
                 self._backward(action.phase, action.mb, action.split)
             elif action.kind == "W":
                 self._weight()
-            else:  # FB: the forward of one micro-batch, then the backward of another
-                self._forward(action.phase, action.mb, grad=True)
-                self._backward(action.b_phase, action.b_mb, action.split)
+            else:
+                self._forward_backward(action)
         return self._finish()
+
+    def _forward_backward(self, action: Action) -> None:
+        """An FB pair: forward of one micro-batch and backward of another, side by side when
+        overlapping (the backward on a helper thread), else one after the other."""
+        if not self.overlap:
+            self._forward(action.phase, action.mb, grad=True)
+            self._backward(action.b_phase, action.b_mb, action.split)
+            return
+        failure: list[BaseException] = []
+
+        def backward() -> None:
+            try:
+                self._backward(action.b_phase, action.b_mb, action.split)
+            except BaseException as err:  # noqa: B036 -- re-raised on the calling thread
+                failure.append(err)
+
+        helper = threading.Thread(target=backward, name="duet-pipeline-backward")
+        helper.start()
+        try:
+            self._forward(action.phase, action.mb, grad=True)
+        finally:
+            helper.join()
+        if failure:
+            raise failure[0]
 
     @torch.no_grad()
     def forward_only(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, hidden_shape,
@@ -229,7 +291,9 @@ class PipelineRunner:
         """Evaluation: the schedule's forwards in the same order (its backwards dropped, which
         cannot create a wait cycle). With targets: losses; without: logits on the last stage."""
         self._setup(tokens, targets, hidden_shape, dtype, device, autocast)
-        for action in self.actions:
-            if action.kind in ("F", "FB"):
-                self._forward(action.phase, action.mb, grad=False)
+        forwards = [a for a in self.actions if a.kind in ("F", "FB")]
+        for i, action in enumerate(forwards):
+            for ahead in forwards[i:i + 2]:
+                self._prefetch(ahead, forward_only=True)
+            self._forward(action.phase, action.mb, grad=False)
         return self._finish()

@@ -21,7 +21,6 @@ Legend: M rows, I input features, O output features, E experts.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -44,21 +43,24 @@ class WeightGradWork:
         self.closures.clear()
 
 
-_state = threading.local()
+class _Capturing:
+    # Process-wide, not thread-local: on CUDA, autograd runs backward functions on its own device
+    # threads. One backward captures at a time (a forward running beside it never reads this).
+    work: WeightGradWork | None = None
 
 
 def _current() -> WeightGradWork | None:
-    return getattr(_state, "work", None)
+    return _Capturing.work
 
 
 @contextlib.contextmanager
 def capture() -> Iterator[WeightGradWork]:
-    work, previous = WeightGradWork(), _current()
-    _state.work = work
+    work, previous = WeightGradWork(), _Capturing.work
+    _Capturing.work = work
     try:
         yield work
     finally:
-        _state.work = previous
+        _Capturing.work = previous
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
