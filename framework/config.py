@@ -198,6 +198,9 @@ class LoggingConfig:
     wandb_mode: str = "auto"  # auto (online with a key, else offline), online, offline, disabled
     wandb_project: str = "duet"
     sample_tokens: int = 48  # greedy sample printed at the end; 0 disables
+    # pp > 1: record this step's pipeline timeline (every rank's F/B/W/receive spans) into
+    # run_dir/timeline.png and timeline.trace.json (chrome://tracing); 0 disables.
+    timeline_step: int = 0
 
 
 @dataclass

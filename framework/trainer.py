@@ -368,7 +368,8 @@ class Trainer:
         """The schedule's forwards and backwards over parallel.micro_batches micro-batches; the
         loss terms come back summed over the pipeline ranks (the same value on each)."""
         with self.reducer.no_sync():  # gradients accumulate over micro-batches; reduced once after
-            out = self.pipeline.train(inputs, targets, self.device, self._autocast)
+            timeline = self.run_dir if self.step + 1 == self.cfg.logging.timeline_step else None
+            out = self.pipeline.train(inputs, targets, self.device, self._autocast, timeline)
         terms = self.pipeline.loss_terms(out, self.device)
         loss = terms.pop("loss")
         return loss, terms

@@ -175,11 +175,18 @@ def test_expert_parallel_training_equals_single_process(corpus, reference, tmp_p
 def test_pipeline_training_equals_single_process(corpus, reference, tmp_path, layout):
     steps = 10
     run_dir = tmp_path / "run"
-    argv = args_for(corpus, run_dir, f"steps={steps}", *layout, "checkpoint.interval=5")
+    argv = args_for(corpus, run_dir, f"steps={steps}", *layout, "checkpoint.interval=5",
+                    "logging.timeline_step=3")
     world = 2 * (2 if "parallel.dp=2" in layout else 1)
     per_rank = run_ranks(ep_train_worker, world, argv, timeout_s=400)
     for r in per_rank:
         assert_losses_match(dict(enumerate(r["losses"], start=1)), reference, range(1, steps + 1), 1e-5)
+    # step 3's timeline: every pipeline rank's forwards and backwards of all 4 micro-batches
+    assert (run_dir / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = json.loads((run_dir / "timeline.trace.json").read_text())["traceEvents"]
+    for rank in (0, 1):
+        names = [e["name"] for e in events if e.get("ph") == "X" and e["tid"] == rank]
+        assert sum(n.startswith("F") for n in names) == 4 and sum(n.startswith("B") for n in names) == 4
     # the pipeline checkpoint (each rank saved its stages) resumes in one process
     shutil.rmtree(run_dir / "checkpoints" / "step_00000010")
     resumed = Trainer(compose(args_for(corpus, run_dir, f"steps={steps}"))).run()

@@ -20,6 +20,10 @@ small as possible.
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import torch
 
 from framework.config import TrainConfig
@@ -29,6 +33,7 @@ from parallel import comm
 from parallel.mesh import Mesh
 from parallel.pipeline.runtime import PipelineRunner, StepOutput, hold_stages, holders, prune
 from parallel.pipeline.schedules import Placement, build
+from parallel.pipeline.timeline import Timeline, write_chrome_trace, write_png
 from parallel.pipeline.wgrad import split_weight_grads
 
 
@@ -107,10 +112,34 @@ class PipelineEngine:
             raise ValueError(f"{B} sequences per rank do not split into {self.chunks} micro-batches")
         return (B // self.chunks, T, self.model.cfg.dim), torch.float32, device, autocast
 
-    def train(self, inputs: torch.Tensor, targets: torch.Tensor, device, autocast) -> StepOutput:
+    def train(self, inputs: torch.Tensor, targets: torch.Tensor, device, autocast,
+              timeline_dir: Path | None = None) -> StepOutput:
+        """timeline_dir: record this step's spans there (see write_timeline)."""
         args = self._args(inputs, device, autocast)
-        return self.runner.step(list(inputs.to(device).chunk(self.chunks)),
-                                list(targets.to(device).chunk(self.chunks)), *args)
+        recorder = Timeline() if timeline_dir is not None else None
+        self.runner.record = recorder
+        try:
+            return self.runner.step(list(inputs.to(device).chunk(self.chunks)),
+                                    list(targets.to(device).chunk(self.chunks)), *args)
+        finally:
+            self.runner.record = None
+            if recorder is not None:
+                self._write_timeline(recorder, timeline_dir)
+
+    def _write_timeline(self, recorder: Timeline, out_dir: Path) -> None:
+        """Each pipeline rank of dp column 0 writes its spans; the first pipeline rank then
+        draws them all (timestamps are comparable across the processes of one host)."""
+        parts = out_dir / "timeline-parts"
+        if self.mesh.dp_rank == 0:
+            parts.mkdir(parents=True, exist_ok=True)
+            (parts / f"rank{self.mesh.pp_rank}.json").write_text(json.dumps(recorder.spans[0]))
+        comm.barrier()
+        if self.mesh.rank == 0:
+            spans = [[tuple(s) for s in json.loads((parts / f"rank{r}.json").read_text())]
+                     for r in range(self.mesh.pp)]
+            write_chrome_trace(spans, out_dir / "timeline.trace.json")
+            write_png(spans, out_dir / "timeline.png")
+            shutil.rmtree(parts, ignore_errors=True)
 
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor, device, autocast) -> torch.Tensor:
         """This rank's share of the main cross-entropy of a batch (sum over pp gives it)."""
