@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         print("config groups: " + "; ".join(
             f"{g}: {', '.join(_group_options(g))}" for g in
-            ("model", "optim", "data", "precision", "parallel", "launch", "logging", "engine")))
+            ("model", "optim", "data", "precision", "parallel", "launch", "logging", "engine",
+             "cluster")))
         return 0
     show_cfg = "--cfg" in args
     dry_run = "--dry-run" in args
