@@ -76,13 +76,15 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def final_weights(run_dir: Path, overrides: list[str]) -> dict[str, torch.Tensor]:
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's weights, in a model built from the config saved with it."""
     from framework import checkpoint
+    from framework.config import ModelConfig
     from framework.model import Transformer
-    from launch.run import compose
 
-    model = Transformer(compose([*overrides, f"run_dir={run_dir}"]).model)
-    checkpoint.load_model(checkpoint.latest_checkpoint(run_dir), model)
+    path = checkpoint.latest_checkpoint(run_dir)
+    model = Transformer(ModelConfig(**checkpoint.read_meta(path)["config"]["model"]))
+    checkpoint.load_model(path, model)
     return model.state_dict()
 
 
@@ -116,7 +118,7 @@ def soak(corpus: str, root: Path, world: int = 4, steps: int = 200, interval: in
         raise RuntimeError(f"the uninterrupted run failed:\n{straight.stderr[-3000:]}")
 
     got, want = logged_losses(root / "soak"), logged_losses(root / "straight")
-    a, b = final_weights(root / "soak", common), final_weights(root / "straight", common)
+    a, b = final_weights(root / "soak"), final_weights(root / "straight")
     fired = [f for f in faults if (root / "soak" / f".fault-{f[0]}-{f[1]}-{f[2]}").exists()]
     resumed_at = resumes(root / "soak")
     # Each kill is followed by one resume; a kill at step s may lose the steps since the checkpoint.
