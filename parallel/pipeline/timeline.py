@@ -108,8 +108,14 @@ class Timeline:
         return tl
 
     def busy(self, rank: int) -> float:
-        """Seconds of work on a rank (everything but waiting to receive)."""
-        return sum(end - start for label, start, end in self.spans[rank] if label != "recv")
+        """Seconds a rank was working (everything but waiting to receive); time covered by two
+        spans at once (an overlapped pair's forward and backward) counts once."""
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted((s, e) for label, s, e in self.spans[rank] if label != "recv"):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
 
 
 def _bounds(per_rank: Sequence[Sequence[Span]]) -> tuple[float, float]:
