@@ -8,8 +8,8 @@
     write_png(tl.spans, "step.png")                   # one row per rank, DualPipe-style colours
 
 Labels are the runtime's: "F<phase>.<mb>", "B<phase>.<mb>" (suffix "z": weight gradients
-deferred to a later W), "W", "recv" (blocked receiving). An overlapped pair (FB) is two adjacent
-spans, F then B, because that is how the runtime runs it.
+deferred to a later W), "W", "recv" (blocked receiving). An overlapped pair (FB) is two spans:
+side by side in time when the runner overlaps them (its default in the trainer), else F then B.
 
 The PNG is drawn here without matplotlib (not a dependency): a bytearray canvas, a 3x5 bitmap
 font, and a minimal encoder (RGB, 8 bits, filter 0 on every row, one zlib IDAT). Timestamps are
