@@ -89,13 +89,14 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def resumes(run_dir: Path) -> list[int]:
-    """The step each restarted attempt resumed at, in attempt order (from rank 0's logs)."""
+    """The step each restarted attempt resumed at, in attempt order (from rank 0's logs); 0 for
+    a restart that found no checkpoint yet (a kill inside the first save)."""
     found = []
     for log in sorted((run_dir / "logs").glob("*/attempt_*/0/stdout.log"),
                       key=lambda p: int(p.parent.parent.name.split("_")[1])):
-        match = re.search(r"resumed from \S+ at step (\d+)", log.read_text())
-        if match and log.parent.parent.name != "attempt_0":
-            found.append(int(match.group(1)))
+        if log.parent.parent.name != "attempt_0":
+            match = re.search(r"resumed from \S+ at step (\d+)", log.read_text())
+            found.append(int(match.group(1)) if match else 0)
     return found
 
 
