@@ -356,11 +356,24 @@ class DeepSpeedTrainer(Trainer):
         if loaded is None:
             raise TrainingError(f"{path}: DeepSpeed found no checkpoint in {path / DS_TAG}; "
                                 "move that folder away")
+        if self.cfg.engine.zero_stage < 3:
+            self._params_from_masters()
         extra = client["duet"]
         self.step = int(extra["step"])
         data_state = self.data.train.state_dict()
         data_state["position"] = int(extra["data_position"])
         self.data.train.load_state_dict(data_state)
+
+    @torch.no_grad()
+    def _params_from_masters(self) -> None:
+        """ZeRO 1/2 loading restores the fp32 master partitions, but the module's parameters keep
+        what the model-states file held: rank 0's, experts included, so another ep rank would hold
+        rank 0's experts until the next step's all-gather (seen in the converted checkpoint).
+        Rebuild every parameter from its masters now (a collective over its dp / edp group)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for p in self.engine.module.parameters():
+            p.copy_(safe_get_full_fp32_param(p).to(p.dtype))
 
     def _full_model_state(self) -> dict[str, torch.Tensor]:
         """The model's state dict with whole parameters (ZeRO-3 gathers its partitions)."""
