@@ -120,9 +120,15 @@ class PipelineRunner:
         rank, _ = self.placement.locate(stage, self.placement.direction_of(mb))
         if rank == self.pp_rank:
             self._local[(grad, stage, mb)] = t
-        else:
-            self._sends.append(comm.send(t.detach().contiguous(), self.peers[rank], self.group,
-                                         async_op=True, tag=self._tag(grad, stage, mb)))
+            return
+        handle = comm.send(t.detach().contiguous(), self.peers[rank], self.group, async_op=True,
+                           tag=self._tag(grad, stage, mb))
+        with self._sends_lock:  # an overlapped pair sends from two threads
+            # Drop finished sends, and with them their staged buffers: a sent activation is freed.
+            done = [h for h in self._sends if h.is_completed()]
+            for h in done:
+                h.wait()  # returns at once; books the bytes in parallel.comm's counters
+            self._sends = [h for h in self._sends if h not in done] + [handle]
 
     def _source(self, grad: bool, stage: int, mb: int) -> int:
         """The pipeline rank that sends message (grad, stage, mb) to this rank."""
@@ -232,6 +238,7 @@ class PipelineRunner:
         self._posted: dict = {}  # (grad, stage, mb) -> (buffer, receive handle)
         self._live: dict[tuple[int, int], _Live] = {}
         self._sends: list[comm.Handle] = []
+        self._sends_lock = threading.Lock()
         self._wgrad: deque[WeightGradWork] = deque()
         self.out = StepOutput()
 
