@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from framework import checkpoint, integrity
+from framework import checkpoint
 from framework.config import TrainConfig
 from framework.data import DataError, build_data
 from framework.faults import maybe_fail, planned, poison
@@ -39,6 +39,7 @@ from framework.metrics import (
 )
 from framework.model import Transformer, count_params
 from framework.optim import lr_at
+from framework.resume import TrainingError, agreed_start, latest_step
 from parallel import comm, watchdog
 from parallel.data_parallel import DataParallelOptimizer, GradReducer, all_reduce_expert_load, reduce_mean
 from parallel.expert_parallel import enable_expert_parallel, ep_record, expert_state_dict, local_state_dict
@@ -49,10 +50,6 @@ SAMPLE_PROMPT = "def "
 # The process group's own timeout is this much longer than the watchdog's, so a hang is
 # reported by the watchdog's one line rather than by gloo's multi-line error.
 WATCHDOG_GRACE_S = 60.0
-
-
-class TrainingError(RuntimeError):
-    """A run cannot start or continue; reported by the launcher as one line, exit 2."""
 
 
 @dataclass
@@ -122,58 +119,6 @@ def expert_imbalance(model: Transformer, per_layer: bool = False) -> dict[str, f
     return out
 
 
-def starting_point(cfg: TrainConfig, damaged: list | None = None) -> tuple[Path | None, Path | None]:
-    """(checkpoint to resume, weights to start from), checked against this config.
-
-    Resuming the run folder restores everything; `checkpoint.load_from` only initialises the
-    weights of a new run (fine-tuning, HF imports) and is ignored once the run has
-    checkpoints of its own. The launcher calls this before spawning, so a mismatch is one
-    line and exit 2 rather than a failure in every worker.
-
-    Checkpoints are verified against their manifests: a damaged newest one is skipped for the
-    newest intact one, and (path, reason) of each skipped one is appended to `damaged`; when
-    none is intact the run is refused rather than silently started from scratch.
-    """
-    resume_from, found_damaged = checkpoint.latest_good_checkpoint(Path(cfg.run_dir).expanduser())
-    if damaged is not None:
-        damaged += found_damaged
-    if resume_from is None and found_damaged:
-        path, why = found_damaged[-1]
-        raise TrainingError(f"{path}: {why}, and no intact checkpoint is left to resume from; move the "
-                            "damaged folders out of checkpoints/ or use a new run_dir")
-    if resume_from is not None and not cfg.checkpoint.resume:
-        raise TrainingError(f"{cfg.run_dir} already holds checkpoints; use a new run_dir or "
-                            "checkpoint.resume=true (refusing to overwrite them)")
-    init_from = Path(cfg.checkpoint.load_from) if cfg.checkpoint.load_from and resume_from is None else None
-    if init_from is not None and (problem := integrity.verify(init_from)):
-        raise TrainingError(f"checkpoint.load_from={cfg.checkpoint.load_from}: {problem}; point it at an "
-                            "intact checkpoint folder")
-    for path in (resume_from, init_from):
-        if path is not None:
-            _check_same_model(path, cfg)
-    if resume_from is not None:
-        from parallel.deepspeed_engine import checkpoint_format_problem  # imports no deepspeed
-
-        problem = checkpoint_format_problem(resume_from, cfg.engine.name)
-        if problem:
-            raise TrainingError(problem)
-    return resume_from, init_from
-
-
-def _check_same_model(path: Path, cfg: TrainConfig) -> None:
-    try:
-        saved = checkpoint.read_meta(path)["config"]["model"]
-    except (OSError, KeyError, ValueError, TypeError):
-        raise TrainingError(f"{path}: unreadable checkpoint metadata; move that folder away or start "
-                            "a new run_dir") from None
-    current = asdict(cfg.model)
-    diff = [k for k in current if saved.get(k) != current[k]]
-    if diff:
-        keys = ", ".join(f"model.{k}={saved.get(k)!r} (this run: {current[k]!r})" for k in diff)
-        raise TrainingError(f"checkpoint {path} was saved with a different model: {keys}; use a new "
-                            "run_dir or the original model config")
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -185,7 +130,7 @@ class Trainer:
         self.compute = resolve_compute(cfg.precision.compute, self.device)
         self.mesh = setup_mesh(cfg, self.device)
         self.is_main = self.mesh.rank == 0
-        self.resume_from, self.init_from, self.damaged = self._agreed_start(cfg)
+        self.resume_from, self.init_from, self.damaged = agreed_start(cfg, self.mesh, self.run_dir)
         self.consecutive_skips = 0  # NaN/Inf guard: skipped steps in a row (train_step)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -233,34 +178,6 @@ class Trainer:
     def every_rank_generates(self) -> bool:
         """Under expert parallelism every rank generates: its experts serve the others' tokens."""
         return self.mesh.ep > 1
-
-    def _agreed_start(self, cfg: TrainConfig) -> tuple[Path | None, Path | None, list]:
-        """starting_point() on rank 0 only, which checksums the checkpoint once rather than once
-        per rank, sets damaged checkpoints aside and broadcasts the chosen step, so every rank
-        loads the same folder."""
-        damaged: list[tuple[Path, str]] = []
-        if self.mesh.is_single:
-            return (*starting_point(cfg, damaged), damaged)
-        choice = torch.tensor([0, -1], dtype=torch.int64, device=comm.collective_device())  # ok, step
-        error = None
-        if self.is_main:
-            try:
-                resume_from, init_from = starting_point(cfg, damaged)
-                step = -1 if resume_from is None else int(resume_from.name[len(checkpoint.PREFIX):])
-                choice = torch.tensor([1, step], dtype=torch.int64, device=choice.device)
-            except TrainingError as err:
-                error = err
-        comm.broadcast(choice, src=0)
-        if error is not None:
-            raise error
-        ok, step = choice.tolist()
-        if not ok:
-            raise TrainingError("rank 0 found no usable starting point; its log says why")
-        root = checkpoint.checkpoint_root(self.run_dir)
-        resume_from = None if step < 0 else root / f"{checkpoint.PREFIX}{step:08d}"
-        load_from = cfg.checkpoint.load_from
-        init_from = Path(load_from) if load_from and resume_from is None else None
-        return resume_from, init_from, damaged
 
     def say(self, line: str) -> None:
         """Console output comes from rank 0 only (the others' logs are files)."""
@@ -351,12 +268,16 @@ class Trainer:
         self.consecutive_skips = 0
         self.optimizer.step()
         self.optimizer.zero_grad()
-        # Aux-loss-free balancing: after the optimizer step, from the global batch's loads.
+        return self._finish_step(record, lr, grad_norm, detail)
+
+    def _finish_step(self, record: dict, lr: float, grad_norm, detail: bool) -> dict:
+        """After the optimizer step: aux-loss-free balancing from the global batch's expert
+        loads, then the step counter; returns the step's record."""
         if self.pipeline is not None:
             self.pipeline.sync_shared_loads()
         all_reduce_expert_load(self.model, self.mesh)
         balance = expert_imbalance(self.model, per_layer=detail)
-        self.model.update_expert_bias(cfg.model.bias_update_rate)
+        self.model.update_expert_bias(self.cfg.model.bias_update_rate)
         self.step += 1
         maybe_fail("step", self.step, self.mesh.rank, self.run_dir)
         return {**record, "lr": lr, "grad_norm": float(grad_norm), **balance}
@@ -506,11 +427,6 @@ class Trainer:
             self.say(f"duet: offline wandb run in {self.run_dir / 'wandb'} "
                      f"(upload it with `wandb sync {self.run_dir / 'wandb'}/offline-run-*`)")
         return result
-
-
-def latest_step(run_dir: Path) -> int | None:
-    found = checkpoint.latest_checkpoint(run_dir)
-    return None if found is None else checkpoint.read_meta(found)["step"]
 
 
 def _to_yaml(cfg: TrainConfig) -> str:

@@ -167,7 +167,8 @@ def launch(cfg, overrides: list[str]) -> int:
     """Start the run the way `launch.mode` says; every bad input is one line and exit 2."""
     from framework.config import world_size
     from framework.data import DataError, build_data
-    from framework.trainer import TrainingError, starting_point, train
+    from framework.resume import starting_point
+    from framework.trainer import TrainingError, train
     from launch import spawn
 
     mode, world = cfg.launch.mode, world_size(cfg)

@@ -49,9 +49,9 @@ from framework import checkpoint, integrity
 from framework.config import TrainConfig
 from framework.faults import maybe_fail
 from framework.optim import AdamW, lr_at
-from framework.trainer import Trainer, TrainingError, autocast, expert_imbalance
+from framework.trainer import Trainer, TrainingError, autocast
 from parallel import comm, watchdog
-from parallel.data_parallel import DataParallelOptimizer, all_reduce_expert_load, is_expert, reduce_mean
+from parallel.data_parallel import DataParallelOptimizer, is_expert, reduce_mean
 from parallel.expert_parallel import expert_state_dict
 
 DS_TAG = "deepspeed"  # DeepSpeed's folder inside a checkpoint folder
@@ -301,12 +301,7 @@ class DeepSpeedTrainer(Trainer):
                                 "use precision=fp32, then resume from the last checkpoint")
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
-        all_reduce_expert_load(self.model, self.mesh)
-        balance = expert_imbalance(self.model, per_layer=detail)
-        self.model.update_expert_bias(cfg.model.bias_update_rate)
-        self.step += 1
-        maybe_fail("step", self.step, self.mesh.rank, self.run_dir)
-        return {**record, "lr": lr, "grad_norm": float(grad_norm), **balance}
+        return self._finish_step(record, lr, grad_norm, detail)
 
     @torch.no_grad()
     def _zero_missing_grads(self) -> None:

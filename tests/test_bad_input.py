@@ -13,7 +13,7 @@ import pytest
 
 from framework import checkpoint, integrity
 from framework.faults import corrupt_file, truncate_file
-from framework.trainer import starting_point
+from framework.resume import starting_point
 from launch.run import compose, main
 
 E = "duet-train: error: "

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from framework import checkpoint
-from framework.trainer import TrainingError, build_trainer, starting_point
+from framework.resume import starting_point
+from framework.trainer import TrainingError, build_trainer
 from launch.ranks import run_ranks
 from launch.run import compose, main
 from tests.test_distributed_train import args_for, assert_losses_match

@@ -82,13 +82,9 @@ def pp_worker(rank: int, world: int) -> list[dict]:
     return results
 
 
-@functools.cache
-def reference(pp: int, name: str, chunks: int) -> dict:
-    """The same stages run one after another, one micro-batch at a time, in one process."""
-    n_stages = Placement(name, pp, chunks).n_stages
-    model = make_model(n_stages, split=False)
-    stages = model.split_stages(n_stages)
-    tokens, targets = batch(chunks)
+def run_sequential(stages, tokens, targets, chunks: int, backward: bool = True) -> tuple[dict, dict]:
+    """Every micro-batch through every stage in turn: (last-stage losses, losses with the other
+    stages' balance terms), backpropagating loss / chunks like the pipeline."""
     losses, totals = {}, {}
     for mb in range(chunks):
         h, aux = tokens[mb], []
@@ -97,8 +93,20 @@ def reference(pp: int, name: str, chunks: int) -> dict:
             aux.append(stage.balance_loss())
         loss, _ = stages[-1].loss(h, targets[mb])
         total = loss + sum(aux)
-        (total / chunks).backward()
+        if backward:
+            (total / chunks).backward()
         losses[mb], totals[mb] = loss.detach(), total.detach()
+    return losses, totals
+
+
+@functools.cache
+def reference(pp: int, name: str, chunks: int) -> dict:
+    """The same stages run one after another, one micro-batch at a time, in one process."""
+    n_stages = Placement(name, pp, chunks).n_stages
+    model = make_model(n_stages, split=False)
+    stages = model.split_stages(n_stages)
+    tokens, targets = batch(chunks)
+    losses, totals = run_sequential(stages, tokens, targets, chunks)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.eval()
     with torch.no_grad():
@@ -204,8 +212,17 @@ def pp_ep_worker(rank: int, world: int) -> list[dict]:
                           torch.device("cpu"), contextlib.nullcontext)
         held = {n for n, rs in holders(model, stages, placement).items() if mesh.pp_rank in rs}
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if n in held and p.grad is not None}
+        # The same stages with the same expert parallelism, unpipelined: ranks 0 and 1 (one ep
+        # group) run every micro-batch through all stages in turn. Their all-to-alls pair the
+        # same micro-batches of the two dp ranks, so the experts see the same rows.
+        sequential = {}
+        if mesh.pp_rank == 0:
+            ref_model = make_model(placement.n_stages, split=False)
+            enable_expert_parallel(ref_model, mesh)
+            sequential, _ = run_sequential(ref_model.split_stages(placement.n_stages), tokens, targets,
+                                           chunks, backward=False)
         results.append({"losses": out.losses, "grads": grads, "dp_rank": mesh.dp_rank,
-                        "ep_rank": mesh.ep_rank})
+                        "ep_rank": mesh.ep_rank, "sequential": sequential})
     return results
 
 
@@ -217,18 +234,15 @@ def test_pipeline_with_expert_parallel_equals_sequential_reference():
         losses = {}
         for dp_rank in (0, 1):  # the reference: both dp ranks' micro-batches, one after another
             tokens, targets = batch(chunks + 100 * dp_rank)
-            for mb in range(chunks):
-                h, aux = tokens[mb], []
-                for stage in stages[:-1]:
-                    h = stage(h)
-                    aux.append(stage.balance_loss())
-                loss, _ = stages[-1].loss(h, targets[mb])
-                ((loss + sum(aux)) / chunks).backward()
-                losses[(dp_rank, mb)] = loss.detach()
+            dp_losses, _ = run_sequential(stages, tokens, targets, chunks)
+            losses.update({(dp_rank, mb): v for mb, v in dp_losses.items()})
         got = {(r[i]["dp_rank"], mb): v for r in per_rank for mb, v in r[i]["losses"].items()}
         assert sorted(got) == sorted(losses)
-        for key, want in losses.items():  # experts see other token groupings: not bit for bit
+        for key, want in losses.items():  # one process: experts see other row groupings
             assert abs(got[key] - want) <= 1e-6 * abs(want), (name, key)
+        unpipelined = {(r[i]["dp_rank"], mb): v for r in per_rank for mb, v in r[i]["sequential"].items()}
+        assert sorted(unpipelined) == sorted(got)
+        assert all(torch.equal(got[k], unpipelined[k]) for k in got), name  # same rows: bit for bit
         E = 4
         for n, p in model.named_parameters():
             if ".experts." in n:  # each ep rank holds half the experts, with both dp ranks' tokens

@@ -123,9 +123,8 @@ def test_stalled_rank_is_reported_with_rank_collective_and_step(corpus, tmp_path
     assert 3 <= waited < 4.5  # within one watchdog poll of the timeout (printed to 0.1 s)
     assert f"duet-train: rank {rank} failed (exit code 3)" in proc.stderr
     assert elapsed < 120  # not gloo's own timeout, and not the 600 s stall
-    # The stalled rank's own log holds its report too: it was stuck inside the collective.
-    logs = "".join(p.read_text() for p in (run_dir / "logs").rglob("1/stderr.log"))
-    assert "duet: rank 1 hung:" in logs and "at step 3" in logs
+    # (Which rank reports first is a race: the stalled rank's own watchdog fires too, unless the
+    # launcher has already stopped it after its peer's report.)
 
 
 def test_killed_after_steps_and_inside_ten_checkpoint_writes_ends_like_an_uninterrupted_run(corpus, tmp_path):
