@@ -44,10 +44,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kernels.deferred import defer_or_return
 from parallel.pipeline.schedules import SCHEDULES, Action, Placement, build
 from parallel.pipeline.simulator import Costs, simulate
 from parallel.pipeline.timeline import Timeline, write_chrome_trace, write_png
-from parallel.pipeline.wgrad import _defer_or_return
 
 MB_ROWS, DIM = 2, 8  # the boundary tensor of a micro-batch: tiny, communication is not the point
 DRAWN = ("dualpipe", "1f1b")  # schedules whose median step is written as a timeline
@@ -77,7 +77,7 @@ class _Sleep(torch.autograd.Function):
             time.sleep(w_s)
             return (grad_y * x).reshape(-1, x.shape[-1]).sum(0)
 
-        return grad_x, _defer_or_return(weight, weight_grad), None, None, None
+        return grad_x, defer_or_return(weight, weight_grad), None, None, None
 
 
 class SleepStage(nn.Module):

@@ -38,6 +38,7 @@ from framework.model.attention import MLA
 from framework.model.mlp import MLP
 from framework.model.moe import GroupedExperts
 from framework.model.mtp import MTPModule
+from kernels.deferred import defer_or_return
 from kernels.fp8 import (
     TILE,
     ContiguousLayout,
@@ -149,6 +150,7 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         weight_tensors = [t for pair in weights for t in pair]
         ctx.save_for_backward(xT_fp8, xT_s, h1_fp8, h1_s, h3_fp8, h3_s, *weight_tensors)
         ctx.layout, ctx.backend, ctx.x_dtype, ctx.w_dtype = layout, backend, x_MD.dtype, w1_EID.dtype
+        ctx.weights = (w1_EID, w3_EID, w2_EDI)  # leaf parameters: where deferred weight gradients go
         return y_MD
 
     @staticmethod
@@ -172,24 +174,34 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         dh3_PI = da_PI * silu_PI
 
         grad_x = grad_w1 = grad_w3 = grad_w2 = None
+        w1, w3, w2 = ctx.weights
+        w_dtype = ctx.w_dtype
+        # Weight gradients go through defer_or_return: under the pipeline's weight-gradient split
+        # they are queued for a later W chunk (zero bubble), else computed here.
         if need_w2:  # dW2_e [D, I] = g_e.T @ a_e
-            gT = quantize_act_transposed(g_PD, backend=backend)
-            aT = quantize_act_transposed(silu_PI * h3_PI, backend=backend)
-            grad_w2 = _wgrad(*gT, *aT, segments, g_PD.new_zeros(w2_fp8.shape, dtype=torch.float32), backend)
+            def wgrad2() -> torch.Tensor:
+                gT = quantize_act_transposed(g_PD, backend=backend)
+                aT = quantize_act_transposed(silu_PI * h3_PI, backend=backend)
+                out = g_PD.new_zeros(w2_fp8.shape, dtype=torch.float32)
+                return _wgrad(*gT, *aT, segments, out, backend).to(w_dtype)
+
+            grad_w2 = defer_or_return(w2, wgrad2)
         if need_x:  # dx [P, D] = dh1 @ w1_e + dh3 @ w3_e
             dx_PD = grouped_gemm(*quantize_act(dh1_PI, backend=backend), *_transposed(w1_fp8, w1_s), mi,
                                  out_dtype=torch.float32, backend=backend)
             dx_PD += grouped_gemm(*quantize_act(dh3_PI, backend=backend), *_transposed(w3_fp8, w3_s), mi,
                                   out_dtype=torch.float32, backend=backend)
             grad_x = layout.scatter(dx_PD).to(ctx.x_dtype)
-        if need_w1:  # dW1_e [I, D] = dh1_e.T @ x_e
-            grad_w1 = _wgrad(*quantize_act_transposed(dh1_PI, backend=backend), xT_fp8, xT_s, segments,
-                             g_PD.new_zeros(w1_fp8.shape, dtype=torch.float32), backend)
-        if need_w3:  # dW3_e [I, D] = dh3_e.T @ x_e
-            grad_w3 = _wgrad(*quantize_act_transposed(dh3_PI, backend=backend), xT_fp8, xT_s, segments,
-                             g_PD.new_zeros(w3_fp8.shape, dtype=torch.float32), backend)
-        grads_w = [g if g is None else g.to(ctx.w_dtype) for g in (grad_w1, grad_w3, grad_w2)]
-        return grad_x, *grads_w, None, None
+        def wgrad_up(dh_PI: torch.Tensor, shape) -> torch.Tensor:  # dW_e [I, D] = dh_e.T @ x_e
+            out = g_PD.new_zeros(shape, dtype=torch.float32)
+            return _wgrad(*quantize_act_transposed(dh_PI, backend=backend), xT_fp8, xT_s, segments, out,
+                          backend).to(w_dtype)
+
+        if need_w1:
+            grad_w1 = defer_or_return(w1, lambda: wgrad_up(dh1_PI, w1_fp8.shape))
+        if need_w3:
+            grad_w3 = defer_or_return(w3, lambda: wgrad_up(dh3_PI, w3_fp8.shape))
+        return grad_x, grad_w1, grad_w3, grad_w2, None, None
 
 
 def fp8_grouped_swiglu(x_MD, w1_EID, w3_EID, w2_EDI, count_E, backend: str = "auto") -> torch.Tensor:

@@ -332,3 +332,31 @@ def test_fp8_training_tracks_fp32(tmp_path, corpus):
     assert tail32 < fp32[0] - 1.0  # both actually learned something
     assert rel < TRAIN_LOSS_TOL
     assert fp8 != fp32  # FP8 really ran
+
+
+def test_fp8_weight_gradients_defer_under_the_pipeline_split():
+    """Inside kernels.deferred.capture() the FP8 linear and FP8 experts compute input gradients
+    only and queue their weight-gradient GEMMs; running the queue gives exactly the gradients
+    of an ordinary backward."""
+    from kernels.deferred import capture
+
+    torch.manual_seed(0)
+    model = apply_fp8(Transformer(CFG), backend="torch")
+    inputs = tokens()
+    loss, _ = model.loss(*inputs)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    loss, _ = model.loss(*inputs)
+    with capture() as work:
+        loss.backward()
+    fp8_weights = {f"{name}.weight" for name in fp8_module_names(model) if not name.endswith("experts")}
+    fp8_weights |= {f"{name}.{w}" for name in fp8_module_names(model) if name.endswith("experts")
+                    for w in ("w1", "w2", "w3")}
+    params = dict(model.named_parameters())
+    held_back = {n for n in fp8_weights if params[n].grad is None}
+    assert held_back == {n for n in fp8_weights if n in want}  # every FP8 weight gradient waited
+    assert len(work.closures) >= len(held_back)
+    work.run()
+    for n, g in want.items():
+        assert torch.equal(params[n].grad, g), n

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.deferred import defer_or_return
+
 from . import reference as ref
 from .quantize import (
     cast_out,
@@ -193,6 +195,7 @@ class FP8Linear(torch.autograd.Function):
                                else (None, None))
         ctx.save_for_backward(xT_fp8_IT, xT_scale, w_fp8_OI, w_scale)
         ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = backend, x.shape, x.dtype, weight.dtype
+        ctx.weight = weight  # a leaf parameter: where a deferred weight gradient goes
         return y
 
     @staticmethod
@@ -206,9 +209,13 @@ class FP8Linear(torch.autograd.Function):
             grad_x = gemm(g_fp8, g_scale, wT_fp8_IO, wT_scale, out_dtype=ctx.x_dtype, backend=ctx.backend)
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # wgrad: dw [O, I] = g.T [O, T] @ (x.T [I, T]).T, tokens reduced
-            gT_fp8_OT, gT_scale = quantize_act_transposed(g_TO, backend=ctx.backend)
-            grad_w = gemm_1x128(gT_fp8_OT, gT_scale, xT_fp8_IT, xT_scale, backend=ctx.backend)
-            grad_w = grad_w.to(ctx.w_dtype)
+            backend, w_dtype = ctx.backend, ctx.w_dtype
+
+            def wgrad() -> torch.Tensor:
+                gT_fp8_OT, gT_scale = quantize_act_transposed(g_TO, backend=backend)
+                return gemm_1x128(gT_fp8_OT, gT_scale, xT_fp8_IT, xT_scale, backend=backend).to(w_dtype)
+
+            grad_w = defer_or_return(ctx.weight, wgrad)  # queued under the pipeline's weight split
         return grad_x, grad_w, None
 
 

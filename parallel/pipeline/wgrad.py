@@ -20,64 +20,12 @@ Legend: M rows, I input features, O output features, E experts.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from framework.model.moe import GroupedExperts
-
-
-class WeightGradWork:
-    """Queued weight-gradient closures of one backward."""
-
-    def __init__(self) -> None:
-        self.closures: list[Callable[[], None]] = []
-
-    def run(self) -> None:
-        with torch.no_grad():
-            for closure in self.closures:
-                closure()
-        self.closures.clear()
-
-
-class _Capturing:
-    # Process-wide, not thread-local: on CUDA, autograd runs backward functions on its own device
-    # threads. One backward captures at a time (a forward running beside it never reads this).
-    work: WeightGradWork | None = None
-
-
-def _current() -> WeightGradWork | None:
-    return _Capturing.work
-
-
-@contextlib.contextmanager
-def capture() -> Iterator[WeightGradWork]:
-    work, previous = WeightGradWork(), _Capturing.work
-    _Capturing.work = work
-    try:
-        yield work
-    finally:
-        _Capturing.work = previous
-
-
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    grad = grad.to(param.dtype)
-    if param.grad is None:
-        param.grad = grad
-    else:
-        param.grad.add_(grad)
-
-
-def _defer_or_return(weight: torch.Tensor, compute: Callable[[], torch.Tensor]):
-    """Queue the weight gradient while capturing (returning None to autograd), else compute it."""
-    work = _current()
-    if work is None:
-        return compute()
-    work.closures.append(lambda: _accumulate(weight, compute()))
-    return None
+from kernels.deferred import WeightGradWork, capture, current, defer_or_return  # noqa: F401 (re-export)
 
 
 class _SplitLinearFn(torch.autograd.Function):
@@ -94,7 +42,7 @@ class _SplitLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g_MO = grad_out.reshape(-1, grad_out.shape[-1])
             x_MI = x.reshape(-1, x.shape[-1])
-            grad_w = _defer_or_return(weight, lambda: (g_MO.T @ x_MI.to(g_MO.dtype)).to(weight.dtype))
+            grad_w = defer_or_return(weight, lambda: (g_MO.T @ x_MI.to(g_MO.dtype)).to(weight.dtype))
         return grad_x, grad_w
 
 
@@ -130,7 +78,7 @@ class _ExpertMatmulFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Straight into w.grad[e], now or when the queue runs: returning a gradient to
             # autograd would need a dense [E, O, I] buffer per expert matmul.
-            work = _current()
+            work = current()
             if work is None:
                 _accumulate_slice(w, e, grad_out.T @ x)
             else:
