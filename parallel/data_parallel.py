@@ -370,10 +370,7 @@ class DataParallelOptimizer:
             placements = [Shard(1) if e.sharded else Replicate(), Shard(0)]
         else:
             device_mesh, placements = mesh.dp_mesh, [Shard(0)]
-        shape = self._global_shape(e)
-        stride = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-        return DTensor.from_local(local, device_mesh, placements, run_check=False,
-                                  shape=torch.Size(shape), stride=tuple(stride))
+        return global_dtensor(local, device_mesh, placements, self._global_shape(e))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only, keyed "<param name>/<key>" like framework.checkpoint's optimizer state:
@@ -409,6 +406,13 @@ class DataParallelOptimizer:
                 if key != "step" and local.shape != dst.shape:
                     local = self._local_part(e, local)
                 dst.copy_(local)
+
+
+def global_dtensor(local: torch.Tensor, device_mesh, placements, shape) -> DTensor:
+    """This rank's piece as a DTensor of the full (contiguous) `shape`, for DCP checkpoints."""
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(local, device_mesh, placements, run_check=False, shape=torch.Size(shape),
+                              stride=stride)
 
 
 # --------------------------------------------------------------------------- small reductions

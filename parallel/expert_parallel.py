@@ -51,7 +51,6 @@ checkpoints.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, fields
 
@@ -62,7 +61,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from framework.model.moe import MoE, Router
 from kernels.fp8.quantize import dequantize_act, quantize_act
 from parallel import comm
-from parallel.data_parallel import is_expert
+from parallel.data_parallel import global_dtensor, is_expert
 
 # --------------------------------------------------------------------------- differentiable all-to-all
 
@@ -402,9 +401,7 @@ def expert_state_dict(state: dict[str, torch.Tensor], mesh) -> dict[str, torch.T
     for name, t in state.items():
         if is_expert(name):
             shape = (t.shape[0] * mesh.ep,) + tuple(t.shape[1:])
-            stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-            t = DTensor.from_local(t, mesh.expert_mesh, [Replicate(), Shard(0)], run_check=False,
-                                   shape=torch.Size(shape), stride=stride)
+            t = global_dtensor(t, mesh.expert_mesh, [Replicate(), Shard(0)], shape)
         out[name] = t
     return out
 

@@ -21,7 +21,7 @@ from framework.config import ModelConfig
 from framework.model import Transformer
 from kernels.fp8.reference import calc_diff
 from launch.ranks import run_ranks
-from parallel.pipeline.runtime import PipelineRunner, hold_stages, holders, split_model
+from parallel.pipeline.runtime import PipelineRunner, hold_stages, holders
 from parallel.pipeline.schedules import Placement, build, check
 from parallel.pipeline.simulator import Costs, simulate
 from parallel.pipeline.wgrad import split_weight_grads
@@ -66,7 +66,7 @@ def pp_worker(rank: int, world: int) -> list[dict]:
     for name, chunks, split, overlap in cases(world):
         placement = Placement(name, world, chunks)
         model = make_model(placement.n_stages, split)
-        stages = split_model(model, placement)
+        stages = model.split_stages(placement.n_stages)
         mine = hold_stages(stages, placement, rank)
         actions = build(name, world, chunks, wgrad_split=split)[rank]
         runner = PipelineRunner(mine, placement, actions, rank, list(range(world)), overlap=overlap)
@@ -202,7 +202,7 @@ def pp_ep_worker(rank: int, world: int) -> list[dict]:
         placement = Placement(name, 2, chunks)
         model = make_model(placement.n_stages, split)
         enable_expert_parallel(model, mesh, backward_groups=overlap)
-        stages = split_model(model, placement)
+        stages = model.split_stages(placement.n_stages)
         mine = hold_stages(stages, placement, mesh.pp_rank)
         actions = build(name, 2, chunks, wgrad_split=split)[mesh.pp_rank]
         peers = [mesh.layout.rank_of(p, mesh.dp_rank) for p in range(2)]

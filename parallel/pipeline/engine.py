@@ -79,7 +79,6 @@ class PipelineEngine:
         self.placement = Placement(par.schedule, par.pp, par.micro_batches)
         layers = list(par.layers_per_stage) or balanced_layers(model, self.placement.n_stages)
         all_stages = model.split_stages(self.placement.n_stages, layers)
-        self.layers_per_stage = layers
         self.stages = hold_stages(all_stages, self.placement, mesh.pp_rank)
         held_by = holders(model, all_stages, self.placement)
         prune(model, self.stages)
@@ -90,20 +89,18 @@ class PipelineEngine:
         # collective: every rank creates every group, in one order.
         self.copies = {name: len(ranks) for name, ranks in held_by.items() if len(ranks) > 1}
         holder_sets = sorted({tuple(ranks) for ranks in held_by.values() if len(ranks) > 1})
-        groups = {}
+        # (group, names): per group of this rank, the tensors it sums, in one order on every member.
+        self._shared: list[tuple[comm.Group, list[str]]] = []
         for ranks in holder_sets:
             for dp_rank in range(mesh.dp):
                 group = comm.new_group([mesh.layout.rank_of(p, dp_rank) for p in ranks])
-                if dp_rank == mesh.dp_rank:
-                    groups[ranks] = group
-        self._shared: list[tuple[str, comm.Group]] = [
-            (name, groups[tuple(ranks)]) for name, ranks in sorted(held_by.items())
-            if len(ranks) > 1 and mesh.pp_rank in ranks]
+                if dp_rank == mesh.dp_rank and mesh.pp_rank in ranks:
+                    names = sorted(n for n, rs in held_by.items() if tuple(rs) == ranks)
+                    self._shared.append((group, names))
         peers = [mesh.layout.rank_of(p, mesh.dp_rank) for p in range(par.pp)]
         actions = build(par.schedule, par.pp, par.micro_batches, wgrad_split=par.wgrad_split)
         self.runner = PipelineRunner(self.stages, self.placement, actions[mesh.pp_rank], mesh.pp_rank, peers,
                                      overlap=par.overlap_fb)
-        self.holds_last = any(stage.is_last for stage in self.stages)
 
     # --- one step ------------------------------------------------------------------------
     def _args(self, inputs: torch.Tensor, device, autocast) -> tuple:
@@ -172,16 +169,13 @@ class PipelineEngine:
     # --- shared tensors ------------------------------------------------------------------
     @torch.no_grad()
     def _sum_shared(self, tensors: dict[str, torch.Tensor | None], like: dict[str, torch.Tensor]) -> None:
-        by_group: dict[int, list[str]] = {}
-        group_of = {}
-        for name, group in self._shared:
-            if name in like:
-                by_group.setdefault(id(group), []).append(name)
-                group_of[id(group)] = group
-        for key, names in by_group.items():
+        for group, shared in self._shared:
+            names = [n for n in shared if n in like]
+            if not names:
+                continue
             flat = torch.cat([like[n].new_zeros(like[n].numel()) if tensors[n] is None
                               else tensors[n].reshape(-1) for n in names])
-            comm.all_reduce(flat, "sum", group_of[key])
+            comm.all_reduce(flat, "sum", group)
             offset = 0
             for n in names:
                 piece = flat[offset:offset + like[n].numel()].view_as(like[n])

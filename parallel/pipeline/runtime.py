@@ -39,11 +39,6 @@ from parallel.pipeline.schedules import Action, Placement
 from parallel.pipeline.wgrad import WeightGradWork, capture
 
 
-def split_model(model: Transformer, placement: Placement, layers_per_stage: list[int] | None = None
-                ) -> list[Stage]:
-    return model.split_stages(placement.n_stages, layers_per_stage)
-
-
 def hold_stages(all_stages: list[Stage], placement: Placement, pp_rank: int) -> list[Stage]:
     """This rank's stage for each phase."""
     return [all_stages[placement.stage_of(pp_rank, phase)] for phase in range(placement.phases)]
