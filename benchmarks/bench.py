@@ -6,15 +6,18 @@
 
 Every figure sits beside its baseline from the same run (DESIGN.md rule 8: speed is measured
 and reported, never asserted). Sections: pipeline schedules on paper (simulator, DualPipe vs
-1F1B, timelines), measured pipeline bubbles vs the simulator's formula, expert-parallel overlap,
-and without --quick: trainer overhead vs bare PyTorch, dp scaling, a short training run (loss and
-expert load over steps from its metrics.jsonl), and on a GPU the FP8 GEMM and bf16 vs fp8 loss.
+1F1B, timelines), expert-parallel overlap, all-to-all bandwidth (NCCL where there are two GPUs or
+more, else gloo), and without --quick: measured pipeline bubbles vs the simulator's formula,
+trainer overhead vs bare PyTorch, dp scaling, training throughput (tokens/s and MFU: the small
+preset on a GPU, tiny on CPU), a short training run (loss and expert load over steps from its
+metrics.jsonl; bf16 vs fp8 on a GPU), and on a GPU the FP8 GEMM TFLOPS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -83,6 +86,42 @@ def pipeline_measured(out: Path, quick: bool) -> tuple[str, list[str]]:
     return "\n".join(lines), [Path(f).name for f in r["files"] if f.endswith(".png")]
 
 
+def alltoall_section(out: Path, quick: bool) -> tuple[str, list[str]]:
+    from benchmarks import alltoall_bw
+
+    r = alltoall_bw.main(["--quick"] * quick)
+    lines = [f"{r['backend']}, {r['ranks']} ranks" + ("" if r["backend"] == "nccl" else
+             " (no multi-GPU host: loopback sockets, not link speed)"), "",
+             "| bytes per rank | ms | algbw GB/s | busbw GB/s |", "|---|---|---|---|"]
+    lines += [f"| {e['bytes']:,} | {e['ms']:.3f} | {e['algbw_gbps']:.3f} | {e['busbw_gbps']:.3f} |"
+              for e in r["sizes"]]
+    lines += ["", "| round trip of the same bytes | ms | x raw |", "|---|---|---|",
+              f"| raw all_to_all_single, out and back | {r['raw_same_bytes_ms']:.3f} | 1.00 |",
+              f"| duet dispatcher: dispatch + combine ({r['rows_per_token']:.2f} rows per token, "
+              f"{r['payload_bytes']:,} B) | {r['dispatcher_ms']:.3f} | {r['dispatcher_over_raw']:.2f} |"]
+    curve = [(math.log2(e["bytes"]), e["busbw_gbps"]) for e in r["sizes"]]
+    png = write_lines({"busbw GB/s": curve}, out / "alltoall_busbw.png",
+                      title=f"all-to-all bus bandwidth vs log2 bytes per rank ({r['backend']})")
+    return "\n".join(lines), [png.name]
+
+
+def throughput_section(out: Path, quick: bool) -> tuple[str, list[str]]:
+    from benchmarks import throughput
+
+    r = throughput.main(["--quick"] * quick)
+    lines = [f"{r['device']}; baseline: measured {r['matmul_ceiling']} matmul, "
+             f"{r['matmul_tflops']:.3f} TFLOPS in this run; datasheet BF16 peak "
+             f"{r['datasheet_bf16_tflops'] or 'unknown'}", "",
+             "| model | precision | tokens/step | ms/step | tokens/s | model TFLOPS | of matmul "
+             "| MFU (BF16 peak) |", "|---|---|---|---|---|---|---|---|"]
+    for e in r["runs"]:
+        mfu = f"{100 * e['mfu']:.1f}%" if e["mfu"] is not None else "-"
+        lines.append(f"| {e['model']} | {e['precision']} | {e['tokens_per_step']} | {e['step_ms']:.1f} | "
+                     f"{e['tokens_per_s']:,.0f} | {e['model_tflops']:.3f} | "
+                     f"{100 * e['of_matmul_ceiling']:.1f}% | {mfu} |")
+    return "\n".join(lines), []
+
+
 def _module(name: str, argv: list[str]):
     def run(out: Path, quick: bool) -> tuple[str, list[str]]:
         import importlib
@@ -124,12 +163,14 @@ def training_section(out: Path, quick: bool) -> tuple[str, list[str]]:
 def sections(quick: bool, cuda: bool) -> list[tuple[str, object]]:
     s = [("Pipeline schedules on paper (simulator)", schedules_on_paper),
          ("Expert-parallel communication hidden by overlap",
-          _module("ep_overlap", ["--quick"] if quick else []))]
+          _module("ep_overlap", ["--quick"] if quick else [])),
+         ("All-to-all bandwidth and the dispatcher beside it", alltoall_section)]
     if not quick:  # spawning pp gloo ranks per schedule takes ~40 s on two cores: not for CI
         s += [("Pipeline bubble measured on gloo ranks vs the simulator", pipeline_measured),
               ("Trainer overhead vs a bare PyTorch loop",
                _module("trainer_overhead", ["--steps", "10", "--rounds", "3"])),
               ("Data-parallel scaling", _module("dp_scaling", ["--steps", "15"])),
+              ("Training throughput: tokens/s and MFU", throughput_section),
               ("Short training run: loss and expert load", training_section)]
         if cuda:
             s += [("FP8 GEMM vs BF16 matmul (GPU)", _module("fp8_gemm", []))]

@@ -32,7 +32,7 @@ class RankError(RuntimeError):
 
 
 def _entry(fn: Callable, rank: int, world: int, port: int, args: tuple, results, threads: int,
-           timeout_s: float) -> None:
+           timeout_s: float, backend: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only, whatever the host's interfaces
@@ -41,7 +41,7 @@ def _entry(fn: Callable, rank: int, world: int, port: int, args: tuple, results,
 
     ok = False
     try:
-        init_distributed("gloo", timeout_s=timeout_s)
+        init_distributed(backend, timeout_s=timeout_s)
         value = fn(rank, world, *args)
         buffer = io.BytesIO()
         torch.save(value, buffer)
@@ -59,12 +59,14 @@ def _entry(fn: Callable, rank: int, world: int, port: int, args: tuple, results,
         os._exit(0 if ok else 1)
 
 
-def run_ranks(fn: Callable, world: int, *args: Any, timeout_s: float = 180.0, threads: int = 1) -> list[Any]:
-    """fn(rank, world, *args) on `world` gloo ranks; returns the results in rank order."""
+def run_ranks(fn: Callable, world: int, *args: Any, timeout_s: float = 180.0, threads: int = 1,
+              backend: str = "gloo") -> list[Any]:
+    """fn(rank, world, *args) on `world` ranks; returns the results in rank order. backend
+    "nccl" gives rank r the GPU r (init_distributed sets it from LOCAL_RANK)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, results, threads, timeout_s),
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, args, results, threads, timeout_s, backend),
                          daemon=True) for r in range(world)]
     for p in procs:
         p.start()

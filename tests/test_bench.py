@@ -3,6 +3,8 @@
 import struct
 import zlib
 
+import torch
+
 from benchmarks.bench import main
 
 
@@ -24,3 +26,46 @@ def test_quick_bench_writes_report_and_png(tmp_path, capsys):
         at += 12 + length
     assert len(zlib.decompress(raw)) == height * (1 + 3 * width)
     assert "duet-bench [1/" in capsys.readouterr().out  # progress shown
+
+
+def test_alltoall_bandwidth_counts_the_bytes_it_moved():
+    from benchmarks import alltoall_bw
+
+    r = alltoall_bw.main(["--quick"])  # 2 gloo ranks, 256 tokens x 256 bf16, top-8 of 256 experts
+    ranks, tokens, dim, topk, experts = 2, 256, 256, 8, 256
+    for e in r["sizes"]:
+        assert abs(e["algbw_gbps"] - e["bytes"] / (e["ms"] / 1e3) / 1e9) < 1e-6 * e["algbw_gbps"]
+        assert abs(e["busbw_gbps"] - e["algbw_gbps"] * (ranks - 1) / ranks) < 1e-9
+    # Independent count of the dispatch payload: each rank sends a token once to every rank
+    # owning one of its experts (dedup), dim bf16 values per row; the largest rank is reported.
+    rows = []
+    for rank in range(ranks):
+        gen = torch.Generator().manual_seed(100 + rank)  # the benchmark's routing inputs
+        torch.randn(tokens, dim, generator=gen)
+        idx = torch.rand(tokens, experts, generator=gen).topk(topk, dim=1).indices
+        owner = idx // (experts // ranks)
+        rows.append(sum(len(set(row.tolist())) for row in owner))
+    assert r["payload_bytes"] == max(rows) * dim * 2
+    assert abs(r["rows_per_token"] - sum(rows) / ranks / tokens) < 1e-9
+    assert r["dispatcher_ms"] > 0 and r["raw_same_bytes_ms"] > 0
+
+
+def test_throughput_reports_tokens_and_flops_of_the_preset():
+    from benchmarks import throughput
+    from framework.model.transformer import count_params
+    from launch.run import compose
+
+    r = throughput.main(["--quick"])  # tiny preset, fp32 on CPU
+    (run,) = r["runs"]
+    m = compose(["model=tiny"]).model
+    activated = count_params(m)["activated"]
+    seq = 128  # configs/data/stdlib.yaml, batch 16
+    head_dims = m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim
+    attention = 6 * m.n_layers * m.n_heads * head_dims * seq / 2  # causal: half the scores
+    assert run["tokens_per_step"] == 16 * seq
+    assert run["flops_per_token"] == 6 * activated + attention
+    tokens = run["tokens_per_s"] * run["step_ms"] / 1e3
+    assert abs(tokens - run["tokens_per_step"]) < 1e-6 * run["tokens_per_step"]
+    assert abs(run["model_tflops"] - run["tokens_per_s"] * run["flops_per_token"] / 1e12) < 1e-12
+    assert abs(run["of_matmul_ceiling"] - run["model_tflops"] / r["matmul_tflops"]) < 1e-12
+    assert r["datasheet_bf16_tflops"] is None and run["mfu"] is None  # no GPU: no MFU claimed
