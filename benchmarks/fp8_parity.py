@@ -13,7 +13,8 @@ inside that spread. DeepSeek-V3 reports a relative loss error below 0.25% agains
 Baseline: bf16 autocast, as the issue and V3's report compare against. On a CPU without
 AVX512-BF16 the bf16 matmuls run about ten times slower than fp32 (a 300-step tiny run takes
 ~20 minutes); `--baseline fp32` is the quick alternative. Both sides use BF16 AdamW moments
-(the fp8 preset's), so only the GEMM precision differs.
+(the fp8 preset's). On a GPU only the GEMM precision differs; on CPU the fp8 run's other parts
+(attention core, norms, head) run in fp32, its CPU companion precision (the `rest` column).
 All runs read the same batches (data.seed is fixed); `seed` changes the initial weights.
 On CPU the FP8 GEMMs run the plain-torch reference kernels: the s/step column is no guide
 to GPU speed.
