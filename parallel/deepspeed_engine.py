@@ -47,7 +47,7 @@ from torch import nn
 
 from framework import checkpoint, integrity
 from framework.config import TrainConfig
-from framework.faults import maybe_fail
+from framework.faults import maybe_fail, poison
 from framework.optim import AdamW, lr_at
 from framework.trainer import Trainer, TrainingError, autocast
 from parallel import comm, watchdog
@@ -293,14 +293,27 @@ class DeepSpeedTrainer(Trainer):
         with self.engine.coalesce_grad_reduction():
             with autocast(self.device, self.compute):
                 loss, parts = self.engine(inputs.to(self.device), targets.to(self.device))
+            if (bad := poison("loss", self.step + 1, self.mesh.rank)) is not None:
+                loss = loss * bad  # fault injection (framework/faults.py)
             self.engine.backward(loss)
             self._zero_missing_grads()
         record = reduce_mean({"loss": loss.detach(), **parts}, self.mesh)
-        if not math.isfinite(record["loss"]):
-            raise TrainingError(f"loss became {record['loss']} at step {self.step}; lower optim.lr or "
-                                "use precision=fp32, then resume from the last checkpoint")
+        # The NaN/Inf guard of the native step (Trainer.train_step). ZeRO finds a non-finite
+        # global gradient norm itself: it then clears its reduced gradients and returns before the
+        # optimizer, which is the native skip. A non-finite loss gives non-finite gradients, so it
+        # must have been caught there too; if ZeRO did step, the weights are no longer trusted.
+        skips_before = self.engine.skipped_steps
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
+        bad_parts = [name for name, v in (("loss", record["loss"]), ("grad_norm", grad_norm))
+                     if v is not None and not math.isfinite(v)]
+        if bad_parts:
+            if self.engine.skipped_steps == skips_before:
+                raise TrainingError(f"loss became {record['loss']} at step {self.step + 1} and DeepSpeed "
+                                    "applied the update anyway; stopped without saving: lower optim.lr "
+                                    "or use precision=fp32, then resume from the last checkpoint")
+            return self._skip_step(record, lr, grad_norm, bad_parts)
+        self.consecutive_skips = 0
         return self._finish_step(record, lr, grad_norm, detail)
 
     @torch.no_grad()

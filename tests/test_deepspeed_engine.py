@@ -116,3 +116,35 @@ def test_unsupported_deepspeed_settings_are_one_line(corpus, tmp_path, capsys, o
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+SKIP_STEPS, SKIP_AT = 6, 3
+
+
+def skip_worker(rank: int, world: int, corpus: str, root: str) -> dict:
+    import os
+
+    os.environ["DUET_FAULT"] = f"nan:loss:{SKIP_AT}"  # rank 0's loss only; every rank must skip
+    layout = [f"steps={SKIP_STEPS}", f"parallel.dp={world}", "parallel.ep=2", "checkpoint.interval=0",
+              *TUNING]
+    out = {"native": _train(args_for(corpus, f"{root}/native", *layout))}
+    for stage in STAGES:
+        out[stage] = _train(args_for(corpus, f"{root}/ds{stage}", *layout, "engine=deepspeed",
+                                     f"engine.zero_stage={stage}"))
+        out[stage]["log"] = (Path(root) / f"ds{stage}" / "metrics.jsonl").read_text() if rank == 0 else ""
+    return out
+
+
+def test_deepspeed_skips_a_non_finite_step_like_the_native_engine(corpus, tmp_path):
+    per_rank = run_ranks(skip_worker, 2, str(corpus), str(tmp_path), timeout_s=600)
+    native = per_rank[0]["native"]["losses"]
+    assert len(native) == SKIP_STEPS and native[SKIP_AT - 1] != native[SKIP_AT - 1]  # the NaN step
+    for stage in STAGES:
+        for r in per_rank:
+            got = r[stage]["losses"]
+            assert got[SKIP_AT - 1] != got[SKIP_AT - 1], stage
+            others = [(a, b) for i, (a, b) in enumerate(zip(got, native)) if i != SKIP_AT - 1]
+            assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in others), (stage, got, native)
+            assert all(torch.equal(a, b) for a, b in zip(r[stage]["biases"], per_rank[0][stage]["biases"]))
+        skipped = [line for line in per_rank[0][stage]["log"].splitlines() if '"skipped"' in line]
+        assert len(skipped) == 1 and f'"step": {SKIP_AT}' in skipped[0], skipped
