@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from benchmarks.timing import slowest_median
+
 WARMUP = 2  # repetitions dropped: connection set-up and buffer allocation
 
 
@@ -52,8 +54,7 @@ def _rank(rank: int, world: int, sizes: list[int], reps: int, tokens: int, dim: 
     from parallel import comm
     from parallel.expert_parallel import AllToAllDispatcher, layout_stats
 
-    device = torch.device("cuda", torch.cuda.current_device()) if comm.collective_device().type == "cuda" \
-        else torch.device("cpu")
+    device = comm.collective_device()  # this rank's GPU under NCCL, else the CPU
 
     def raw(nbytes: int) -> list[float]:
         numel = max(world, nbytes // 2 // world * world)  # bf16 elements, equal splits
@@ -84,11 +85,6 @@ def _rank(rank: int, world: int, sizes: list[int], reps: int, tokens: int, dim: 
         result["raw_same_bytes"] = raw(result["payload_bytes"])
     result["rows_per_token"] = stats["token_rank_pairs"] / tokens
     return result
-
-
-def _slowest_median(per_rank: list[list[float]]) -> float:
-    """Per repetition the slowest rank, then the median over repetitions."""
-    return statistics.median(max(rep) for rep in zip(*per_rank))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -128,13 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{'bytes per rank':>15}{'ms':>10}{'algbw GB/s':>12}{'busbw GB/s':>12}")
     table = []
     for s in sizes:
-        t = _slowest_median([r["raw"][s] for r in per_rank])
+        t = slowest_median([r["raw"][s] for r in per_rank])
         algbw = s / t / 1e9
         table.append({"bytes": s, "ms": 1000 * t, "algbw_gbps": algbw, "busbw_gbps": algbw * factor})
         print(f"{s:>15,}{1000 * t:>10.3f}{algbw:>12.3f}{algbw * factor:>12.3f}")
 
-    disp = _slowest_median([r["dispatcher"] for r in per_rank])
-    base = 2 * _slowest_median([r["raw_same_bytes"] for r in per_rank])  # out and back
+    disp = slowest_median([r["dispatcher"] for r in per_rank])
+    base = 2 * slowest_median([r["raw_same_bytes"] for r in per_rank])  # out and back
     payload = per_rank[0]["payload_bytes"]
     rows = statistics.fmean(r["rows_per_token"] for r in per_rank)
     print(f"\ndispatch + combine: {args.tokens} tokens x {args.dim} bf16 per rank, top-{args.topk} of "

@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from benchmarks.timing import slowest_median
+
 TABLE_HEADING = "scheme        exposed ms/iter   wall ms/iter   blocked in (ms, median)"
 V3_EXPERTS, V3_TOPK, V3_HIDDEN, BF16_BYTES = 256, 8, 7168, 2
 EP_EXPERTS, EP_TOPK = 64, 8  # routing shape of the live benchmark (part 1)
@@ -100,8 +102,7 @@ def _rank(rank: int, world: int, tokens: int, dim: int, compute_ms: float, reps:
 
 def _summarise(per_rank: list[dict], name: str, which: int) -> float:
     """Median over repetitions of the slowest rank, in ms (which: 0 exposed, 1 wall)."""
-    reps = zip(*(r["times"][name] for r in per_rank))
-    return 1000 * statistics.median(max(t[which] for t in rep) for rep in reps)
+    return 1000 * slowest_median([[t[which] for t in r["times"][name]] for r in per_rank])
 
 
 def bytes_per_token(ranks: int, tokens: int = ROUTING_TOKENS, seed: int = 0) -> dict[str, float]:

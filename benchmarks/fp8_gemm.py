@@ -17,31 +17,11 @@ Legend: M rows, N out features, K reduction dim, E experts.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from benchmarks.timing import bench_ms
 from kernels import fp8
-
-
-def bench_ms(fn, reps: int) -> float:
-    """Median milliseconds of fn() after warm-up (CUDA events on GPU, wall clock on CPU)."""
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def scaled_mm_fn(a_MK, b_NK, a_q, a_s, b_q, b_s, expect):

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from benchmarks.timing import bench_ms
 from framework.metrics import gpu_peak_tflops
 
 
@@ -42,17 +43,8 @@ def matmul_tflops(device: str, reps: int = 10) -> tuple[str, float]:
     """Measured dense matmul throughput: the ceiling a training step could reach on this host."""
     n, dtype = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        _sync()
-        times.append(time.perf_counter() - t0)
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
-    return f"{name} {n}^3", 2 * n**3 / statistics.median(times) / 1e12
+    return f"{name} {n}^3", 2 * n**3 / bench_ms(lambda: a @ b, reps) / 1e9
 
 
 def measure(model: str, precision: str, steps: int, warmup: int, overrides: list[str]) -> dict:

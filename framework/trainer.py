@@ -265,14 +265,14 @@ class Trainer:
         bad_parts = [q for q in ("loss", "grad_norm") if record.pop(f"nonfinite_{q}") > 0]
         if bad_parts:
             return self._skip_step(record, lr, grad_norm, bad_parts)
-        self.consecutive_skips = 0
         self.optimizer.step()
         self.optimizer.zero_grad()
         return self._finish_step(record, lr, grad_norm, detail)
 
     def _finish_step(self, record: dict, lr: float, grad_norm, detail: bool) -> dict:
         """After the optimizer step: aux-loss-free balancing from the global batch's expert
-        loads, then the step counter; returns the step's record."""
+        loads, then the step counter; returns the step's record. A finished step ends a run of skips."""
+        self.consecutive_skips = 0
         if self.pipeline is not None:
             self.pipeline.sync_shared_loads()
         all_reduce_expert_load(self.model, self.mesh)

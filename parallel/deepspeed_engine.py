@@ -313,7 +313,6 @@ class DeepSpeedTrainer(Trainer):
                                     "applied the update anyway; stopped without saving: lower optim.lr "
                                     "or use precision=fp32, then resume from the last checkpoint")
             return self._skip_step(record, lr, grad_norm, bad_parts)
-        self.consecutive_skips = 0
         return self._finish_step(record, lr, grad_norm, detail)
 
     @torch.no_grad()
