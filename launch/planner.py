@@ -306,12 +306,12 @@ class Plan:
 def _live_walk(sim: SimResult, rank: int, per_phase: list[float]) -> tuple[int, float]:
     """(most live micro-batches, most bytes live) on a rank, walking the simulator's spans the
     way the simulator counts: a pair's forward lands before its backward leaves."""
-    from parallel.pipeline.simulator import _parts
+    from parallel.pipeline.simulator import action_parts
 
     live = [0] * len(per_phase)
     peak, peak_bytes = 0, 0.0
     for _, _, action in sim.spans[rank]:
-        for kind, phase, _ in _parts(action):
+        for kind, phase, _ in action_parts(action):
             live[phase] += 1 if kind == "F" else -1
             peak = max(peak, sum(live))
             peak_bytes = max(peak_bytes, sum(n * b for n, b in zip(live, per_phase)))

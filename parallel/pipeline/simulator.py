@@ -39,7 +39,7 @@ class SimResult:
     spans: list[list[tuple[float, float, Action]]] = field(default_factory=list)
 
 
-def _parts(action: Action) -> list[tuple[str, int, int]]:
+def action_parts(action: Action) -> list[tuple[str, int, int]]:
     """(kind, phase, micro-batch) of the forward/backward pieces of an action."""
     if action.kind == "F":
         return [("F", action.phase, action.mb)]
@@ -62,7 +62,7 @@ def simulate(schedule: list[list[Action]], placement: Placement, costs: Costs = 
 
     def ready_at(rank: int, action: Action) -> float | None:
         t = clock[rank]
-        for kind, phase, mb in _parts(action):
+        for kind, phase, mb in action_parts(action):
             stage = placement.stage_of(rank, phase)
             if kind == "F":
                 dep = ("F", stage - 1, mb) if stage > 0 else None
@@ -93,7 +93,7 @@ def simulate(schedule: list[list[Action]], placement: Placement, costs: Costs = 
                 if start is None:
                     break
                 end = start + cost(action)
-                for kind, phase, mb in _parts(action):
+                for kind, phase, mb in action_parts(action):
                     done[(kind, placement.stage_of(r, phase), mb)] = end
                     live[r] += 1 if kind == "F" else -1
                     peak[r] = max(peak[r], live[r])
