@@ -12,15 +12,40 @@ bytes and time per kind of operation. This module hides the differences:
   falls back to all_reduce + taking this rank's slice.
 - gloo with CUDA tensors (the "simulated" launch mode) stages through host memory.
 
+Devices (DESIGN.md rule 9): every tensor handed to an op must live where the group's backend
+works -- a CUDA tensor for NCCL, a CPU tensor for gloo, or a CUDA tensor that gloo stages
+through the host. Every op checks this on every call (one device-type comparison per tensor)
+and raises `CollectiveDeviceError` naming the op, the backend and the tensor's device; the fix
+is to create the tensor on `collective_device(group)` (not on the CPU and moved later: gloo on
+CPU forgives that, NCCL does not). Backends other than nccl and gloo are not checked.
+
+P2P: `send`, `recv` and `batch_isend_irecv` take no tag. NCCL ignores tags and matches a pair
+of ranks' operations strictly in issue order, so nothing here may rely on them (gloo would).
+
 Every op takes `async_op`; it always returns a `Handle` whose `wait()` finishes the op (divide,
-copy back, slice) and books the seconds from issue until `wait()` returns. A synchronous call
-returns a handle that is already complete.
+copy back, slice) and books the op. A synchronous call returns a handle that is already complete.
+
+Timings: an op's seconds run from its issue until its result is usable, and are measured where
+the work runs:
+
+- on CUDA tensors (NCCL, or gloo staging through the host) with CUDA events on the current
+  stream: a start event at issue, an end event after `work.wait()` (which makes the current
+  stream wait for NCCL's stream) and the copy back. NCCL's `wait()` returns to the host at
+  once, so the host clock around it would measure nothing. The events are kept and resolved
+  (synchronised) lazily, when `comm_stats()` is read or `Handle.seconds()` is asked, never in
+  the step; a long run with nobody reading drains the finished ones without blocking.
+- on CPU tensors (gloo) with the host clock, from issue until `wait()` returns.
+
+An async op that overlaps computation counts its whole time in flight on both paths (on CUDA,
+also the work queued on the current stream between issue and wait). `Timer` is the same
+measurement for any span (e.g. the exposed part of a wait): CUDA events on a CUDA device, the
+host clock elsewhere; `Handle.seconds()` is the measured time of one finished op.
 
 Groups: `group=None` means the default (world) group when torch.distributed is initialised.
 When there is nobody to talk to -- no process group at all (a single process) or a group of
 one -- every op is a local no-op (outputs get the input copied where that is the result), so
-single-process code runs the same calls. Peer and source ranks are *global* ranks, as in
-torch.distributed.
+single-process code runs the same calls (the device check still runs for a group of one).
+Peer and source ranks are *global* ranks, as in torch.distributed.
 """
 
 from __future__ import annotations
@@ -46,67 +71,153 @@ _NATIVE_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM,
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
+# --------------------------------------------------------------------------- timers
+
+
+class Timer:
+    """The elapsed time of a span of work, measured where the work runs: CUDA events on the
+    current stream of a CUDA `device`, the host clock otherwise (device None or CPU).
+
+        timer = comm.Timer(x.device)   # starts now
+        ...                            # issue work, wait on a handle
+        timer.stop()
+        timer.seconds()                # on CUDA: synchronises on the end event, once
+
+    `seconds()` blocks until the span's work has run; call it when the figure is read, not in
+    the step. `ready()` tells without blocking whether it would return at once.
+    """
+
+    __slots__ = ("_device", "_start", "_end", "_seconds")
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self._end: torch.cuda.Event | None = None
+        self._seconds: float | None = None
+        self._device = None if device is None else torch.device(device)
+        if self._device is not None and self._device.type == "cuda":
+            self._start: torch.cuda.Event | float = torch.cuda.Event(enable_timing=True)
+            self._start.record(torch.cuda.current_stream(self._device))
+        else:
+            self._start = time.perf_counter()
+
+    @property
+    def on_device(self) -> bool:
+        """Whether this timer reads CUDA events (else the host clock)."""
+        return not isinstance(self._start, float)
+
+    def stop(self) -> Timer:
+        if isinstance(self._start, float):
+            self._seconds = time.perf_counter() - self._start
+        else:
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._end.record(torch.cuda.current_stream(self._device))
+        return self
+
+    def ready(self) -> bool:
+        """Whether seconds() would return without waiting for the GPU."""
+        return self._seconds is not None or (self._end is not None and self._end.query())
+
+    def seconds(self) -> float:
+        if self._seconds is None:
+            if self._end is None:
+                raise RuntimeError("Timer.seconds(): the timer was not stopped")
+            self._end.synchronize()
+            self._seconds = self._start.elapsed_time(self._end) / 1e3  # ms -> s
+        return self._seconds
+
+
 # --------------------------------------------------------------------------- counters
 
 _stats_lock = threading.Lock()  # autograd hooks may issue ops from another thread (CUDA)
 _stats: dict[str, dict[str, float]] = {}
+_unresolved: list[tuple[str, Timer]] = []  # device-timed ops whose seconds are not read yet
+_DRAIN_AT = 1024  # unresolved timers kept before the finished ones are drained (non-blocking)
 
 
-def _book(kind: str, nbytes: int, seconds: float) -> None:
+def _book(kind: str, nbytes: int, timer: Timer) -> None:
     with _stats_lock:
         entry = _stats.setdefault(kind, {"calls": 0, "bytes": 0, "seconds": 0.0})
         entry["calls"] += 1
         entry["bytes"] += nbytes
-        entry["seconds"] += seconds
+        if timer.on_device:
+            _unresolved.append((kind, timer))
+            if len(_unresolved) >= _DRAIN_AT:
+                _resolve(block=False)
+        else:
+            entry["seconds"] += timer.seconds()
+
+
+def _resolve(block: bool) -> None:
+    """Add the seconds of unresolved device timers (all of them, or only the finished ones).
+    Called with _stats_lock held."""
+    keep = []
+    for kind, timer in _unresolved:
+        if block or timer.ready():
+            _stats[kind]["seconds"] += timer.seconds()
+        else:
+            keep.append((kind, timer))
+    _unresolved[:] = keep
 
 
 def comm_stats() -> dict[str, dict[str, float]]:
     """{op kind: {"calls", "bytes", "seconds"}} since the last reset (a copy).
 
     bytes is the payload this rank hands to the op (for recv and broadcast receivers: the
-    payload it receives); seconds runs from issue until wait() returns. Ops that are local
-    no-ops (nobody to talk to) are not counted.
+    payload it receives); seconds runs from issue until the result is usable (CUDA events for
+    CUDA tensors, resolved here, which synchronises on them; the host clock until wait()
+    returns for CPU tensors). Ops that are local no-ops (nobody to talk to) are not counted.
     """
     with _stats_lock:
+        _resolve(block=True)
         return {kind: dict(entry) for kind, entry in _stats.items()}
 
 
 def reset_comm_stats() -> None:
     with _stats_lock:
         _stats.clear()
+        _unresolved.clear()
 
 
 # --------------------------------------------------------------------------- handles
 
 
 class Handle:
-    """A communication in flight (or finished). `wait()` is idempotent and returns `result`."""
+    """A communication in flight (or finished). `wait()` is idempotent and returns `result`;
+    `seconds()` is the op's measured time once it has been waited."""
 
     def __init__(self, kind: str, nbytes: int, works: Sequence[dist.Work] = (),
                  finish: Callable[[], None] | None = None, result: torch.Tensor | None = None,
-                 start: float | None = None) -> None:
+                 timer: Timer | None = None) -> None:
         self.kind, self.nbytes, self.result = kind, nbytes, result
         self._works, self._finish = list(works), finish
-        self._start = time.perf_counter() if start is None else start
+        self._timer = Timer() if timer is None else timer
         self._done = False
 
     def wait(self) -> torch.Tensor | None:
         if not self._done:
-            token = watchdog.enter(self.kind)  # hang detection (parallel/watchdog.py)
+            token = watchdog.enter(self.kind)  # hang detection on the host clock (parallel/watchdog.py)
             try:
                 for work in self._works:
-                    work.wait()
+                    work.wait()  # NCCL: makes the current stream wait, returns to the host at once
             finally:
                 watchdog.leave(token)
             if self._finish is not None:
                 self._finish()
+            self._timer.stop()
             self._done = True
             if self.kind:  # an empty kind marks a local no-op: nothing is booked
-                _book(self.kind, self.nbytes, time.perf_counter() - self._start)
+                _book(self.kind, self.nbytes, self._timer)
         return self.result
 
     def is_completed(self) -> bool:
         return self._done or all(work.is_completed() for work in self._works)
+
+    def seconds(self) -> float:
+        """Seconds from issue until the result was usable, measured per backend (CUDA events
+        for CUDA tensors -- this synchronises on the op's end event -- else the host clock);
+        0.0 for a local no-op. The op must have been waited."""
+        if not self._done:
+            raise RuntimeError(f"Handle.seconds(): wait() for the {self.kind or 'local'} op first")
+        return self._timer.seconds() if self.kind else 0.0
 
 
 def _local(result: torch.Tensor | None = None) -> Handle:
@@ -117,12 +228,22 @@ def _local(result: torch.Tensor | None = None) -> Handle:
 
 
 def _issue(kind: str, nbytes: int, launch: Callable[[], Sequence[dist.Work]], async_op: bool,
-           finish: Callable[[], None] | None = None, result: torch.Tensor | None = None) -> Handle:
-    start = time.perf_counter()
-    handle = Handle(kind, nbytes, launch(), finish, result, start)
+           finish: Callable[[], None] | None = None, result: torch.Tensor | None = None,
+           timer: Timer | None = None) -> Handle:
+    """Launch an op; `timer` was started before any host staging (which is part of the op)."""
+    timer = Timer() if timer is None else timer
+    handle = Handle(kind, nbytes, launch(), finish, result, timer)
     if not async_op:
         handle.wait()
     return handle
+
+
+def _timer(tensors: Sequence[torch.Tensor]) -> Timer:
+    """A timer started now, on the first CUDA tensor's device if there is one."""
+    for t in tensors:
+        if t.device.type == "cuda":
+            return Timer(t.device)
+    return Timer()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -144,11 +265,44 @@ def global_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def backend(group: Group = None) -> str:
+    """`group`'s backend ("nccl", "gloo", ...); "" without a process group. The one place this
+    module reads it, so tests can stand in another backend."""
+    return str(dist.get_backend(group)) if is_distributed() else ""
+
+
 def collective_device(group: Group = None) -> torch.device:
-    """Where small tensors made for a collective (a loss, a norm) must live for `group`'s backend."""
-    if is_distributed() and dist.get_backend(group) == "nccl":
+    """Where tensors made for a collective (a loss, a norm, a buffer) must live for `group`'s backend."""
+    if backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A tensor handed to a collective or P2P op does not live where the group's backend works."""
+
+
+# The device types each backend takes. gloo also takes CUDA tensors: it stages them through
+# host memory (the simulated launch mode). Backends not listed are not checked.
+_DEVICE_TYPES = {"nccl": ("cuda",), "gloo": ("cpu", "cuda")}
+
+
+def check_devices(op: str, backend_name: str, tensors: Sequence[torch.Tensor]) -> None:
+    """Raise CollectiveDeviceError unless every tensor's device type suits `backend_name`."""
+    allowed = _DEVICE_TYPES.get(backend_name)
+    if allowed is None:
+        return
+    for t in tensors:
+        if t.device.type not in allowed:
+            want = " or ".join(allowed)
+            raise CollectiveDeviceError(
+                f"{op}: tensor on device {t.device} given to a {backend_name} group, which needs tensors "
+                f"on {want}; create it on comm.collective_device(group) (not on the CPU and moved later)")
+
+
+def _check(op: str, group: Group, *tensors: torch.Tensor) -> None:
+    if is_distributed():
+        check_devices(op, backend(group), tensors)
 
 
 def _active(group: Group) -> bool:
@@ -156,7 +310,7 @@ def _active(group: Group) -> bool:
 
 
 def _stages_via_host(t: torch.Tensor, group: Group) -> bool:
-    return t.device.type != "cpu" and dist.get_backend(group) == "gloo"
+    return t.device.type != "cpu" and backend(group) == "gloo"
 
 
 def _movable(t: torch.Tensor) -> torch.Tensor:
@@ -202,14 +356,16 @@ def _then(*steps: Callable[[], None] | None) -> Callable[[], None]:
 def all_reduce(t: torch.Tensor, op: ReduceOp = "sum", group: Group = None, async_op: bool = False) -> Handle:
     """Reduce `t` in place over `group` (op: sum, avg, max, min)."""
     _check_reducible(t, op, "all_reduce")
+    _check("all_reduce", group, t)
     if not _active(group):
         return _local(t)
+    timer = _timer([t])
     (buf,), copy_back = _staged([t], group)
     n = dist.get_world_size(group)
     divide = (lambda: buf.div_(n)) if op == "avg" else None
     return _issue("all_reduce", t.nbytes,
                   lambda: [dist.all_reduce(buf, _NATIVE_OPS[op], group=group, async_op=True)],
-                  async_op, _then(divide, copy_back), t)
+                  async_op, _then(divide, copy_back), t, timer)
 
 
 def all_gather_into_tensor(out: torch.Tensor, t: torch.Tensor, group: Group = None,
@@ -219,15 +375,17 @@ def all_gather_into_tensor(out: torch.Tensor, t: torch.Tensor, group: Group = No
     if out.numel() != n * t.numel() or out.dtype != t.dtype:
         raise ValueError(f"all_gather_into_tensor: out has {out.numel()} {out.dtype} elements, "
                          f"need {n} x {t.numel()} {t.dtype}")
+    _check("all_gather_into_tensor", group, out, t)
     if not _active(group):
         out.view(-1).copy_(t.reshape(-1))
         return _local(out)
+    timer = _timer([out, t])
     # Flat views: the backend then only needs equal-sized pieces, whatever the shapes.
     (out_buf, in_buf), copy_back = _staged([out.view(-1), t.reshape(-1)], group)
     return _issue("all_gather", t.nbytes,
                   lambda: [_all_gather_single(_movable(out_buf), _movable(in_buf), group=group,
                                               async_op=True)],
-                  async_op, copy_back, out)
+                  async_op, copy_back, out, timer)
 
 
 # Whether the backend has a native reduce_scatter; learnt at the first call (a missing op
@@ -243,22 +401,24 @@ def reduce_scatter_tensor(out: torch.Tensor, t: torch.Tensor, op: ReduceOp = "su
     if t.numel() != n * out.numel() or out.dtype != t.dtype:
         raise ValueError(f"reduce_scatter_tensor: input has {t.numel()} {t.dtype} elements, "
                          f"need {n} x out's {out.numel()} {out.dtype}")
+    _check("reduce_scatter_tensor", group, out, t)
     if not _active(group):
         out.view(-1).copy_(t.reshape(-1))
         return _local(out)
-    backend = str(dist.get_backend(group))
-    if _native_reduce_scatter.get(backend, True):
+    name = backend(group)
+    if _native_reduce_scatter.get(name, True):
+        timer = _timer([out, t])
         (out_buf, in_buf), copy_back = _staged([out.view(-1), t.reshape(-1)], group)
         divide = (lambda: out_buf.div_(n)) if op == "avg" else None
         try:
             return _issue("reduce_scatter", t.nbytes,
                           lambda: [_reduce_scatter_single(out_buf, in_buf, _NATIVE_OPS[op], group=group,
                                                           async_op=True)],
-                          async_op, _then(divide, copy_back), out)
+                          async_op, _then(divide, copy_back), out, timer)
         except (RuntimeError, NotImplementedError) as err:
             if "support" not in str(err).lower():
                 raise
-            _native_reduce_scatter[backend] = False
+            _native_reduce_scatter[name] = False
     return _reduce_scatter_via_all_reduce(out, t, op, group, async_op)
 
 
@@ -266,6 +426,7 @@ def _reduce_scatter_via_all_reduce(out: torch.Tensor, t: torch.Tensor, op: Reduc
                                    async_op: bool) -> Handle:
     """Fallback: all-reduce a copy of the whole input, keep this rank's slice. Twice the traffic
     of a real reduce-scatter, same result; booked as one reduce_scatter."""
+    timer = _timer([out, t])
     full = t.detach().reshape(-1).to("cpu" if _stages_via_host(t, group) else t.device, copy=True)
     n, me = dist.get_world_size(group), dist.get_rank(group)
 
@@ -274,17 +435,19 @@ def _reduce_scatter_via_all_reduce(out: torch.Tensor, t: torch.Tensor, op: Reduc
         out.view(-1).copy_(piece / n if op == "avg" else piece)
     return _issue("reduce_scatter", t.nbytes,
                   lambda: [dist.all_reduce(full, _NATIVE_OPS[op], group=group, async_op=True)],
-                  async_op, take_slice, out)
+                  async_op, take_slice, out, timer)
 
 
 def broadcast(t: torch.Tensor, src: int, group: Group = None, async_op: bool = False) -> Handle:
     """Every rank's `t` <- global rank `src`'s `t` (in place)."""
+    _check("broadcast", group, t)
     if not _active(group):
         return _local(t)
+    timer = _timer([t])
     (buf,), copy_back = _staged([t], group)
     return _issue("broadcast", t.nbytes,
                   lambda: [dist.broadcast(_movable(buf), src, group=group, async_op=True)],
-                  async_op, copy_back, t)
+                  async_op, copy_back, t, timer)
 
 
 def all_to_all_single(out: torch.Tensor, t: torch.Tensor, out_splits: Sequence[int] | None = None,
@@ -297,16 +460,18 @@ def all_to_all_single(out: torch.Tensor, t: torch.Tensor, out_splits: Sequence[i
         if splits is not None and (len(splits) != n or sum(splits) != tensor.shape[0]):
             raise ValueError(f"all_to_all_single: {name}={list(splits)} must have {n} entries summing "
                              f"to the {tensor.shape[0]} rows of its tensor")
+    _check("all_to_all_single", group, out, t)
     if not _active(group):
         out.copy_(t)
         return _local(out)
+    timer = _timer([out, t])
     (out_buf, in_buf), copy_back = _staged([out, t.contiguous()], group)
     return _issue("all_to_all", t.nbytes,
                   lambda: [dist.all_to_all_single(_movable(out_buf), _movable(in_buf),
                                                   None if out_splits is None else list(out_splits),
                                                   None if in_splits is None else list(in_splits),
                                                   group=group, async_op=True)],
-                  async_op, copy_back, out)
+                  async_op, copy_back, out, timer)
 
 
 def barrier(group: Group = None, async_op: bool = False) -> Handle:
@@ -323,18 +488,25 @@ def _need_peer(what: str) -> None:
         raise RuntimeError(f"{what}: no process group; point-to-point needs torch.distributed initialised")
 
 
-def send(t: torch.Tensor, dst: int, group: Group = None, async_op: bool = False, tag: int = 0) -> Handle:
-    """dst is a global rank. A tag tells apart several messages in flight between two ranks."""
+def send(t: torch.Tensor, dst: int, group: Group = None, async_op: bool = False) -> Handle:
+    """dst is a global rank. No tag: NCCL matches a pair of ranks' sends and receives strictly
+    in issue order, so two messages in flight between the same ranks are told apart by order."""
     _need_peer("send")
+    _check("send", group, t)
+    timer = _timer([t])
     (buf,), _ = _staged([t.contiguous()], group, n_out=0)
-    return _issue("send", t.nbytes, lambda: [dist.isend(_movable(buf), dst, group=group, tag=tag)], async_op)
+    return _issue("send", t.nbytes, lambda: [dist.isend(_movable(buf), dst, group=group)], async_op,
+                  timer=timer)
 
 
-def recv(t: torch.Tensor, src: int, group: Group = None, async_op: bool = False, tag: int = 0) -> Handle:
+def recv(t: torch.Tensor, src: int, group: Group = None, async_op: bool = False) -> Handle:
+    """src is a global rank; receives the next message from it in issue order (no tag)."""
     _need_peer("recv")
+    _check("recv", group, t)
+    timer = _timer([t])
     (buf,), copy_back = _staged([t], group)
-    return _issue("recv", t.nbytes, lambda: [dist.irecv(_movable(buf), src, group=group, tag=tag)],
-                  async_op, copy_back, t)
+    return _issue("recv", t.nbytes, lambda: [dist.irecv(_movable(buf), src, group=group)],
+                  async_op, copy_back, t, timer)
 
 
 def new_group(ranks: Sequence[int]) -> Group:
@@ -352,8 +524,10 @@ def batch_isend_irecv(ops: Sequence[P2P], group: Group = None, async_op: bool = 
     """Issue several sends/receives together (pairwise exchanges cannot deadlock on ordering).
     Booked as one "batch_p2p" call with the bytes of all its sends and receives."""
     _need_peer("batch_isend_irecv")
+    _check("batch_isend_irecv", group, *(tensor for _, tensor, _ in ops))
     if not ops:
         return _local()
+    timer = _timer([tensor for _, tensor, _ in ops])
     p2p_ops, copy_backs = [], []
     for direction, tensor, peer in ops:
         if direction not in ("send", "recv"):
@@ -364,4 +538,5 @@ def batch_isend_irecv(ops: Sequence[P2P], group: Group = None, async_op: bool = 
         p2p_ops.append(dist.P2POp(fn, _movable(buf), peer, group=group))
         copy_backs.append(copy_back)
     nbytes = sum(tensor.nbytes for _, tensor, _ in ops)
-    return _issue("batch_p2p", nbytes, lambda: dist.batch_isend_irecv(p2p_ops), async_op, _then(*copy_backs))
+    return _issue("batch_p2p", nbytes, lambda: dist.batch_isend_irecv(p2p_ops), async_op, _then(*copy_backs),
+                  timer=timer)

@@ -19,6 +19,7 @@ no-op and the trainer keeps one code path.
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NamedTuple
@@ -214,13 +215,29 @@ def _check_groups(mesh: Mesh) -> None:
             raise RuntimeError(f"build_mesh: {kind} group of rank {mesh.rank} is {got}, layout says {want}")
 
 
+# How NCCL hangs are caught (parallel/watchdog.py's docstring): PyTorch's NCCL watchdog tears the
+# process down at the process group's timeout and dumps its flight recorder. A user's own
+# setting wins; TORCH_FR_BUFFER_SIZE is the newer name of the trace buffer's size.
+NCCL_HANG_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+                 "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+
+
+def set_nccl_hang_env(env: MutableMapping[str, str]) -> None:
+    """Set NCCL_HANG_ENV's variables that `env` (os.environ) lacks; before init_process_group."""
+    for key, value in NCCL_HANG_ENV.items():
+        if key == "TORCH_NCCL_TRACE_BUFFER_SIZE" and "TORCH_FR_BUFFER_SIZE" in env:
+            continue
+        env.setdefault(key, value)
+
+
 def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> tuple[int, int]:
     """Join the process group described by the torchrun/elastic environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT; LOCAL_RANK picks the GPU). Returns (rank, world).
 
     No RANK/WORLD_SIZE in the environment means a plain single process: nothing is initialised
     and (0, 1) is returned. backend defaults to nccl when CUDA is present, gloo otherwise
-    (pass "gloo" to run all ranks on one GPU, the simulated mode)."""
+    (pass "gloo" to run all ranks on one GPU, the simulated mode). On nccl the hang-reporting
+    environment (NCCL_HANG_ENV) is filled in where the user has not set it."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     env = os.environ
@@ -234,6 +251,7 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(env.get("LOCAL_RANK", 0)))
+        set_nccl_hang_env(env)
     timeout = timedelta(seconds=timeout_s if timeout_s is not None else 600)
     restart = env.get("TORCHELASTIC_RESTART_COUNT")
     if restart is None or env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
