@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import threading
 
 import pytest
 import torch
@@ -37,14 +38,12 @@ def model_cfg(n_layers: int) -> ModelConfig:
                        mtp_depth=1, seq_aux_alpha=0.01)
 
 
-def cases(pp: int) -> list[tuple[str, int, bool, bool]]:
-    """(schedule, micro-batches, weight-gradient split, overlapped pairs on two threads)."""
+def cases(pp: int) -> list[tuple[str, int, bool]]:
+    """(schedule, micro-batches, weight-gradient split)."""
     out = []
     for name in ("gpipe", "1f1b", "dualpipe", "dualpipev"):
         for chunks in (2 * pp, 2 * pp + (4 if name == "dualpipe" else 2)):
-            out += [(name, chunks, False, False), (name, chunks, True, False)]
-            if name.startswith("dual"):  # the schedules with overlapped pairs
-                out.append((name, chunks, True, True))
+            out += [(name, chunks, False), (name, chunks, True)]
     return out
 
 
@@ -61,24 +60,39 @@ def batch(chunks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return list(tokens), list(targets)
 
 
+@contextlib.contextmanager
+def thread_starts():
+    """Names of the threads started inside (DESIGN.md rule 10: a step starts none)."""
+    started, real_start = [], threading.Thread.start
+
+    def start(thread):
+        started.append(thread.name)
+        return real_start(thread)
+    threading.Thread.start = start
+    try:
+        yield started
+    finally:
+        threading.Thread.start = real_start
+
+
 def pp_worker(rank: int, world: int) -> list[dict]:
     results = []
-    for name, chunks, split, overlap in cases(world):
+    for name, chunks, split in cases(world):
         placement = Placement(name, world, chunks)
         model = make_model(placement.n_stages, split)
         stages = model.split_stages(placement.n_stages)
         mine = hold_stages(stages, placement, rank)
-        actions = build(name, world, chunks, wgrad_split=split)[rank]
-        runner = PipelineRunner(mine, placement, actions, rank, list(range(world)), overlap=overlap)
+        runner = PipelineRunner(mine, placement, rank, list(range(world)), wgrad_split=split)
         tokens, targets = batch(chunks)
         args = ((MB, T, D), torch.float64, torch.device("cpu"), contextlib.nullcontext)
-        out = runner.step(tokens, targets, *args)
+        with thread_starts() as started:
+            out = runner.step(tokens, targets, *args)
         held = {n for n, rs in holders(model, stages, placement).items() if rank in rs}
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if n in held and p.grad is not None}
         model.eval()
         logits = runner.forward_only(tokens, None, *args).logits
         results.append({"losses": out.losses, "aux": out.aux, "grads": grads, "logits": logits,
-                        "held": held})
+                        "held": held, "threads": started})
     return results
 
 
@@ -123,8 +137,8 @@ def spawned(request):
 def test_pipelined_step_equals_sequential_reference(spawned):
     pp, per_rank = spawned
     worst = 0.0
-    for i, (name, chunks, split, overlap) in enumerate(cases(pp)):
-        label = f"{name} pp={pp} chunks={chunks} split={split} overlap={overlap}"
+    for i, (name, chunks, split) in enumerate(cases(pp)):
+        label = f"{name} pp={pp} chunks={chunks} split={split}"
         ref = reference(pp, name, chunks)
         got = [per_rank[r][i] for r in range(pp)]
         losses = {mb: v for g in got for mb, v in g["losses"].items()}
@@ -146,6 +160,11 @@ def test_pipelined_step_equals_sequential_reference(spawned):
         assert sorted(logits) == list(range(chunks))
         assert all(torch.equal(logits[mb], ref["logits"][mb]) for mb in range(chunks)), label
     print(f"pp={pp}: {len(cases(pp))} cases, worst gradient calc_diff {worst:.2e}")
+
+
+def test_pipeline_step_starts_no_thread(spawned):
+    pp, per_rank = spawned
+    assert sum(len(case["threads"]) for r in per_rank for case in r) == 0, per_rank[0][0]["threads"]
 
 
 def test_dualpipe_holds_every_stage_twice(spawned):
@@ -187,29 +206,29 @@ def test_schedule_rules_are_enforced():
             check(name, pp, chunks)
 
 
-EP_CASES = [("1f1b", 4, True, False), ("dualpipe", 4, True, True)]  # pp = 2, dp = 2, ep = 2
+EP_CASES = [("1f1b", 4, True), ("dualpipe", 4, True)]  # pp = 2, dp = 2, ep = 2
 
 
 def pp_ep_worker(rank: int, world: int) -> list[dict]:
     """4 ranks: 2 pipeline stages x 2 data-parallel ranks, experts sharded over the 2 dp ranks
-    of each stage; the overlapped pairs' backward all-to-alls on their own groups."""
+    of each stage; DualPipe's pairs run their forward, then their backward, in one thread."""
     from parallel.expert_parallel import enable_expert_parallel
     from parallel.mesh import Layout, build_mesh
 
     mesh = build_mesh(Layout(pp=2, dp=2, ep=2))
     results = []
-    for name, chunks, split, overlap in EP_CASES:
+    for name, chunks, split in EP_CASES:
         placement = Placement(name, 2, chunks)
         model = make_model(placement.n_stages, split)
-        enable_expert_parallel(model, mesh, backward_groups=overlap)
+        enable_expert_parallel(model, mesh)
         stages = model.split_stages(placement.n_stages)
         mine = hold_stages(stages, placement, mesh.pp_rank)
-        actions = build(name, 2, chunks, wgrad_split=split)[mesh.pp_rank]
         peers = [mesh.layout.rank_of(p, mesh.dp_rank) for p in range(2)]
-        runner = PipelineRunner(mine, placement, actions, mesh.pp_rank, peers, overlap=overlap)
+        runner = PipelineRunner(mine, placement, mesh.pp_rank, peers, mesh.pp_group, wgrad_split=split)
         tokens, targets = batch(chunks + 100 * mesh.dp_rank)  # each dp rank its own data
-        out = runner.step(tokens[:chunks], targets[:chunks], (MB, T, D), torch.float64,
-                          torch.device("cpu"), contextlib.nullcontext)
+        with thread_starts() as started:
+            out = runner.step(tokens[:chunks], targets[:chunks], (MB, T, D), torch.float64,
+                              torch.device("cpu"), contextlib.nullcontext)
         held = {n for n, rs in holders(model, stages, placement).items() if mesh.pp_rank in rs}
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if n in held and p.grad is not None}
         # The same stages with the same expert parallelism, unpipelined: ranks 0 and 1 (one ep
@@ -221,14 +240,14 @@ def pp_ep_worker(rank: int, world: int) -> list[dict]:
             enable_expert_parallel(ref_model, mesh)
             sequential, _ = run_sequential(ref_model.split_stages(placement.n_stages), tokens, targets,
                                            chunks, backward=False)
-        results.append({"losses": out.losses, "grads": grads, "dp_rank": mesh.dp_rank,
+        results.append({"losses": out.losses, "grads": grads, "dp_rank": mesh.dp_rank, "threads": started,
                         "ep_rank": mesh.ep_rank, "sequential": sequential})
     return results
 
 
 def test_pipeline_with_expert_parallel_equals_sequential_reference():
     per_rank = run_ranks(pp_ep_worker, 4, timeout_s=400)
-    for i, (name, chunks, _, _) in enumerate(EP_CASES):
+    for i, (name, chunks, _) in enumerate(EP_CASES):
         model = make_model(Placement(name, 2, chunks).n_stages, split=False)
         stages = model.split_stages(Placement(name, 2, chunks).n_stages)
         losses = {}
@@ -240,6 +259,7 @@ def test_pipeline_with_expert_parallel_equals_sequential_reference():
         assert sorted(got) == sorted(losses)
         for key, want in losses.items():  # one process: experts see other row groupings
             assert abs(got[key] - want) <= 1e-6 * abs(want), (name, key)
+        assert not any(r[i]["threads"] for r in per_rank), name  # no second thread (rule 10)
         unpipelined = {(r[i]["dp_rank"], mb): v for r in per_rank for mb, v in r[i]["sequential"].items()}
         assert sorted(unpipelined) == sorted(got)
         assert all(torch.equal(got[k], unpipelined[k]) for k in got), name  # same rows: bit for bit

@@ -32,7 +32,7 @@ from framework.model.transformer import Transformer
 from parallel import comm
 from parallel.mesh import Mesh
 from parallel.pipeline.runtime import PipelineRunner, StepOutput, hold_stages, holders, prune
-from parallel.pipeline.schedules import Placement, build
+from parallel.pipeline.schedules import Placement
 from parallel.pipeline.timeline import Timeline, write_chrome_trace, write_png
 from parallel.pipeline.wgrad import split_weight_grads
 
@@ -98,9 +98,8 @@ class PipelineEngine:
                     names = sorted(n for n, rs in held_by.items() if tuple(rs) == ranks)
                     self._shared.append((group, names))
         peers = [mesh.layout.rank_of(p, mesh.dp_rank) for p in range(par.pp)]
-        actions = build(par.schedule, par.pp, par.micro_batches, wgrad_split=par.wgrad_split)
-        self.runner = PipelineRunner(self.stages, self.placement, actions[mesh.pp_rank], mesh.pp_rank, peers,
-                                     overlap=par.overlap_fb)
+        self.runner = PipelineRunner(self.stages, self.placement, mesh.pp_rank, peers, mesh.pp_group,
+                                     wgrad_split=par.wgrad_split)
 
     # --- one step ------------------------------------------------------------------------
     def _args(self, inputs: torch.Tensor, device, autocast) -> tuple:

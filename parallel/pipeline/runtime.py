@@ -2,17 +2,18 @@
 boundary tensors with the other pipeline ranks (activations forward, gradients backward).
 
     stages = hold_stages(model, placement, pp_rank)     # this rank's Stage per phase
-    runner = PipelineRunner(stages, placement, schedule[pp_rank], peers)
+    runner = PipelineRunner(stages, placement, pp_rank, peers, group)   # runs build(...)[pp_rank]
     out = runner.step(tokens_mbs, targets_mbs)          # forward + backward of every micro-batch
     out.losses[mb], out.parts[mb]                       # last-stage losses of the micro-batches here
 
-Communication (through parallel.comm): a forward's output is sent at once, asynchronously, to
-the rank holding the next stage for that micro-batch; a backward's input gradient likewise to
-the previous stage's rank. Receives are posted one action ahead and waited for when the action
-needs them. Sends are eager, so a schedule runs without deadlock exactly when the simulator
-can run it. Messages are tagged
-with (kind, stage, micro-batch), so several may be in flight between two ranks. A stage
-boundary on one rank (DualPipeV's turn) is handed over locally.
+Communication (through parallel.comm, DESIGN.md rule 9): the rank issues exactly the P2P plan
+of its schedule (`p2p_plan`, parallel/pipeline/p2p.py): before each action, the batches the plan
+puts at that boundary go out as `batch_isend_irecv` calls on the pipeline group, with no tags,
+and are waited before the action computes; the last batches follow the last action. A warm-up
+all-reduce over the group precedes the first batch (PyTorch wants every rank of a group in its
+first call). A stage boundary on one rank (DualPipeV's turn) is handed over locally. An FB pair
+runs its forward and then its backward, on the calling thread (DESIGN.md rule 10); no second
+thread ever issues work.
 
 Loss scaling: every micro-batch's backward starts from loss / n_micro_batches (and each
 non-last stage adds its MoE balance loss / n_micro_batches), so the accumulated gradients are
@@ -24,7 +25,7 @@ Legend: B micro-batch sequences, T sequence, D model dim.
 
 from __future__ import annotations
 
-import threading
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,7 +36,8 @@ from torch import nn
 
 from framework.model.transformer import Stage, Transformer
 from parallel import comm
-from parallel.pipeline.schedules import Action, Placement
+from parallel.pipeline.p2p import P2POp, forward_actions, p2p_plan
+from parallel.pipeline.schedules import Placement, build
 from parallel.pipeline.wgrad import WeightGradWork, capture
 
 
@@ -88,81 +90,65 @@ class _Live:
 
 
 class PipelineRunner:
-    """Runs one rank's action list. `peers[pp_rank]` is the global rank of that pipeline rank
-    in this rank's dp column; `group` the pipeline process group."""
+    """Runs one pipeline rank's schedule (`build(placement.name, ...)[pp_rank]`). `peers[p]` is the
+    global rank of pipeline rank p in this rank's dp column; `group` the pipeline process group
+    (None: the default group)."""
 
-    def __init__(self, stages: list[Stage], placement: Placement, actions: list[Action], pp_rank: int,
-                 peers: list[int], group=None, record: Callable[[str, float, float], None] | None = None,
-                 overlap: bool = False):
-        self.stages, self.placement, self.actions = stages, placement, actions
-        # overlap: an FB pair runs its backward on a second thread beside its forward, so each
-        # one's communication (P2P, and the all-to-alls of expert parallelism, which then need
-        # their own backward groups: expert_parallel.enable_expert_parallel) hides behind the
-        # other's computation. The arithmetic is unchanged: each graph runs the same ops.
-        self.overlap = overlap
+    def __init__(self, stages: list[Stage], placement: Placement, pp_rank: int, peers: list[int],
+                 group=None, wgrad_split: bool = True,
+                 record: Callable[[str, float, float], None] | None = None):
+        self.stages, self.placement = stages, placement
         self.pp_rank, self.peers, self.group = pp_rank, peers, group
+        self.actions = build(placement.name, placement.pp, placement.chunks, wgrad_split)[pp_rank]
+        self.eval_actions = forward_actions(self.actions)
+        plan = functools.partial(p2p_plan, placement.name, placement.pp, placement.chunks, pp_rank,
+                                 wgrad_split=wgrad_split)
+        self._train_plan = _by_boundary(plan(forward_only=False), len(self.actions))
+        self._eval_plan = _by_boundary(plan(forward_only=True), len(self.eval_actions))
+        self._warm = False
         # Timeline hook: record(label, start, end) with perf_counter seconds; labels "F<phase>.<mb>",
-        # "B<phase>.<mb>" (suffix z: weight gradients deferred), "W", "recv" (blocked receiving).
+        # "B<phase>.<mb>" (suffix z: weight gradients deferred), "W", "recv" (blocked in P2P).
         self.record = record
         self.last_stage = placement.n_stages - 1
 
     # --- communication -------------------------------------------------------------------
-    def _tag(self, grad: bool, stage: int, mb: int) -> int:
-        return int(grad) + 2 * (stage + self.placement.n_stages * mb)
-
-    def _send(self, t: torch.Tensor, grad: bool, stage: int, mb: int) -> None:
-        """Deliver to whoever runs `stage` for `mb` (the receiver's stage names the message)."""
+    def _put(self, kind: str, stage: int, mb: int, t: torch.Tensor) -> None:
+        """Hand a result to whoever runs `stage` for `mb`: locally, or into the outbox from which
+        the plan's next batch toward that rank takes it."""
         rank, _ = self.placement.locate(stage, self.placement.direction_of(mb))
-        if rank == self.pp_rank:
-            self._local[(grad, stage, mb)] = t
+        box = self._local if rank == self.pp_rank else self._outbox
+        box[(kind, stage, mb)] = t.detach().contiguous()
+
+    def _take(self, kind: str, stage: int, mb: int) -> torch.Tensor:
+        key = (kind, stage, mb)
+        return (self._local.pop(key) if key in self._local else self._inbox.pop(key)).detach()
+
+    def _communicate(self, batches: list[list[P2POp]]) -> None:
+        """Issue this boundary's batches in plan order, then wait for them."""
+        if not batches:
             return
-        handle = comm.send(t.detach().contiguous(), self.peers[rank], self.group, async_op=True,
-                           tag=self._tag(grad, stage, mb))
-        with self._sends_lock:  # an overlapped pair sends from two threads
-            # Drop finished sends, and with them their staged buffers: a sent activation is freed.
-            done = [h for h in self._sends if h.is_completed()]
-            for h in done:
-                h.wait()  # returns at once; books the bytes in parallel.comm's counters
-            self._sends = [h for h in self._sends if h not in done] + [handle]
-
-    def _source(self, grad: bool, stage: int, mb: int) -> int:
-        """The pipeline rank that sends message (grad, stage, mb) to this rank."""
-        from_stage = stage + 1 if grad else stage - 1
-        return self.placement.locate(from_stage, self.placement.direction_of(mb))[0]
-
-    def _post(self, grad: bool, stage: int, mb: int) -> None:
-        """Post a receive early: gloo hands a message over only once its receive is posted, so
-        a receive posted when the action starts costs a round trip the schedule can hide."""
-        key = (grad, stage, mb)
-        rank = self._source(grad, stage, mb)
-        if rank == self.pp_rank or key in self._posted:
-            return
-        buf = torch.empty(self._shape, dtype=self._dtype, device=self._device)
-        self._posted[key] = (buf, comm.recv(buf, self.peers[rank], self.group, async_op=True,
-                                            tag=self._tag(grad, stage, mb)))
-
-    def _recv(self, grad: bool, stage: int, mb: int) -> torch.Tensor:
-        local = self._local.pop((grad, stage, mb), None)
-        if local is not None:
-            return local.detach()
-        self._post(grad, stage, mb)
-        buf, handle = self._posted.pop((grad, stage, mb))
         start = time.perf_counter()
-        handle.wait()
+        handles = []
+        for batch in batches:
+            ops = []
+            for op in batch:
+                if op.op == "send":
+                    ops.append(("send", self._outbox.pop(op.message), self.peers[op.peer]))
+                else:
+                    buf = torch.empty(self._shape, dtype=self._dtype, device=self._device)
+                    self._inbox[op.message] = buf
+                    ops.append(("recv", buf, self.peers[op.peer]))
+            handles.append(comm.batch_isend_irecv(ops, self.group, async_op=True))
+        for handle in handles:
+            handle.wait()
         self._mark("recv", start)
-        return buf
 
-    def _prefetch(self, action: Action, forward_only: bool) -> None:
-        """Post the receives `action` will need."""
-        if action.kind in ("F", "FB"):
-            stage = self.placement.stage_of(self.pp_rank, action.phase)
-            if stage > 0:
-                self._post(False, stage, action.mb)
-        if not forward_only and action.kind in ("B", "FB"):
-            phase, mb = (action.phase, action.mb) if action.kind == "B" else (action.b_phase, action.b_mb)
-            stage = self.placement.stage_of(self.pp_rank, phase)
-            if stage < self.last_stage:
-                self._post(True, stage, mb)
+    def _warm_up(self) -> None:
+        """Once, before the first batch: PyTorch needs every rank of a group in the group's first
+        call, which a batch between two of its ranks is not."""
+        if not self._warm:
+            comm.all_reduce(torch.zeros(1, device=comm.collective_device(self.group)), group=self.group)
+            self._warm = True
 
     def _mark(self, label: str, start: float) -> None:
         if self.record is not None:
@@ -175,7 +161,7 @@ class PipelineRunner:
         if stage.is_first:
             x = self._tokens[mb]
         else:
-            x = self._recv(False, stage_id, mb).requires_grad_(grad)
+            x = self._take("act", stage_id, mb).requires_grad_(grad)
         start = time.perf_counter()
         with torch.set_grad_enabled(grad), self._autocast():
             if stage.is_last and self._targets is not None:
@@ -193,7 +179,7 @@ class PipelineRunner:
                 live = _Live(x, h_BTD, aux)
         self._mark(f"F{phase}.{mb}", start)
         if not stage.is_last:
-            self._send(live.out, False, stage_id + 1, mb)
+            self._put("act", stage_id + 1, mb, live.out)
         if grad:
             self._live[(phase, mb)] = live
 
@@ -201,7 +187,7 @@ class PipelineRunner:
         stage_id = self.placement.stage_of(self.pp_rank, phase)
         stage = self.stages[phase]
         live = self._live.pop((phase, mb))
-        grad_out = None if stage.is_last else self._recv(True, stage_id, mb)
+        grad_out = None if stage.is_last else self._take("grad", stage_id, mb)
         start = time.perf_counter()
         tensors, grads = [live.out * self._scale if stage.is_last else live.out], [grad_out]
         if live.aux is not None and live.aux.requires_grad:
@@ -215,7 +201,7 @@ class PipelineRunner:
             torch.autograd.backward(tensors, grads)
         self._mark(f"B{phase}.{mb}" + ("z" if split else ""), start)
         if not stage.is_first:
-            self._send(live.x.grad, True, stage_id - 1, mb)
+            self._put("grad", stage_id - 1, mb, live.x.grad)
 
     def _weight(self) -> None:
         start = time.perf_counter()
@@ -229,20 +215,16 @@ class PipelineRunner:
         self._shape, self._dtype, self._device = hidden_shape, dtype, device
         self._autocast = autocast
         self._scale = 1.0 / self.placement.chunks
-        self._local: dict = {}
-        self._posted: dict = {}  # (grad, stage, mb) -> (buffer, receive handle)
+        self._local: dict = {}  # message -> tensor handed over on this rank
+        self._outbox: dict = {}  # message -> tensor waiting for its batch
+        self._inbox: dict = {}  # message -> received (or receiving) buffer
         self._live: dict[tuple[int, int], _Live] = {}
-        self._sends: list[comm.Handle] = []
-        self._sends_lock = threading.Lock()
         self._wgrad: deque[WeightGradWork] = deque()
         self.out = StepOutput()
 
     def _finish(self) -> StepOutput:
-        for handle in self._sends:
-            handle.wait()
-        if self._live or self._wgrad or self._local or self._posted:
+        if self._live or self._wgrad or self._local or self._outbox or self._inbox:
             raise RuntimeError("pipeline step ended with work left: the schedule is inconsistent")
-        self._sends = []
         return self.out
 
     def step(self, tokens: list[torch.Tensor], targets: list[torch.Tensor], hidden_shape: tuple,
@@ -250,52 +232,42 @@ class PipelineRunner:
         """Forward and backward of every micro-batch (lists indexed by global micro-batch id;
         entries this rank never reads may be anything). Gradients accumulate into .grad."""
         self._setup(tokens, targets, hidden_shape, dtype, device, autocast)
-        for i, action in enumerate(self.actions):
-            for ahead in self.actions[i:i + 2]:  # this action's receives and the next one's
-                self._prefetch(ahead, forward_only=False)
+        self._warm_up()
+        for k, action in enumerate(self.actions):
+            self._communicate(self._train_plan[k])
             if action.kind == "F":
                 self._forward(action.phase, action.mb, grad=True)
             elif action.kind == "B":
                 self._backward(action.phase, action.mb, action.split)
             elif action.kind == "W":
                 self._weight()
-            else:
-                self._forward_backward(action)
-        return self._finish()
-
-    def _forward_backward(self, action: Action) -> None:
-        """An FB pair: forward of one micro-batch and backward of another, side by side when
-        overlapping (the backward on a helper thread), else one after the other."""
-        if not self.overlap:
-            self._forward(action.phase, action.mb, grad=True)
-            self._backward(action.b_phase, action.b_mb, action.split)
-            return
-        failure: list[BaseException] = []
-
-        def backward() -> None:
-            try:
+            else:  # FB: the forward, then the backward (their sub-layer interleave is not built)
+                self._forward(action.phase, action.mb, grad=True)
                 self._backward(action.b_phase, action.b_mb, action.split)
-            except BaseException as err:  # noqa: B036 -- re-raised on the calling thread
-                failure.append(err)
-
-        helper = threading.Thread(target=backward, name="duet-pipeline-backward")
-        helper.start()
-        try:
-            self._forward(action.phase, action.mb, grad=True)
-        finally:
-            helper.join()
-        if failure:
-            raise failure[0]
+        self._communicate(self._train_plan[len(self.actions)])
+        return self._finish()
 
     @torch.no_grad()
     def forward_only(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, hidden_shape,
                      dtype, device, autocast) -> StepOutput:
-        """Evaluation: the schedule's forwards in the same order (its backwards dropped, which
-        cannot create a wait cycle). With targets: losses; without: logits on the last stage."""
+        """Evaluation: the schedule's forwards in the same order, on their own plan. With
+        targets: losses; without: logits on the last stage."""
         self._setup(tokens, targets, hidden_shape, dtype, device, autocast)
-        forwards = [a for a in self.actions if a.kind in ("F", "FB")]
-        for i, action in enumerate(forwards):
-            for ahead in forwards[i:i + 2]:
-                self._prefetch(ahead, forward_only=True)
+        self._warm_up()
+        for k, action in enumerate(self.eval_actions):
+            self._communicate(self._eval_plan[k])
             self._forward(action.phase, action.mb, grad=False)
+        self._communicate(self._eval_plan[len(self.eval_actions)])
         return self._finish()
+
+
+def _by_boundary(plan: list[P2POp], n_actions: int) -> list[list[list[P2POp]]]:
+    """plan -> for each action boundary 0..n_actions, its batches in issue order."""
+    out: list[list[list[P2POp]]] = [[] for _ in range(n_actions + 1)]
+    last_batch = None
+    for op in plan:
+        if op.batch != last_batch:
+            out[op.before].append([])
+            last_batch = op.batch
+        out[op.before][-1].append(op)
+    return out
