@@ -17,16 +17,16 @@ pp stages twice (mirrors), each at full cost.
 Per schedule: step time = median over repetitions of the slowest rank's step (barrier to
 step end); measured bubble of a rank = step time - its busy time (its recorded spans except
 "recv", the time blocked receiving; overlapping spans count once); formula bubble = the
-simulator's for the same costs, worst rank, with F&B = max(F, B) when the runner overlaps a
-pair's forward and backward (the default) and F + B with --no-overlap. For DualPipe and DualPipeV
-that is ANCHORS.md's (S/2-1)(F&B+B-3W) for S stages; 1F1B and GPipe run split backwards here
-(input gradient first, then W), which sends gradients upstream W earlier than ANCHORS.md's
-unsplit (pp-1)(F+B): (pp-1)(F+B-W). With --no-overlap, "as run" simulates what the runner then
-does with a pair: F, whose output leaves at once, then B; the simulator instead finishes both
-halves at the end of the pair (right for a truly overlapped pair).
+simulator's for the same costs, worst rank, with F&B = F + B: the runner runs a pair's forward,
+then its backward, in one thread (their sub-layer interleave is not built yet). For DualPipe and
+DualPipeV that is ANCHORS.md's (S/2-1)(F&B+B-3W) for S stages; 1F1B and GPipe run split
+backwards here (input gradient first, then W), which sends gradients upstream W earlier than
+ANCHORS.md's unsplit (pp-1)(F+B): (pp-1)(F+B-W). "as run" simulates what the runner does with a
+pair: F, whose output leaves with the next batch, then B; the formula instead finishes both
+halves at the end of the pair.
 The measured bubble also holds what the simulator leaves out: P2P latency (gloo hands a
-message over only once the receiver posts its receive, and the runner posts it when the
-action needs it: "recv ms" is the worst rank's time blocked receiving), Python between
+message over only once the receiver posts its receive, and the runner issues the P2P plan's
+batches at action boundaries: "recv ms" is the worst rank's time blocked in them), Python between
 actions, sleeps overrunning on a busy host ("busy +%": measured busy time over the nominal).
 The median DualPipe and 1F1B steps are written as timelines (PNG and Chrome trace) to --out.
 
@@ -100,15 +100,15 @@ class SleepStage(nn.Module):
         return self.weight.new_zeros(())
 
 
-def stage_costs(name: str, pp: int, chunks: int, f_ms: float, overlap: bool = False) -> Costs:
+def stage_costs(name: str, pp: int, chunks: int, f_ms: float) -> Costs:
     """Per-stage costs in ms of the same model under each schedule (see the module docstring).
-    An overlapped pair's forward and backward sleep side by side: F&B = max(F, B) = B."""
+    A pair sleeps its forward, then its backward: F&B = F + B."""
     f = f_ms * pp / Placement(name, pp, chunks).n_stages
-    return Costs(F=f, B=2 * f, W=f, FB=2 * f if overlap else 3 * f)
+    return Costs(F=f, B=2 * f, W=f, FB=3 * f)
 
 
 def as_run(schedule: list[list[Action]]) -> list[list[Action]]:
-    """Each overlapped pair as the runner runs it: the forward, then the (unsplit) backward."""
+    """Each pair as the runner runs it: the forward, then the (unsplit) backward."""
     out = []
     for actions in schedule:
         seq: list[Action] = []
@@ -121,8 +121,7 @@ def as_run(schedule: list[list[Action]]) -> list[list[Action]]:
     return out
 
 
-def _rank(rank: int, world: int, names: tuple[str, ...], chunks: int, f_ms: float, reps: int,
-          overlap: bool) -> dict:
+def _rank(rank: int, world: int, names: tuple[str, ...], chunks: int, f_ms: float, reps: int) -> dict:
     """Per schedule, per repetition after a warm-up: this rank's step start, end and spans."""
     from parallel import comm
     from parallel.pipeline.runtime import PipelineRunner
@@ -135,12 +134,10 @@ def _rank(rank: int, world: int, names: tuple[str, ...], chunks: int, f_ms: floa
         last = placement.n_stages - 1
         stages = [SleepStage(s == 0, s == last, c.F / 1e3, c.B / 1e3, c.W / 1e3)
                   for s in (placement.stage_of(rank, p) for p in range(placement.phases))]
-        actions = build(name, world, chunks)[rank]
         out[name] = []
         for rep in range(reps + 1):  # rep 0 warms up (gloo connections, first autograd)
             timeline = Timeline()
-            runner = PipelineRunner(stages, placement, actions, rank, list(range(world)), record=timeline,
-                                    overlap=overlap)
+            runner = PipelineRunner(stages, placement, rank, list(range(world)), record=timeline)
             comm.barrier()  # start together: waiting for a late peer is not the schedule's bubble
             start = time.perf_counter()
             runner.step(data, data, (MB_ROWS, DIM), torch.float32, torch.device("cpu"),
@@ -179,8 +176,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=3, help="measured steps per schedule (after a warm-up)")
     parser.add_argument("--out", type=Path, default=Path("bench-timeline"), help="where timelines go")
     parser.add_argument("--quick", action="store_true", help="pp 2, 4 micro-batches, F 5 ms, 1 rep")
-    parser.add_argument("--no-overlap", dest="overlap", action="store_false",
-                        help="run each overlapped pair's forward, then its backward (default: side by side)")
     args = parser.parse_args(argv)
     if args.quick:
         args.pp, args.chunks, args.f_ms, args.reps = 2, 4, 5.0, 1
@@ -190,20 +185,19 @@ def main(argv: list[str] | None = None) -> dict:
     print("Pipeline bubble: schedules run by PipelineRunner on gloo ranks with sleep-timed stages,\n"
           "against the simulator's bubble for the same costs. Speed is never asserted.")
     print(f"\npp={pp}, {chunks} micro-batches, per rank share F={args.f_ms:g} ms, B=2F, W=F "
-          f"(DualPipeV stages: half), F&B={'max(F, B)' if args.overlap else 'F+B'}; median of {args.reps} "
+          f"(DualPipeV stages: half), F&B=F+B; median of {args.reps} "
           "reps of the slowest rank")
-    per_rank = run_ranks(_rank, pp, SCHEDULES, chunks, args.f_ms, args.reps, args.overlap, timeout_s=600)
+    per_rank = run_ranks(_rank, pp, SCHEDULES, chunks, args.f_ms, args.reps, timeout_s=600)
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"pp": pp, "chunks": chunks, "f_ms": args.f_ms, "reps": args.reps, "schedules": {},
                     "files": []}
     print(f"\n{'schedule':<10}{'step ms':>9}{'sim ms':>8}{'bubble':>8}{'formula':>9}{'as run':>8}"
           f"{'ratio':>7}{'recv ms':>9}{'busy +%':>9}{'x 1F1B':>8}   bubble ms per rank")
     for name in SCHEDULES:
-        costs = stage_costs(name, pp, chunks, args.f_ms, args.overlap)
+        costs = stage_costs(name, pp, chunks, args.f_ms)
         placement = Placement(name, pp, chunks)
         sim = simulate(build(name, pp, chunks), placement, costs)
-        # overlapped pairs are what the simulator models; sequential ones run F, then B
-        run = sim if args.overlap else simulate(as_run(build(name, pp, chunks)), placement, costs)
+        run = simulate(as_run(build(name, pp, chunks)), placement, costs)  # each pair: F, then B
         e = _summarise([r[name] for r in per_rank])
         e.update(bubble_max_ms=max(e["bubble_ms"]), sim_step_ms=sim.makespan, sim_bubble_ms=sim.bubble,
                  formula_bubble_ms=max(sim.bubble), as_run_step_ms=run.makespan,
@@ -229,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
           "where the formula is 0)."
           f"\nDualPipe step / 1F1B step: {result['dualpipe_vs_1f1b']:.3f} measured, "
           f"{result['schedules']['dualpipe']['sim_vs_1f1b']:.3f} simulated"
-          + ("" if args.overlap else " (pairs not overlapped: each runs its F, then its B)"))
+          " (each pair runs its F, then its B)")
     print("timelines: " + ", ".join(result["files"]))
     return result
 

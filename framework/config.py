@@ -79,8 +79,10 @@ class ParallelConfig:
     # the weight-gradient split (zero bubble: backward computes input gradients first).
     layers_per_stage: list[int] = field(default_factory=list)
     wgrad_split: bool = True
-    # DualPipe(V)'s overlapped pairs: the backward of one micro-batch runs on a second thread
-    # beside the forward of another, each one's communication hidden by the other's compute.
+    # DualPipe(V)'s pairs (FB actions): whether duet-plan and the dry run model a pair's forward
+    # and backward as overlapped (DeepSeek-V3's sub-layer interleave). The runtime runs each
+    # pair's forward, then its backward, on one thread (DESIGN.md rule 10) until the interleave
+    # is built, so today this changes predictions only.
     overlap_fb: bool = True
 
 
