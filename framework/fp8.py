@@ -36,13 +36,11 @@ from torch import nn
 
 from framework.model.attention import MLA
 from framework.model.mlp import MLP
-from framework.model.moe import GroupedExperts
+from framework.model.moe import ExpertRows, GroupedExperts
 from framework.model.mtp import MTPModule
 from kernels.deferred import defer_or_return
 from kernels.fp8 import (
     TILE,
-    ContiguousLayout,
-    contiguous_layout,
     dequantize_act,
     fp8_linear,
     gemm_1x128,
@@ -89,15 +87,46 @@ class Float8Linear(nn.Linear):
 # ----------------------------------------------------------------------------- routed experts
 
 
-def _segments(layout: ContiguousLayout) -> list[tuple[int, int, int]]:
-    """(expert, first padded row, end row) of each non-empty expert segment (one host sync)."""
-    padded = ((layout.rows_per_expert + TILE - 1) // TILE * TILE).tolist()
-    out, start = [], 0
-    for e, n in enumerate(padded):
-        if n:
-            out.append((e, start, start + n))
-        start += n
-    return out
+class PaddedLayout:
+    """DeepGEMM's contiguous layout of rows already sorted by expert: each expert's segment padded
+    to a multiple of 128 rows, so no GEMM tile straddles two experts.
+
+    Built without a host read: the sizes come from host counts (a dispatch handle's), the
+    row positions from the same counts on the device. (kernels.fp8.contiguous_layout sorts
+    arbitrary rows and reads its sizes back; here the rows arrive sorted.)
+
+    m_indices [P] int32  expert per padded row, -1 for padding
+    dst_rows  [M] int64  padded row of each sorted row
+    segments  (expert, first padded row, end row) of each non-empty segment, host ints
+    """
+
+    def __init__(self, count_E: torch.Tensor, host_counts: list[int]) -> None:
+        E, M = len(host_counts), sum(host_counts)
+        padded = [-(-n // TILE) * TILE for n in host_counts]
+        self.padded_rows = sum(padded)
+        self.segments, start = [], 0
+        for e, n in enumerate(padded):
+            if n:
+                self.segments.append((e, start, start + n))
+            start += n
+        device = count_E.device
+        count_E = count_E.long()
+        padded_E = (count_E + TILE - 1) // TILE * TILE
+        start_E = torch.cumsum(count_E, 0) - count_E  # first sorted row of each expert
+        pad_start_E = torch.cumsum(padded_E, 0) - padded_E  # first padded row of each expert
+        expert_M = torch.repeat_interleave(torch.arange(E, device=device), count_E, output_size=M)
+        self.dst_rows = pad_start_E[expert_M] + torch.arange(M, device=device) - start_E[expert_M]
+        self.m_indices = torch.full((self.padded_rows,), -1, dtype=torch.int32, device=device).index_copy_(
+            0, self.dst_rows, expert_M.to(torch.int32))
+
+    def gather(self, x_M: torch.Tensor) -> torch.Tensor:
+        """[M, ...] -> [P, ...]; padding rows are zero (they raise no amax, give zero rows)."""
+        out = x_M.new_zeros((self.padded_rows,) + tuple(x_M.shape[1:]))
+        return out.index_copy_(0, self.dst_rows, x_M)
+
+    def scatter(self, y_P: torch.Tensor) -> torch.Tensor:
+        """[P, ...] -> [M, ...], dropping the padding rows."""
+        return y_P.index_select(0, self.dst_rows)
 
 
 def _transposed(w_fp8: torch.Tensor, w_s: torch.Tensor):
@@ -118,7 +147,7 @@ def _wgrad(aT_fp8, aT_s, bT_fp8, bT_s, segments, out_EAB: torch.Tensor, backend:
     return out_EAB
 
 
-def _expert_forward(x_MD, w1, w3, w2, layout: ContiguousLayout, backend: str):
+def _expert_forward(x_MD, w1, w3, w2, layout: PaddedLayout, backend: str):
     """SwiGLU experts in FP8; returns y_MD and what backward needs (padded x, SwiGLU input, fp8 weights)."""
     mi = layout.m_indices
     x_PD = layout.gather(x_MD)  # zero padding rows: they raise no amax and produce zero rows
@@ -142,7 +171,7 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_MD, w1_EID, w3_EID, w2_EDI, layout: ContiguousLayout, backend: str = "auto"):
+    def forward(ctx, x_MD, w1_EID, w3_EID, w2_EDI, layout: PaddedLayout, backend: str = "auto"):
         y_MD, x_PD, h1_PI, h3_PI, weights = _expert_forward(x_MD, w1_EID, w3_EID, w2_EDI, layout, backend)
         xT_fp8, xT_s = quantize_act_transposed(x_PD, backend=backend)
         h1_fp8, h1_s = quantize_act(h1_PI, backend=backend)
@@ -158,7 +187,7 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         xT_fp8, xT_s, h1_fp8, h1_s, h3_fp8, h3_s, w1_fp8, w1_s, w3_fp8, w3_s, w2_fp8, w2_s = ctx.saved_tensors
         layout, backend = ctx.layout, ctx.backend
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        mi, segments = layout.m_indices, _segments(layout)
+        mi, segments = layout.m_indices, layout.segments  # host ints: no read in backward
 
         g_PD = layout.gather(g_MD)
         g_fp8, g_s = quantize_act(g_PD, backend=backend)
@@ -204,17 +233,21 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         return grad_x, grad_w1, grad_w3, grad_w2, None, None
 
 
-def fp8_grouped_swiglu(x_MD, w1_EID, w3_EID, w2_EDI, count_E, backend: str = "auto") -> torch.Tensor:
-    """Rows sorted by expert, count_E rows per expert -> expert outputs [M, D] in x's dtype.
+def fp8_grouped_swiglu(x_MD, w1_EID, w3_EID, w2_EDI, rows: ExpertRows | torch.Tensor,
+                       backend: str = "auto") -> torch.Tensor:
+    """Rows sorted by expert -> expert outputs [M, D] in x's dtype. `rows`: the experts' ExpertRows
+    (device counts plus the handle's host counts: no host read here), or a tensor of rows per
+    expert for a standalone call (read once).
 
     Same contract as GroupedExperts.grouped_swiglu. Rows go to DeepGEMM's contiguous layout
     (each expert's segment padded to 128 rows, so no GEMM tile straddles two experts).
     Quantising here rather than before dispatch gives the same bytes (1x128 tiles are per
     row, and gathering rows commutes with them); a cross-rank dispatcher would send FP8.
     """
-    E = w1_EID.shape[0]
-    expert_M = torch.repeat_interleave(torch.arange(E, device=x_MD.device), count_E.to(x_MD.device))
-    layout = contiguous_layout(expert_M, E, TILE)
+    if isinstance(rows, torch.Tensor):
+        count_E = rows.to(x_MD.device)
+        rows = ExpertRows(count_E, x_MD.shape[0], count_E.tolist(), exact=True)
+    layout = PaddedLayout(rows.count_E, rows.host_counts)
     if torch.is_grad_enabled() and (x_MD.requires_grad or w1_EID.requires_grad):
         return FP8GroupedSwiGLU.apply(x_MD, w1_EID, w3_EID, w2_EDI, layout, backend)
     return _expert_forward(x_MD, w1_EID, w3_EID, w2_EDI, layout, backend)[0]  # no wgrad layouts
@@ -229,11 +262,12 @@ class FP8GroupedExperts(GroupedExperts):
 
     fp8_backend = "auto"
 
-    def grouped_swiglu(self, x_MD: torch.Tensor, count_E: torch.Tensor) -> torch.Tensor:
-        if x_MD.shape[0] == 0:  # nothing routed here (possible under expert parallelism)
-            return super().grouped_swiglu(x_MD, count_E)
+    def needs_host_counts(self, x_ND: torch.Tensor) -> bool:
+        return True  # the padded layout is sized on the host (from the handle's counts)
+
+    def grouped_swiglu(self, x_MD: torch.Tensor, layout: ExpertRows) -> torch.Tensor:
         with _fp8_region(x_MD) as x_MD:
-            return fp8_grouped_swiglu(x_MD, self.w1, self.w3, self.w2, count_E, self.fp8_backend)
+            return fp8_grouped_swiglu(x_MD, self.w1, self.w3, self.w2, layout, self.fp8_backend)
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -148,8 +148,7 @@ class Trainer:
         fp8_dispatch = cfg.parallel.dispatch_dtype == "fp8" or (
             cfg.parallel.dispatch_dtype == "auto" and self.compute == "fp8")
         enable_expert_parallel(self.model, self.mesh, cfg.launch.gpus_per_node,
-                               cfg.parallel.max_nodes_per_token, fp8_dispatch,
-                               backward_groups=cfg.parallel.pp > 1 and cfg.parallel.overlap_fb)
+                               cfg.parallel.max_nodes_per_token, fp8_dispatch)
         # pp > 1: keep only this rank's stages; the engine runs the schedule
         self.pipeline = PipelineEngine(self.model, cfg, self.mesh) if cfg.parallel.pp > 1 else None
         self._setup_optimizer()

@@ -7,12 +7,25 @@ tokens); only the routed experts' weights are split.
     dispatch(x_TD, topk_idx_TK, topk_weight_TK) -> (recv_x_ND, handle)
         Each token goes ONCE to every rank that owns at least one of its top-k experts (dedup:
         a token choosing two experts on the same rank is sent once). Order of the send buffer:
-        by destination rank, then by token. First the per-rank row counts are exchanged
-        (all_to_all_single of an int64 [ep] vector), then three payload all-to-alls with the
-        same splits: the rows of x, their top-k ids made local to the receiver (-1 where the
-        expert lives elsewhere; int32 on the wire) and their top-k weights.
-        handle.topk_idx [N, K] (local ids, long) and handle.topk_weight [N, K] feed
-        GroupedExperts, which applies the weights and sums the local experts per row.
+        by destination rank, then by token. First the counts are exchanged: an int32 [ep, 1 + L]
+        tensor (L = E/ep) whose row r holds the rows this rank sends to rank r and, for each of
+        rank r's L experts, the (token, k) pairs routed to it -- so a receiver learns both its
+        buffer sizes and how many of its received (row, k) pairs each local expert computes.
+        Then three payload all-to-alls with the same splits: the rows of x, their top-k ids
+        made local to the receiver (-1 where the expert lives elsewhere; int32 on the wire) and
+        their top-k weights. handle.topk_idx [N, K] (local ids, long), handle.topk_weight [N, K]
+        and handle.expert_counts (host ints) feed GroupedExperts, which applies the weights and
+        sums the local experts per row.
+
+    One host read per dispatch (DESIGN.md rule 9). Counts, layout and payload are built on the
+    tokens' device (no CPU tensor reaches a collective): the destination flags by scatter, the
+    send order by a stable argsort of them (no nonzero), local ids and weights for every
+    candidate (rank, token) pair. That work is queued while the count all-to-all is in flight;
+    then ONE `.tolist()` of one concatenated tensor brings back the send counts, the receive
+    counts and the per-local-expert counts, which size the buffers, the payload splits and the
+    experts' slices. The experts, combine and every backward read nothing: they run on those
+    host ints and on device tensors. (The x rows are gathered after the read: before it only
+    the ep * T candidates would bound their buffer.)
     combine(y_ND, handle) -> out_TD
         Sends each received row back to its source rank (the reverse splits) and index-adds it
         into the source token order: an unweighted sum over the ranks a token visited.
@@ -24,8 +37,8 @@ of the gradient. The weights travel with the payload, so their gradient comes ho
 way and reaches the router.
 
 Split phase (overlap): dispatch_start / dispatch_wait and combine_start / combine_wait issue the
-payload all-to-alls asynchronously and wrap the result in autograd at wait time. The count
-exchange inside dispatch_start is synchronous (the payload sizes depend on it). Several
+payload all-to-alls asynchronously and wrap the result in autograd at wait time. dispatch_start
+waits for the count exchange (the payload sizes depend on it). Several
 dispatches/combines may be in flight at once as long as every rank starts them in the same
 order. Backward communication is synchronous.
 
@@ -77,9 +90,8 @@ class _Pending:
     was blocked to `on_wait` (the dispatcher's exposed-communication counter)."""
 
     def __init__(self, t: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
-                 on_wait=None, back_group=None) -> None:
+                 on_wait=None) -> None:
         self.out_splits, self.in_splits, self.group, self.on_wait = out_splits, in_splits, group, on_wait
-        self.back_group = group if back_group is None else back_group  # for the reverse in backward
         self.handle = _a2a(t.detach(), out_splits, in_splits, group, async_op=True)
 
     def wait(self) -> torch.Tensor:
@@ -96,9 +108,8 @@ class _FP8Pending:
     is treated as the identity in backward: the gradient returns in x's dtype (a BF16 combine)."""
 
     def __init__(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
-                 on_wait=None, back_group=None) -> None:
+                 on_wait=None) -> None:
         self.out_splits, self.in_splits, self.group, self.dtype = out_splits, in_splits, group, x.dtype
-        self.back_group = group if back_group is None else back_group
         q, scale = quantize_act(x.detach())
         self.nbytes = q.nbytes + scale.nbytes
         splits = (out_splits, in_splits, group, on_wait)
@@ -114,15 +125,15 @@ def _reverse(grad: torch.Tensor | None, p: _Pending, shape: tuple, like: torch.T
     """The gradient of a finished all-to-all sent back the reverse way (same splits, swapped)."""
     if grad is None:
         grad = like.new_zeros((sum(p.out_splits),) + shape)
-    return _a2a(grad.contiguous(), p.in_splits, p.out_splits, p.back_group, async_op=False).result
+    return _a2a(grad.contiguous(), p.in_splits, p.out_splits, p.group, async_op=False).result
 
 
-def _link() -> torch.Tensor:
+def _link(device: torch.device) -> torch.Tensor:
     """An empty tensor that requires grad. Fed to the comm Functions so that their nodes exist and
     run in backward on EVERY rank whatever this rank's data: a rank receiving zero rows would
     otherwise drop out of the graph (its experts never touch recv_x) and the backward
     all-to-alls of the ranks would no longer match."""
-    return torch.empty(0, requires_grad=True)
+    return torch.empty(0, device=device, requires_grad=True)
 
 
 class _DispatchFn(torch.autograd.Function):
@@ -152,12 +163,13 @@ class _CombineFn(torch.autograd.Function):
     def forward(ctx, y, link, py: _Pending):
         ctx.py = py
         ctx.y_meta = (tuple(y.shape[1:]), y.new_empty(0))
+        ctx.link_grad = link.new_zeros(0)  # on the link's device
         ctx.set_materialize_grads(False)
         return py.wait()
 
     @staticmethod
     def backward(ctx, grad):
-        return _reverse(grad, ctx.py, *ctx.y_meta), torch.zeros(0), None
+        return _reverse(grad, ctx.py, *ctx.y_meta), ctx.link_grad, None
 
 
 # --------------------------------------------------------------------------- layout and handle
@@ -172,6 +184,8 @@ class EPHandle:
     send_token: torch.Tensor  # [S] source token of each sent row (rows ordered by destination rank)
     send_counts: list[int]  # rows sent to each ep rank
     recv_counts: list[int]  # rows received from each ep rank
+    expert_counts: list[int]  # received (row, k) pairs per local expert (sizes the experts' slices)
+    local_rows: int  # their sum: the (row, k) pairs the local experts compute
     n_tokens: int  # T, tokens of this rank
     token_expert_pairs: int  # T * K routed (token, expert) pairs of this rank
     payload_bytes: int = 0  # bytes of the x payload this rank sent in dispatch
@@ -227,15 +241,10 @@ class AllToAllDispatcher:
     """Drop-in for framework.model.moe.LocalDispatcher under expert parallelism.
     fp8_payload: dispatch x as 1x128-scaled e4m3 (combine stays in the activations' dtype)."""
 
-    def __init__(self, ep_group, ep_rank: int, ep: int, n_experts: int, fp8_payload: bool = False,
-                 backward_group=None) -> None:
+    def __init__(self, ep_group, ep_rank: int, ep: int, n_experts: int, fp8_payload: bool = False) -> None:
         if n_experts % ep:
             raise ValueError(f"AllToAllDispatcher: n_experts={n_experts} is not divisible by ep={ep}")
         self.group, self.ep_rank, self.ep, self.n_experts = ep_group, ep_rank, ep, n_experts
-        # A second group over the same ranks for the backward's all-to-alls, so a backward may
-        # run on another thread beside a forward (the pipeline's overlapped pairs) without the
-        # two threads' all-to-alls interleaving differently on different ranks.
-        self.backward_group = ep_group if backward_group is None else backward_group
         self.n_local = n_experts // ep
         self.fp8_payload = fp8_payload
         self.stats = DispatchStats()
@@ -251,38 +260,58 @@ class AllToAllDispatcher:
                        topk_weight_TK: torch.Tensor) -> DispatchPending:
         T, K = topk_idx_TK.shape
         ep, L = self.ep, self.n_local
+        device = topk_idx_TK.device
         idx_TK = topk_idx_TK.long()
         dest_TK = idx_TK // L
-        # mask_RT[r, t]: token t has at least one expert on rank r (dedup over k).
-        mask_RT = torch.zeros(ep, T, dtype=torch.bool, device=idx_TK.device)
-        mask_RT[dest_TK.T.reshape(-1), torch.arange(T, device=idx_TK.device).repeat(K)] = True
-        send_rank_S, send_token_S = mask_RT.nonzero(as_tuple=True)  # row-major: by rank, then token
-        send_counts = mask_RT.sum(1).tolist()
-        # Counts first: the receivers size their buffers from them.
-        counts_out = torch.tensor(send_counts, dtype=torch.int64)
-        recv_counts_t = torch.empty_like(counts_out)
-        began = time.perf_counter()
-        comm.all_to_all_single(recv_counts_t, counts_out, group=self.group)
-        self._waited_dispatch(time.perf_counter() - began)
-        recv_counts = recv_counts_t.tolist()
+        # Everything up to the count exchange stays on the tokens' device (NCCL takes no CPU
+        # tensor; DESIGN.md rule 9). hit_RT[r, t]: token t has an expert on rank r (dedup over k).
+        hit_RT = torch.zeros(ep, T, dtype=torch.bool, device=device).scatter_(
+            0, dest_TK.T, torch.ones_like(dest_TK.T, dtype=torch.bool))
+        # counts_RC[r] = [rows sent to r, (token, k) pairs for each of r's L experts]: the
+        # receiver learns its row count and its per-expert pair count in one exchange.
+        pairs_RL = torch.zeros(ep * L, dtype=torch.int32, device=device).scatter_add_(
+            0, idx_TK.flatten(), torch.ones(T * K, dtype=torch.int32, device=device)).view(ep, L)
+        counts_RC = torch.cat([hit_RT.sum(1, dtype=torch.int32)[:, None], pairs_RL], 1)
+        recv_RC = torch.empty_like(counts_RC)
+        counts_pending = comm.all_to_all_single(recv_RC, counts_RC, group=self.group, async_op=True)
 
-        idx_SK = idx_TK[send_token_S]
-        here_SK = dest_TK[send_token_S] == send_rank_S[:, None]
-        local_SK = torch.where(here_SK, idx_SK - send_rank_S[:, None] * L,
-                               torch.full_like(idx_SK, -1))
+        # While the counts travel, queue the send layout for every candidate (rank, token) pair:
+        # a stable sort of the hit flags puts the hits first, by rank then token (what nonzero
+        # would give, without its host read). Ids made local to the receiver and the weights
+        # ride along; the first S entries are the send buffer once S is known.
+        order_C = torch.argsort((~hit_RT).flatten().to(torch.int8), stable=True)
+        rank_C, token_C = order_C // T, order_C % T
+        idx_CK = idx_TK[token_C]
+        local_CK = torch.where(dest_TK[token_C] == rank_C[:, None], idx_CK - rank_C[:, None] * L,
+                               torch.full_like(idx_CK, -1)).to(torch.int32)
+        w_CK = topk_weight_TK[token_C]
+
+        # The one host read of a dispatch: rows to send and receive per rank (the buffer sizes)
+        # and received (row, k) pairs per local expert (the experts' slices), in one tensor.
+        began = time.perf_counter()
+        counts_pending.wait()
+        sizes = torch.cat([counts_RC[:, 0], recv_RC[:, 0], recv_RC[:, 1:].sum(0, dtype=torch.int32)]).tolist()
+        self._waited_dispatch(time.perf_counter() - began)
+        send_counts, recv_counts, expert_counts = sizes[:ep], sizes[ep:2 * ep], sizes[2 * ep:]
+        S = sum(send_counts)
+
+        send_token_S = token_C[:S]
+        # x is gathered after the read: before it, only the ep * T candidate rows would bound
+        # the buffer (ep times the rows of x), while the small id and weight rows can afford it.
         x_send = x_TD[send_token_S]
-        w_send = topk_weight_TK[send_token_S]
-        splits = (recv_counts, send_counts, self.group, self._waited_dispatch, self.backward_group)
+        w_send = w_CK[:S]
+        splits = (recv_counts, send_counts, self.group, self._waited_dispatch)
         px = _FP8Pending(x_send, *splits) if self.fp8_payload else _Pending(x_send, *splits)
         handle = EPHandle(topk_idx=None, topk_weight=None, send_token=send_token_S, send_counts=send_counts,
-                          recv_counts=recv_counts, n_tokens=T, token_expert_pairs=T * K,
+                          recv_counts=recv_counts, expert_counts=expert_counts, local_rows=sum(expert_counts),
+                          n_tokens=T, token_expert_pairs=T * K,
                           payload_bytes=px.nbytes if self.fp8_payload else x_send.nbytes)
-        pending = DispatchPending(x=px, idx=_Pending(local_SK.to(torch.int32), *splits),
+        pending = DispatchPending(x=px, idx=_Pending(local_CK[:S], *splits),
                                   w=_Pending(w_send, *splits), x_send=x_send, w_send=w_send, handle=handle)
         st = self.stats
         st.calls += 1
         st.tokens += T
-        st.token_rank_pairs += int(send_token_S.numel())
+        st.token_rank_pairs += S
         st.token_expert_pairs += T * K
         st.payload_bytes += handle.payload_bytes
         return pending
@@ -290,7 +319,8 @@ class AllToAllDispatcher:
     def dispatch_wait(self, pending: DispatchPending) -> tuple[torch.Tensor, EPHandle]:
         handle = pending.handle
         if torch.is_grad_enabled():
-            recv_x, recv_w, handle.link = _DispatchFn.apply(pending.x_send, pending.w_send, _link(),
+            link = _link(pending.x_send.device)
+            recv_x, recv_w, handle.link = _DispatchFn.apply(pending.x_send, pending.w_send, link,
                                                             pending.x, pending.w)
         else:
             recv_x, recv_w, handle.link = pending.x.wait(), pending.w.wait(), None
@@ -304,12 +334,13 @@ class AllToAllDispatcher:
     # ---- combine
     def combine_start(self, y_ND: torch.Tensor, handle: EPHandle) -> CombinePending:
         return CombinePending(y=_Pending(y_ND, handle.send_counts, handle.recv_counts, self.group,
-                                         self._waited_combine, self.backward_group), y_in=y_ND, handle=handle)
+                                         self._waited_combine), y_in=y_ND, handle=handle)
 
     def combine_wait(self, pending: CombinePending) -> torch.Tensor:
         h = pending.handle
         if torch.is_grad_enabled():
-            back_SD = _CombineFn.apply(pending.y_in, h.link if h.link is not None else _link(), pending.y)
+            link = h.link if h.link is not None else _link(pending.y_in.device)
+            back_SD = _CombineFn.apply(pending.y_in, link, pending.y)
         else:
             back_SD = pending.y.wait()
         out = back_SD.new_zeros((h.n_tokens,) + tuple(back_SD.shape[1:]))
@@ -322,8 +353,7 @@ class AllToAllDispatcher:
 # --------------------------------------------------------------------------- model surgery
 
 
-def shard_experts(model: nn.Module, mesh_or_rank, fp8_payload: bool = False,
-                  backward_group=None) -> nn.Module:
+def shard_experts(model: nn.Module, mesh_or_rank, fp8_payload: bool = False) -> nn.Module:
     """Keep only this rank's contiguous block of routed experts in every MoE layer and install an
     AllToAllDispatcher. `mesh_or_rank` is a parallel.mesh.Mesh or a tuple (ep_rank, ep[, ep_group])
     (group None = the default world group). Routers stay full. Afterwards dim 0 of each
@@ -349,7 +379,7 @@ def shard_experts(model: nn.Module, mesh_or_rank, fp8_payload: bool = False,
             full = getattr(experts, name)
             setattr(experts, name, nn.Parameter(full.detach()[ep_rank * L:(ep_rank + 1) * L].clone(),
                                                 requires_grad=full.requires_grad))
-        module.dispatcher = AllToAllDispatcher(group, ep_rank, ep, E, fp8_payload, backward_group)
+        module.dispatcher = AllToAllDispatcher(group, ep_rank, ep, E, fp8_payload)
     return model
 
 
@@ -370,20 +400,14 @@ def limit_nodes(model: nn.Module, n_nodes: int, max_nodes: int) -> None:
 
 
 def enable_expert_parallel(model: nn.Module, mesh, ranks_per_node: int = 8, max_nodes_per_token: int = 0,
-                           fp8_payload: bool = False, backward_groups: bool = False) -> nn.Module:
+                           fp8_payload: bool = False) -> nn.Module:
     """What the trainer does for ep > 1: shard the experts over the mesh's ep group, install the
-    all-to-all dispatchers and set node-limited routing from the layout. backward_groups: give
-    the backward's all-to-alls groups of their own (a pipeline overlapping forward and backward
-    on two threads needs them; creating them is collective, like any group)."""
+    all-to-all dispatchers and set node-limited routing from the layout. Forward and backward
+    all-to-alls share the ep group: one thread issues them all, in the same order on every rank
+    (DESIGN.md rule 10)."""
     if mesh.ep == 1:
         return model
-    backward_group = None
-    if backward_groups:
-        for ranks in mesh.layout.groups("ep"):
-            group = comm.new_group(ranks)
-            if mesh.rank in ranks:
-                backward_group = group
-    shard_experts(model, mesh, fp8_payload, backward_group)
+    shard_experts(model, mesh, fp8_payload)
     limit_nodes(model, nodes_spanned(mesh.ep, ranks_per_node), max_nodes_per_token)
     return model
 

@@ -210,8 +210,9 @@ def test_dedup_bytes(spawned):
             st = res["stats"]
             assert st["token_rank_pairs"] == pairs and st["token_expert_pairs"] == T * K
             assert st["payload_bytes"] == pairs * D * 4
-            # comm counters: counts (ep int64) + x rows + local ids (int32) + weights (fp32)
-            assert res["dispatch_bytes"] == ep * 8 + pairs * (D * 4 + K * 4 + K * 4)
+            # comm counters: counts (int32 [ep, 1 + E/ep]: rows and per-expert pairs per rank)
+            # + x rows + local ids (int32) + weights (fp32)
+            assert res["dispatch_bytes"] == ep * (1 + E // ep) * 4 + pairs * (D * 4 + K * 4 + K * 4)
             assert res["fwd_a2a_calls"] == 5  # counts, x, ids, weights, combine
             if i == one:  # every token's experts share one rank: one row per token, K times fewer
                 assert pairs == T and st["payload_bytes"] * K == T * K * D * 4

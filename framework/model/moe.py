@@ -8,9 +8,18 @@ softmax and scores a group by its best expert (transformers' "group_limited_gree
 Experts are reached through a dispatcher so expert parallelism can swap the communication
 without touching this file. Contract (DeepEP "normal" semantics):
     recv_x_ND, handle = dispatcher.dispatch(x_TD, topk_idx_TK, topk_weight_TK)
-    y_ND = experts(recv_x_ND, handle.topk_idx, handle.topk_weight)   # ids local to this rank, -1 = elsewhere
+    y_ND = experts(recv_x_ND, handle.topk_idx, handle.topk_weight,  # ids local to this rank, -1 = elsewhere
+                   handle.expert_counts, handle.local_rows)         # host ints, or None
     out_TD = dispatcher.combine(y_ND, handle)                        # unweighted sum back to the tokens
 Each received row is one token; the experts apply the gate weights and sum the local experts.
+
+Sync-free experts (DESIGN.md rule 9): the experts sort their (row, k) pairs by expert on the
+device and run the SwiGLU as three grouped GEMMs (torch._grouped_mm, offsets computed on the
+device). They read nothing back to the host: the sizes they slice by come from the handle --
+per-expert counts an all-to-all dispatch read once with its buffer sizes, or the pair count
+N * K the local dispatcher knows from shapes. Only where _grouped_mm cannot run (unsupported
+dtype or device, strides not 16-byte aligned) do the experts split one buffer into per-expert
+views, which needs host counts: the handle's, else one read here.
 Both calls also come split in two (dispatch_start/dispatch_wait, combine_start/combine_wait) so
 work can run while tokens are in flight; MoE.forward runs the shared expert there.
 
@@ -94,8 +103,9 @@ class Router(nn.Module):
         idx_TK, w_TK = self.select(s_TE)
         if self.training:
             with torch.no_grad():
-                self.expert_load += torch.bincount(idx_TK.flatten(), minlength=self.n_experts).to(
-                    self.expert_load.dtype)
+                # scatter_add, not bincount: bincount reads the largest id on the host.
+                self.expert_load.scatter_add_(0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten(),
+                                                                                  dtype=self.expert_load.dtype))
         return idx_TK, w_TK, s_TE
 
     @torch.no_grad()
@@ -140,8 +150,143 @@ def seq_balance_loss(s_BTE: torch.Tensor, idx_BTK: torch.Tensor, alpha: float) -
     return alpha * (f_BE * p_BE).sum(-1).mean()
 
 
+# --------------------------------------------------------------------------- grouped expert GEMMs
+
+
+class ExpertRows:
+    """Layout of the rows a grouped GEMM sees: sorted by expert, count_E[e] rows for expert e,
+    then (when `exact` is False) tail rows that belong to no expert.
+
+    count_E lives on the device and gives the GEMMs' offsets without a host read. Host counts
+    are needed only by paths that slice on the host (the split fallback, the FP8 layout); they
+    come from the dispatch handle (read once there), or, when no handle gave them, from one read
+    of count_E here (`host_counts`)."""
+
+    def __init__(self, count_E: torch.Tensor, rows: int, host_counts: list[int] | None, exact: bool) -> None:
+        self.count_E, self.rows, self._host, self.exact = count_E, rows, host_counts, exact
+        self._offs: torch.Tensor | None = None
+        self._keep: torch.Tensor | None = None
+
+    @property
+    def offs_E(self) -> torch.Tensor:
+        """Cumulative int32 end offsets, what torch._grouped_mm takes (computed on the device)."""
+        if self._offs is None:
+            self._offs = torch.cumsum(self.count_E, 0, dtype=torch.int32)
+        return self._offs
+
+    @property
+    def host_counts(self) -> list[int]:
+        if self._host is None:
+            self._host = self.count_E.tolist()  # the only read, and only without a handle's counts
+        return self._host
+
+    def mask_tail(self, t_MX: torch.Tensor) -> torch.Tensor:
+        """Zero the rows past the last offset: torch._grouped_mm leaves them uninitialised."""
+        if self.exact:
+            return t_MX
+        if self._keep is None:
+            self._keep = (torch.arange(self.rows, device=t_MX.device) < self.offs_E[-1])[:, None]
+        return torch.where(self._keep, t_MX, t_MX.new_zeros(()))
+
+
+def _grouped_mm_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs these operands without a host sync: on CPU for fp32, bf16 and
+    fp16, on CUDA only its bf16 sm90+ kernel (the others fall back to a loop that copies the offsets
+    to the host); every stride a multiple of 16 bytes (DESIGN.md environment facts)."""
+    if x.device.type == "cpu":
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+    elif x.device.type != "cuda" or x.dtype != torch.bfloat16:
+        return False
+    elif torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False
+    # Weights [E, O, I] are cast to x's dtype; O and I are the row strides of every GEMM operand.
+    size = x.element_size()
+    return all(t.shape[-1] * size % 16 == 0 and t.shape[-2] * size % 16 == 0 for t in ws)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous with a 16-byte aligned start (a gradient may be a strided or offset view)."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _gmm(x_MI: torch.Tensor, w_EOI: torch.Tensor, layout: ExpertRows, grouped: bool) -> torch.Tensor:
+    """y_MO[m] = x_MI[m] @ w_EOI[e(m)].T, e(m) the expert owning row m; tail rows zero."""
+    if grouped:
+        return layout.mask_tail(torch._grouped_mm(_aligned(x_MI), w_EOI.transpose(1, 2), offs=layout.offs_E))
+    y_MO = x_MI.new_empty(x_MI.shape[0], w_EOI.shape[1])
+    start = 0
+    for e, n in enumerate(layout.host_counts):  # views of one buffer: no per-expert allocation
+        if n:
+            torch.mm(x_MI[start:start + n], w_EOI[e].T, out=y_MO[start:start + n])
+        start += n
+    y_MO[start:].zero_()
+    return y_MO
+
+
+def _gmm_wgrad(g_MO: torch.Tensor, x_MI: torch.Tensor, layout: ExpertRows, grouped: bool) -> torch.Tensor:
+    """grad_w_EOI[e] = g_e.T @ x_e over expert e's rows (tail rows excluded); one [E, O, I] buffer."""
+    if grouped:
+        return torch._grouped_mm(g_MO.T, x_MI, offs=layout.offs_E)
+    out_EOI = g_MO.new_zeros(len(layout.host_counts), g_MO.shape[1], x_MI.shape[1])
+    start = 0
+    for e, n in enumerate(layout.host_counts):
+        if n:
+            torch.mm(g_MO[start:start + n].T, x_MI[start:start + n], out=out_EOI[e])
+        start += n
+    return out_EOI
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """x_MI @ w_EOI[e].T per row's expert, as one grouped GEMM. The weight gradient goes through
+    `weight_grad(weight, compute)` when given (the pipeline's deferred weight gradients:
+    kernels.deferred.defer_or_return), else straight back to autograd."""
+
+    @staticmethod
+    def forward(ctx, x_MI, w_EOI, layout: ExpertRows, grouped: bool, weight_grad):
+        w_c = w_EOI.to(x_MI.dtype)  # the compute dtype (autocast's cast, done by hand)
+        ctx.save_for_backward(x_MI, w_c)
+        ctx.layout, ctx.grouped, ctx.weight_grad, ctx.weight = layout, grouped, weight_grad, w_EOI
+        return _gmm(x_MI, w_c, layout, grouped)
+
+    @staticmethod
+    def backward(ctx, g_MO):
+        x_MI, w_c = ctx.saved_tensors
+        layout, grouped, w = ctx.layout, ctx.grouped, ctx.weight
+        g_MO = _aligned(g_MO)
+        grad_x = _gmm(g_MO, w_c.transpose(1, 2), layout, grouped) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            def compute() -> torch.Tensor:
+                return _gmm_wgrad(g_MO, x_MI, layout, grouped).to(w.dtype)
+
+            grad_w = compute() if ctx.weight_grad is None else ctx.weight_grad(w, compute)
+        return grad_x, grad_w, None, None, None
+
+
+def grouped_swiglu(x_MD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
+                   layout: ExpertRows, weight_grad=None) -> torch.Tensor:
+    """SwiGLU experts over rows sorted by expert: y = w2_e(silu(w1_e x) * w3_e x), three grouped
+    GEMMs (torch._grouped_mm where it runs sync-free, else split views of one buffer). Under
+    autocast the GEMMs run in its dtype, as nn.Linear's would. No host read on the grouped path."""
+    device = x_MD.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_MD.dtype
+    with torch.autocast(device, enabled=False):
+        x_MD = x_MD.to(dtype)
+        grouped = _grouped_mm_ok(x_MD, w1_EID, w2_EDI)
+        h1_MI = _GroupedLinear.apply(x_MD, w1_EID, layout, grouped, weight_grad)
+        h3_MI = _GroupedLinear.apply(x_MD, w3_EID, layout, grouped, weight_grad)
+        return _GroupedLinear.apply(F.silu(h1_MI) * h3_MI, w2_EDI, layout, grouped, weight_grad)
+
+
 class GroupedExperts(nn.Module):
     """The routed experts of one layer (or this rank's share), stored stacked for grouped GEMMs."""
+
+    # Hook for the weight gradients of the three GEMMs (None: autograd's usual accumulation);
+    # parallel/pipeline/wgrad.py sets kernels.deferred.defer_or_return to defer them.
+    weight_grad = None
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
@@ -149,25 +294,40 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))  # down [E, D, I]
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))  # up   [E, I, D]
 
-    def grouped_swiglu(self, x_MD: torch.Tensor, count_E: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by expert, count_E rows per expert -> expert outputs (same order)."""
-        out, start = [], 0
-        for e, n in enumerate(count_E.tolist()):
-            if n:
-                xe = x_MD[start:start + n]
-                out.append((F.silu(xe @ self.w1[e].T) * (xe @ self.w3[e].T)) @ self.w2[e].T)
-                start += n
-        return torch.cat(out) if out else x_MD.new_zeros(0, self.w2.shape[1])
+    def needs_host_counts(self, x_ND: torch.Tensor) -> bool:
+        """Whether grouped_swiglu slices on the host (then the layout must be exact)."""
+        return not _grouped_mm_ok(x_ND, self.w1, self.w2)
 
-    def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    def grouped_swiglu(self, x_MD: torch.Tensor, layout: ExpertRows) -> torch.Tensor:
+        """Rows sorted by expert (layout) -> expert outputs, same order."""
+        return grouped_swiglu(x_MD, self.w1, self.w3, self.w2, layout, self.weight_grad)
+
+    def forward(self, x_ND: torch.Tensor, idx_NK: torch.Tensor, w_NK: torch.Tensor,
+                counts_E: list[int] | None = None, rows: int | None = None) -> torch.Tensor:
+        """counts_E: rows per local expert as host ints (a dispatch handle's, read once there);
+        rows: their sum, when only that is known (every pair local: N * K). Without either the
+        experts run on all N * K pairs, those for other ranks (-1) past the last offset."""
         E, K = self.w1.shape[0], idx_NK.shape[1]
         flat_M = idx_NK.flatten()
-        # Sort (token, slot) pairs by expert; pairs for other ranks (-1) go last and are dropped.
-        order_M = torch.argsort(torch.where(flat_M >= 0, flat_M, E), stable=True)
-        count_E = torch.bincount(flat_M[flat_M >= 0], minlength=E)
-        order_M = order_M[: int(count_E.sum())]
+        # Sort (row, slot) pairs by expert; pairs for other ranks (-1) go last.
+        key_M = torch.where(flat_M >= 0, flat_M, E)
+        order_M = torch.argsort(key_M, stable=True)
+        # Rows per expert on the device (scatter_add: bincount would read its max on the host).
+        count_E = torch.zeros(E + 1, dtype=torch.int64, device=flat_M.device).scatter_add_(
+            0, key_M, torch.ones_like(key_M))[:E]
+        if counts_E is None and rows is None and self.needs_host_counts(x_ND):
+            counts_E = count_E.tolist()  # no handle gave counts and this path slices on the host
+        if counts_E is not None:
+            rows = sum(counts_E)
+        # Known pair count: keep exactly the local pairs (nothing past the last offset).
+        exact = rows is not None
+        layout = ExpertRows(count_E, rows if exact else flat_M.numel(), counts_E, exact)
+        order_M = order_M[:layout.rows]
         token_M = order_M // K
-        y_MD = self.grouped_swiglu(x_ND[token_M], count_E)
+        if layout.rows:
+            y_MD = self.grouped_swiglu(x_ND[token_M], layout)
+        else:  # nothing routed here (possible under expert parallelism): the weights get no gradient
+            y_MD = x_ND.new_zeros(0, self.w2.shape[1])
         y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
         # Under autocast the GEMMs return bf16 while x may be fp32: sum in the output's dtype.
         return y_MD.new_zeros(x_ND.shape).index_add_(0, token_M, y_MD)
@@ -181,14 +341,18 @@ class GroupedExperts(nn.Module):
 class LocalHandle:
     topk_idx: torch.Tensor  # [N, K] expert ids local to the receiving rank (-1: not here)
     topk_weight: torch.Tensor  # [N, K]
+    expert_counts: list[int] | None = None  # rows per local expert, host ints (None: not read)
+    local_rows: int | None = None  # (row, k) pairs with a local expert: N * K here
 
 
 class LocalDispatcher:
     """Single rank owns every expert: dispatch and combine are identities. The split-phase
-    pairs (start, then wait) are the overlap points an all-to-all dispatcher fills."""
+    pairs (start, then wait) are the overlap points an all-to-all dispatcher fills. Its handle
+    has the same fields as the all-to-all one; the pair count is N * K (every expert is local),
+    known without a host read."""
 
     def dispatch_start(self, x_TD, topk_idx_TK, topk_weight_TK):
-        return x_TD, LocalHandle(topk_idx_TK, topk_weight_TK)
+        return x_TD, LocalHandle(topk_idx_TK, topk_weight_TK, local_rows=topk_idx_TK.numel())
 
     def dispatch_wait(self, pending):
         return pending
@@ -228,7 +392,7 @@ class MoE(nn.Module):
         pending = self.dispatcher.dispatch_start(x_TD, idx_TK, w_TK)
         shared_TD = self.shared(x_TD) if self.shared is not None else None
         recv_x, handle = self.dispatcher.dispatch_wait(pending)
-        y = self.experts(recv_x, handle.topk_idx, handle.topk_weight)
+        y = self.experts(recv_x, handle.topk_idx, handle.topk_weight, handle.expert_counts, handle.local_rows)
         out_TD = self.dispatcher.combine_wait(self.dispatcher.combine_start(y, handle))
         if shared_TD is not None:
             out_TD = out_TD + shared_TD

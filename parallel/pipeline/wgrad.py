@@ -8,8 +8,7 @@ weight-gradient GEMMs of linear layers and routed experts to run later, FIFO.
 
 Outside `capture()` the converted modules compute the same gradients as the originals.
 Deferred gradients are added straight into `.grad` (autograd sees no gradient for those
-weights; the experts' always go that way), so run every queued batch before reading or
-reducing gradients. Other
+weights), so run every queued batch before reading or reducing gradients. Other
 parameters (norms, embedding, the router gate) get their gradients during backward as usual.
 
 The arithmetic is the same as autograd's for F.linear (grad_W = g^T x summed over rows, in the
@@ -61,50 +60,12 @@ class SplitLinear(nn.Linear):
         return _SplitLinearFn.apply(x, self.weight)
 
 
-class _ExpertMatmulFn(torch.autograd.Function):
-    """x_MI @ w_EOI[e].T for one expert e; the weight gradient lands in w.grad[e] (deferrable)."""
-
-    @staticmethod
-    def forward(ctx, x, w, e: int):
-        ctx.save_for_backward(x, w)
-        ctx.e = e
-        return x @ w[e].T
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w = ctx.saved_tensors
-        e = ctx.e
-        grad_x = grad_out @ w[e] if ctx.needs_input_grad[0] else None
-        if ctx.needs_input_grad[1]:
-            # Straight into w.grad[e], now or when the queue runs: returning a gradient to
-            # autograd would need a dense [E, O, I] buffer per expert matmul.
-            work = current()
-            if work is None:
-                _accumulate_slice(w, e, grad_out.T @ x)
-            else:
-                work.closures.append(lambda: _accumulate_slice(w, e, grad_out.T @ x))
-        return grad_x, None, None
-
-
-def _accumulate_slice(w: torch.Tensor, e: int, grad: torch.Tensor) -> None:
-    if w.grad is None:
-        w.grad = torch.zeros_like(w)
-    w.grad[e].add_(grad.to(w.dtype))
-
-
 class SplitGroupedExperts(GroupedExperts):
-    """GroupedExperts whose three expert GEMMs can defer their weight gradients."""
+    """GroupedExperts whose three grouped GEMMs defer their weight gradients: the same grouped
+    function (framework.model.moe.grouped_swiglu), with defer_or_return as its weight-gradient
+    hook. Outside capture() the hook computes the gradient at once and returns it to autograd."""
 
-    def grouped_swiglu(self, x_MD: torch.Tensor, count_E: torch.Tensor) -> torch.Tensor:
-        out, start = [], 0
-        for e, n in enumerate(count_E.tolist()):
-            if n:
-                xe = x_MD[start:start + n]
-                gate = _ExpertMatmulFn.apply(xe, self.w1, e)
-                up = _ExpertMatmulFn.apply(xe, self.w3, e)
-                out.append(_ExpertMatmulFn.apply(F.silu(gate) * up, self.w2, e))
-                start += n
-        return torch.cat(out) if out else x_MD.new_zeros(0, self.w2.shape[1])
+    weight_grad = staticmethod(defer_or_return)
 
 
 def split_weight_grads(model: nn.Module) -> nn.Module:
