@@ -94,6 +94,10 @@ def ep_worker(rank: int, world: int, topk: int, ep: int) -> dict:
         ra, ha = d.dispatch_wait(pa)
         split_ok = (torch.equal(ra, recv_x) and torch.equal(rb, 2 * recv_x)
                     and torch.equal(ha.topk_idx, hb.topk_idx))
+        # The per-expert counts of the count exchange match the ids that arrived with the rows.
+        local = handle.topk_idx
+        counts_ok = (handle.expert_counts == [int((local == e).sum()) for e in range(moe.experts.w1.shape[0])]
+                     and handle.local_rows == int((local >= 0).sum()))
         results.append({
             "out": out.detach(), "x_grad": x_r.grad,
             "router_grad": moe.router.weight.grad, "shared_grads": [p.grad for p in moe.shared.parameters()],
@@ -103,7 +107,7 @@ def ep_worker(rank: int, world: int, topk: int, ep: int) -> dict:
             "expert_shape": tuple(moe.experts.w1.shape), "idx": idx, "stats": layout_stats(handle),
             "recv_rows": recv_x.shape[0], "dispatch_bytes": dispatch_bytes,
             "fwd_a2a_calls": fwd_stats["calls"],
-            "split_ok": split_ok,
+            "split_ok": split_ok, "counts_ok": counts_ok,
         })
     x, _ = data(world, 0)
     x_TD = x[2 * rank:2 * rank + 2].reshape(-1, D)
@@ -176,6 +180,7 @@ def test_matches_single_process(spawned):
             assert diff <= TOL, f"{name}/{what}: rel diff {diff:.3e}"
         assert ref["router_grad"].abs().sum() > 0  # gradients really reached the routing weights
         assert all(g["split_ok"] for g in got), name
+        assert all(g["counts_ok"] for g in got), name
     print(f"ep={ep} top{topk}: worst rel diff {worst:.3e}")
 
 
