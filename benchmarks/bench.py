@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.plot import write_lines
+from framework.plots import write_lines
 
 
 def _flat(d, prefix: str = "") -> dict[str, object]:
@@ -51,9 +51,10 @@ def _table(result) -> str:
 
 
 def schedules_on_paper(out: Path, quick: bool) -> tuple[str, list[str]]:
+    from framework.plots import write_timeline
     from parallel.pipeline.schedules import Placement, build
     from parallel.pipeline.simulator import Costs, simulate
-    from parallel.pipeline.timeline import Timeline, write_png
+    from parallel.pipeline.timeline import Timeline
 
     pp, chunks = (4, 8) if quick else (8, 20)
     costs = Costs(F=1, B=2, W=1, FB=3)
@@ -68,8 +69,8 @@ def schedules_on_paper(out: Path, quick: bool) -> tuple[str, list[str]]:
     for name, sim in sims.items():
         lines.append(f"| {name} | {sim.makespan:g} | {sim.makespan / sims['1f1b'].makespan:.3f} | "
                      f"{max(sim.bubble):g} | {formula.get(name, '-')} | {max(sim.peak_live)} |")
-        png = write_png(Timeline.from_simulation(sim, costs).spans, out / f"sim_{name}.png",
-                        title=f"{name} pp={pp} chunks={chunks} simulated")
+        png = write_timeline(Timeline.from_simulation(sim, costs).spans, out / f"sim_{name}.png",
+                             title=f"{name} pp={pp} chunks={chunks} simulated")
         files.append(png.name)
     return "\n".join(lines), files
 

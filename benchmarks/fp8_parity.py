@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.plot import write_lines
+from framework.plots import write_lines
 
 TAIL = 50  # steps averaged for the final loss
 

@@ -44,10 +44,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from framework.plots import write_timeline
 from kernels.deferred import defer_or_return
 from parallel.pipeline.schedules import SCHEDULES, Action, Placement, build
 from parallel.pipeline.simulator import Costs, simulate
-from parallel.pipeline.timeline import Timeline, write_chrome_trace, write_png
+from parallel.pipeline.timeline import Timeline, write_chrome_trace
 
 MB_ROWS, DIM = 2, 8  # the boundary tensor of a micro-batch: tiny, communication is not the point
 DRAWN = ("dualpipe", "1f1b")  # schedules whose median step is written as a timeline
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         if name in DRAWN:
             spans = Timeline.from_ranks([r[name][e["median_rep"]]["spans"] for r in per_rank]).spans
             title = f"{name} pp={pp} chunks={chunks} F={args.f_ms:g}ms measured"
-            result["files"] += [str(write_png(spans, args.out / f"{name}.png", title=title)),
+            result["files"] += [str(write_timeline(spans, args.out / f"{name}.png", title=title)),
                                 str(write_chrome_trace(spans, args.out / f"{name}.trace.json"))]
     base = result["schedules"]["1f1b"]
     for name, e in result["schedules"].items():

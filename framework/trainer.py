@@ -39,12 +39,14 @@ from framework.metrics import (
 )
 from framework.model import Transformer, count_params
 from framework.optim import lr_at
+from framework.plots import write_timeline
 from framework.resume import TrainingError, agreed_start, latest_step
 from parallel import comm, watchdog
 from parallel.data_parallel import DataParallelOptimizer, GradReducer, all_reduce_expert_load, reduce_mean
 from parallel.expert_parallel import enable_expert_parallel, ep_record, expert_state_dict, local_state_dict
 from parallel.mesh import Layout, Mesh, build_mesh, init_distributed, shutdown
 from parallel.pipeline.engine import PipelineEngine
+from parallel.pipeline.timeline import read_chrome_trace
 
 SAMPLE_PROMPT = "def "
 # The process group's own timeout is this much longer than the watchdog's, so a hang is
@@ -290,6 +292,10 @@ class Trainer:
         with self.reducer.no_sync():  # gradients accumulate over micro-batches; reduced once after
             timeline = self.run_dir if self.step + 1 == self.cfg.logging.timeline_step else None
             out = self.pipeline.train(inputs, targets, self.device, self._autocast, timeline)
+        if timeline is not None and self.mesh.rank == 0:  # the engine gathered the trace there; draw it
+            par = self.cfg.parallel
+            write_timeline(read_chrome_trace(timeline / "timeline.trace.json"), timeline / "timeline.png",
+                           title=f"{par.schedule} pp={par.pp} step {self.step + 1}")
         terms = self.pipeline.loss_terms(out, self.device)
         loss = terms.pop("loss")
         return loss, terms

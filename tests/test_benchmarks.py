@@ -41,6 +41,12 @@ def test_pipeline_bubble_benchmark_measures_every_schedule_and_draws_a_timeline(
     for entry in result["schedules"].values():
         assert entry["step_ms"] > 0 and entry["sim_step_ms"] > 0 and entry["bubble_max_ms"] > 0
     assert result["dualpipe_vs_1f1b"] > 0 and "DualPipe step / 1F1B step" in out
-    png = tmp_path / "dualpipe.png"
-    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "dualpipe.trace.json").exists()
+    from matplotlib.image import imread
+
+    from framework.plots import timeline_height
+
+    for name in pipeline_bubble.DRAWN:  # --quick: pp 2, drawn 1200 pixels wide
+        png = tmp_path / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in result["files"]
+        assert imread(png).shape[:2] == (timeline_height(2), 1200)
+        assert (tmp_path / f"{name}.trace.json").exists()

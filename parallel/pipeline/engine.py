@@ -33,7 +33,7 @@ from parallel import comm
 from parallel.mesh import Mesh
 from parallel.pipeline.runtime import PipelineRunner, StepOutput, hold_stages, holders, prune
 from parallel.pipeline.schedules import Placement
-from parallel.pipeline.timeline import Timeline, write_chrome_trace, write_png
+from parallel.pipeline.timeline import Timeline, write_chrome_trace
 from parallel.pipeline.wgrad import split_weight_grads
 
 
@@ -124,7 +124,8 @@ class PipelineEngine:
 
     def _write_timeline(self, recorder: Timeline, out_dir: Path) -> None:
         """Each pipeline rank of dp column 0 writes its spans; the first pipeline rank then
-        draws them all (timestamps are comparable across the processes of one host)."""
+        gathers them all into timeline.trace.json (timestamps are comparable across the processes
+        of one host). The PNG is the caller's to draw (framework.plots): parallel/ draws nothing."""
         parts = out_dir / "timeline-parts"
         if self.mesh.dp_rank == 0:
             parts.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,6 @@ class PipelineEngine:
             spans = [[tuple(s) for s in json.loads((parts / f"rank{r}.json").read_text())]
                      for r in range(self.mesh.pp)]
             write_chrome_trace(spans, out_dir / "timeline.trace.json")
-            write_png(spans, out_dir / "timeline.png")
             shutil.rmtree(parts, ignore_errors=True)
 
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor, device, autocast) -> torch.Tensor:
