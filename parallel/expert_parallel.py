@@ -379,6 +379,7 @@ def shard_experts(model: nn.Module, mesh_or_rank, fp8_payload: bool = False) -> 
             full = getattr(experts, name)
             setattr(experts, name, nn.Parameter(full.detach()[ep_rank * L:(ep_rank + 1) * L].clone(),
                                                 requires_grad=full.requires_grad))
+        experts.first_expert = ep_rank * L  # its initial weights are drawn by global expert id
         module.dispatcher = AllToAllDispatcher(group, ep_rank, ep, E, fp8_payload)
     return model
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from framework.config import ModelConfig
+from framework.model.init import draw_seed, init_weights
 from framework.model.moe import MoE
 from kernels.fp8.reference import dequantize, quantize_act
 from launch.ranks import run_ranks
@@ -51,7 +52,7 @@ def cases(ep: int) -> list[tuple[str, torch.Tensor]]:
 def make_moe(topk: int, bias: torch.Tensor) -> MoE:
     torch.manual_seed(0)
     moe = MoE(cfg(topk))
-    moe.init_weights(0.2)
+    init_weights(moe, draw_seed(), 0.2)
     with torch.no_grad():
         moe.router.expert_bias.copy_(bias)
     return moe

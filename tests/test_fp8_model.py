@@ -28,6 +28,7 @@ from framework.fp8 import (
     fp8_module_names,
 )
 from framework.model import GroupedExperts, RMSNorm, Router, Transformer
+from framework.model.init import draw_seed, init_weights
 from framework.optim import build_optimizer
 from framework.trainer import Trainer
 from kernels.fp8 import calc_diff, dequantize_act, dequantize_weight, quantize_act, quantize_weight
@@ -222,7 +223,7 @@ def routed_inputs():
 def experts_pair():
     torch.manual_seed(0)
     plain = GroupedExperts(N_EXPERTS, DIM, INNER)
-    plain.init_weights(0.05)
+    init_weights(plain, draw_seed(), 0.05)
     fp8 = apply_fp8(copy.deepcopy(plain), backend="torch")
     assert type(fp8) is FP8GroupedExperts
     return plain, fp8

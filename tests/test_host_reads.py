@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from framework.config import ModelConfig
 from framework.fp8 import PaddedLayout
+from framework.model.init import draw_seed, init_weights
 from framework.model.moe import GroupedExperts, MoE
 from kernels.fp8 import contiguous_layout
 from launch.ranks import run_ranks
@@ -129,7 +130,7 @@ def make_layers(dim: int = D, inter: int = INNER) -> nn.Sequential:
     torch.manual_seed(0)
     layers = nn.Sequential(*(MoE(moe_cfg(dim, inter)) for _ in range(LAYERS)))
     for layer in layers:
-        layer.init_weights(0.2)
+        init_weights(layer, draw_seed(), 0.2)
     return layers.train()  # training: the router also counts its load
 
 
@@ -292,7 +293,7 @@ def poisoned_grouped_mm(calls: list):
 def test_experts_equal_plain_loop(dim, inner, hint, split):
     torch.manual_seed(1)
     ex = GroupedExperts(4, dim, inner)
-    ex.init_weights(0.3)
+    init_weights(ex, draw_seed(), 0.3)
     if split:
         ex.__class__ = SplitGroupedExperts
     x, idx, w, counts = routed(dim)
@@ -326,7 +327,7 @@ def test_experts_with_counts_read_nothing():
     """Given the handle's host counts the experts read nothing, on either path."""
     for dim, inner in ((D, INNER), (10, 6)):
         ex = GroupedExperts(4, dim, inner)
-        ex.init_weights(0.3)
+        init_weights(ex, draw_seed(), 0.3)
         x, idx, w, counts = routed(dim)
         counter = HostReads()
         with counter.counting():

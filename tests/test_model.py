@@ -21,6 +21,7 @@ from framework.model import (
     count_params,
     seq_balance_loss,
 )
+from framework.model.init import draw_seed, init_weights
 from framework.model.mlp import MLP
 
 TINY = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_dense_layers=1, dense_inter_dim=48, max_seq_len=32,
@@ -48,7 +49,7 @@ def tokens(b=2, t=10, seed=0):
 def router(**kw) -> Router:
     cfg = tiny(**kw)
     r = Router(cfg)
-    r.init_weights(0.05)
+    init_weights(r, draw_seed(), 0.05)
     return r
 
 
@@ -146,7 +147,7 @@ def test_moe_records_balance_loss_in_training_only():
     torch.manual_seed(0)
     cfg = tiny(seq_aux_alpha=0.1)
     moe = MoE(cfg)
-    moe.init_weights(0.3)
+    init_weights(moe, draw_seed(), 0.3)
     x = torch.randn(2, 6, cfg.dim)
     moe.train()
     moe(x)
@@ -166,7 +167,7 @@ def test_moe_records_balance_loss_in_training_only():
 def test_grouped_experts_equal_per_token_loop_and_skip_foreign_ids():
     torch.manual_seed(0)
     ex = GroupedExperts(4, 8, 6)
-    ex.init_weights(0.5)
+    init_weights(ex, draw_seed(), 0.5)
     x = torch.randn(5, 8)
     idx = torch.tensor([[0, 3], [2, -1], [1, 1], [-1, -1], [3, 0]])  # -1: expert on another rank
     w = torch.rand(5, 2)
@@ -184,7 +185,7 @@ def test_moe_output_is_routed_plus_shared():
     torch.manual_seed(0)
     cfg = tiny()
     moe = MoE(cfg).eval()
-    moe.init_weights(0.3)
+    init_weights(moe, draw_seed(), 0.3)
     assert isinstance(moe.dispatcher, LocalDispatcher)
     x = torch.randn(1, 4, cfg.dim)
     idx, w, _ = moe.router(x.view(4, -1))

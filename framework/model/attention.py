@@ -69,10 +69,3 @@ class MLA(nn.Module):
             is_causal=True, scale=self.scale,
         )
         return self.wo(o_BHTV.transpose(1, 2).reshape(B, T, H * V))
-
-    def init_weights(self, std: float) -> None:
-        for m in self.children():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-            elif isinstance(m, RMSNorm):
-                m.init_weights()

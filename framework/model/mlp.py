@@ -18,7 +18,3 @@ class MLP(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x_BTD)) * self.w3(x_BTD))
-
-    def init_weights(self, std: float) -> None:
-        for lin in (self.w1, self.w2, self.w3):
-            nn.init.normal_(lin.weight, std=std)

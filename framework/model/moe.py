@@ -116,12 +116,6 @@ class Router(nn.Module):
             self.expert_bias += rate * torch.sign(load_E.mean() - load_E)
         self.expert_load.zero_()
 
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.weight, std=std)
-        with torch.no_grad():
-            self.expert_bias.zero_()
-            self.expert_load.zero_()
-
 
 def _keep_best_blocks(scores_TE: torch.Tensor, n_blocks: int, keep: int, best: int) -> torch.Tensor:
     """Cut the experts into n_blocks contiguous blocks, rate each block per token by the sum of
@@ -287,6 +281,9 @@ class GroupedExperts(nn.Module):
     # Hook for the weight gradients of the three GEMMs (None: autograd's usual accumulation);
     # parallel/pipeline/wgrad.py sets kernels.deferred.defer_or_return to defer them.
     weight_grad = None
+    # Global id of expert 0 here: expert parallelism keeps a block of a layer's experts, and an
+    # expert's initial weights are drawn from its global id (framework/model/init.py).
+    first_expert = 0
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
@@ -331,10 +328,6 @@ class GroupedExperts(nn.Module):
         y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)
         # Under autocast the GEMMs return bf16 while x may be fp32: sum in the output's dtype.
         return y_MD.new_zeros(x_ND.shape).index_add_(0, token_M, y_MD)
-
-    def init_weights(self, std: float) -> None:
-        for w in (self.w1, self.w2, self.w3):
-            nn.init.normal_(w, std=std)
 
 
 @dataclass
@@ -397,9 +390,3 @@ class MoE(nn.Module):
         if shared_TD is not None:
             out_TD = out_TD + shared_TD
         return out_TD.view(B, T, D)
-
-    def init_weights(self, std: float) -> None:
-        self.router.init_weights(std)
-        self.experts.init_weights(std)
-        if self.shared is not None:
-            self.shared.init_weights(std)

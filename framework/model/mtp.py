@@ -30,9 +30,3 @@ class MTPModule(nn.Module):
         """h: previous depth's representation at positions i; emb: Emb(t_{i+k}). Returns normed h_k."""
         x_BTD = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
         return self.norm(self.block(x_BTD))
-
-    def init_weights(self, std: float) -> None:
-        for n in (self.enorm, self.hnorm, self.norm):
-            n.init_weights()
-        nn.init.normal_(self.eh_proj.weight, std=std)
-        self.block.init_weights(std)

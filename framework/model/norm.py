@@ -19,6 +19,3 @@ class RMSNorm(nn.Module):
         x32_BTD = x_BTD.float()
         x32_BTD = x32_BTD * torch.rsqrt(x32_BTD.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32_BTD.to(x_BTD.dtype)
-
-    def init_weights(self) -> None:
-        nn.init.ones_(self.weight)

@@ -16,6 +16,7 @@ from torch import nn
 
 from framework.config import ModelConfig
 from framework.model.attention import MLA
+from framework.model.init import draw_seed, init_weights
 from framework.model.mlp import MLP
 from framework.model.moe import MoE
 from framework.model.mtp import MTPModule
@@ -37,12 +38,6 @@ class Block(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
         return x_BTD + self.ffn(self.ffn_norm(x_BTD))
-
-    def init_weights(self, std: float) -> None:
-        self.attn_norm.init_weights()
-        self.ffn_norm.init_weights()
-        self.attn.init_weights(std)
-        self.ffn.init_weights(std)
 
 
 def _moes(module: nn.Module) -> list[MoE]:
@@ -77,7 +72,7 @@ def _metrics(main, mtp, balance) -> dict[str, torch.Tensor]:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init_seed: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -86,20 +81,18 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # MTP blocks are numbered after the main ones, so they are always MoE blocks.
         self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers + k)) for k in range(cfg.mtp_depth))
-        self.init_weights()
+        # The seed of every initial weight (framework/model/init.py), drawn from torch's global
+        # generator so that torch.manual_seed still decides the model; built on meta, the model
+        # is initialised when materialised (init_weights after to_empty).
+        self.init_seed = draw_seed() if init_seed is None else init_seed
+        if not self.embed.weight.is_meta:
+            self.init_weights()
 
-    @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) for every matrix, ones for norms, zero balancing state.
-        Also the way to materialise a meta-built model after to_empty()."""
-        std = self.cfg.init_std
-        nn.init.normal_(self.embed.weight, std=std)
-        nn.init.normal_(self.head.weight, std=std)
-        self.norm.init_weights()
-        for block in self.blocks:
-            block.init_weights(std)
-        for module in self.mtp:
-            module.init_weights(std)
+        """Normal(0, init_std) for every matrix, ones for norms, zero balancing state, each tensor
+        (and routed expert) from its own seeded generator: what this module holds gets the same
+        values whichever other parts were pruned away or live on other ranks."""
+        init_weights(self, self.init_seed, self.cfg.init_std)
 
     def hidden(self, tokens_BT: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states h_BTD of the main model."""
