@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
@@ -172,6 +173,9 @@ def launch(cfg, overrides: list[str]) -> int:
     from launch import spawn
 
     mode, world = cfg.launch.mode, world_size(cfg)
+    problem = run_dir_problem(cfg.run_dir)
+    if problem:  # before anything below creates the folder (the slurm script, the data cache)
+        return fail([problem])
     if mode == "slurm":
         return spawn.write_slurm_script(cfg, overrides)
     if mode == "torchrun" and not spawn.in_torchrun_worker():
@@ -209,6 +213,30 @@ def launch(cfg, overrides: list[str]) -> int:
     except KeyboardInterrupt:
         print("\nduet-train: interrupted; the last completed checkpoint is intact", file=sys.stderr)
         return 130
+
+
+def run_dir_problem(run_dir: str) -> str | None:
+    """Why `run_dir` cannot hold a run, found without leaving anything behind: its nearest
+    existing ancestor (itself, if it exists) must be a folder in which a folder can be created
+    (a probe folder, removed at once: a permission check alone passes root under /proc)."""
+    path = Path(run_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if _exists(p))
+    fix = "choose a run_dir in a folder you can write to"
+    if not existing.is_dir():
+        which = "it" if existing == path else str(existing)
+        return f"run_dir={run_dir!r}: {which} is a file, not a folder; {fix}"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".duet-probe-", dir=existing))
+    except OSError as err:
+        return f"run_dir={run_dir!r}: cannot create a folder in {existing} ({err.strerror or err}); {fix}"
+    return None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. no search permission on a parent: look further up
+        return False
 
 
 def _device_problem(cfg, world: int) -> str | None:

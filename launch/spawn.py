@@ -9,16 +9,22 @@
 
 Rank 0's stdout (the progress bar, the final report) reaches the console with a `[rank0]`
 prefix; every rank's full stdout/stderr goes to `<run_dir>/logs/`. When a rank fails, the
-launcher prints that rank's traceback once, then one line naming the rank and its log.
+launcher prints that rank's traceback once, then one line naming the rank and its log. When
+`launch.max_restarts` lets the group restart instead, one line names the rank that died, how,
+the last step logged and the checkpoint step the group restarts from.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shlex
+import signal
 import socket
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -74,7 +80,8 @@ def spawn_local(cfg: TrainConfig) -> int:
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        elastic_launch(launch_cfg, worker_entry)(asdict(cfg))
+        with _reporting_restarts(Path(cfg.run_dir).expanduser()):
+            elastic_launch(launch_cfg, worker_entry)(asdict(cfg))
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         message = failure.message  # a dict from a @record-ed worker's error file, else a string
@@ -89,6 +96,128 @@ def spawn_local(cfg: TrainConfig) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _reporting_restarts(run_dir: Path):
+    """Within: the elastic agent that elastic_launch builds prints one line per group restart
+    (`RestartReporter`). torch offers no hook there, so its agent class is swapped for the
+    subclass while the launch runs; if torch renames it, restarts just go unreported."""
+    import torch.distributed.launcher.api as launcher_api
+
+    original = getattr(launcher_api, "LocalElasticAgent", None)
+    if original is None:
+        yield
+        return
+    agent = type("RestartReporter", (RestartReporter, original), {"run_dir": run_dir})
+    launcher_api.LocalElasticAgent = agent
+    try:
+        yield
+    finally:
+        launcher_api.LocalElasticAgent = original
+
+
+class RestartReporter:
+    """Mixin over torch's LocalElasticAgent: when a rank dies and launch.max_restarts lets the
+    group restart, print before the new start
+
+        duet: rank 1 exited (SIGKILL) after step 6; restarting from step 4 (restart 1 of 2)
+
+    The rank is the one that died first: one killed by a signal is taken over a peer that then
+    failed on the broken connection. Its step is the last one logged to metrics.jsonl since
+    this attempt started; the restart step is the newest checkpoint's, read once every rank
+    has stopped."""
+
+    run_dir: Path
+    _pending: tuple[int, str, str] | None = None
+    _attempt_started = 0.0
+    _attempt_start_step = 0
+
+    def _restart_workers(self, worker_group) -> None:
+        from torch.distributed.elastic.agent.server.api import WorkerState
+
+        if worker_group.state in (WorkerState.FAILED, WorkerState.UNHEALTHY):
+            try:
+                rank, how = self._first_death(worker_group)  # before the stop ends the other ranks
+                self._pending = (rank, how, self._logged_step_text())
+            except Exception:  # a report must never stop the restart itself
+                self._pending = None
+        super()._restart_workers(worker_group)
+
+    def _initialize_workers(self, worker_group) -> None:
+        from framework.resume import latest_step
+
+        try:
+            start = latest_step(self.run_dir) or 0
+        except (OSError, ValueError, KeyError, TypeError):  # unreadable meta.json: the ranks say more
+            start = 0
+        if self._pending is not None:
+            rank, how, when = self._pending
+            spec = worker_group.spec
+            done = spec.max_restarts - self._remaining_restarts
+            print(f"duet: rank {rank} {how} {when}; restarting from step {start} (restart {done} of "
+                  f"{spec.max_restarts})", file=sys.stderr, flush=True)
+            self._pending = None
+        self._attempt_started, self._attempt_start_step = time.time(), start
+        super()._initialize_workers(worker_group)
+
+    def _monitor_workers(self, worker_group):
+        result = super()._monitor_workers(worker_group)
+        self._last_failures = result.failures if result.is_failed() else {}
+        return result
+
+    def _first_death(self, worker_group) -> tuple[int, str]:
+        """(global rank, 'exited (SIGKILL)' or 'exited (exit code 1: RuntimeError: ...)') of the
+        rank that died first. torch reports the first one its poll saw and SIGTERMs the rest; a
+        peer that failed on the broken connection before that poll may be the one it saw, so a
+        rank killed by another signal (SIGKILL, SIGSEGV, ...) is taken over a plain exit."""
+        failures = getattr(self, "_last_failures", {})
+        processes = getattr(getattr(self._pcontext, "_pc", None), "processes", None) or []
+        codes = {worker_group.workers[i].global_rank: p.exitcode for i, p in enumerate(processes)
+                 if p.exitcode is not None}
+        codes.update({rank: failure.exitcode for rank, failure in failures.items()})
+        seen = sorted(failures) or sorted(r for r, code in codes.items() if code != 0)
+        if not seen:
+            return -1, "exited"
+        rank = seen[0]
+        if codes[rank] >= 0:
+            killed = sorted(r for r, code in codes.items() if code < 0 and -code != signal.SIGTERM)
+            rank = killed[0] if killed else rank
+        code = codes[rank]
+        if code < 0:
+            try:
+                return rank, f"exited ({signal.Signals(-code).name})"
+            except ValueError:
+                return rank, f"exited (signal {-code})"
+        message = failures[rank].message if rank in failures else ""
+        if isinstance(message, dict):
+            message = message.get("message", "")
+        first = str(message).strip().splitlines()[0][:160] if str(message).strip() else ""
+        detail = f": {first}" if first and not first.startswith("To enable traceback") else ""
+        return rank, f"exited (exit code {code}{detail})"
+
+    def _logged_step_text(self) -> str:
+        """'after step N' for the newest step in metrics.jsonl logged since this attempt began."""
+        step = None
+        try:
+            with open(self.run_dir / "metrics.jsonl", "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - (1 << 16)))
+                lines = f.read().decode("utf-8", errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the seek or by the rank dying mid-write
+            if not isinstance(record, dict) or "step" not in record:
+                continue
+            if record.get("time", 0) >= self._attempt_started - 0.01:  # records round to 1 ms
+                step = int(record["step"])
+            break
+        if step is None:
+            return f"before finishing step {self._attempt_start_step + 1}"
+        return f"after step {step}"
 
 
 def slurm_script(cfg: TrainConfig, overrides: list[str]) -> str:

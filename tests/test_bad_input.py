@@ -5,6 +5,7 @@ sizes and keys those do not cover."""
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -129,6 +130,34 @@ def test_a_folder_is_not_a_corpus(capsys, tmp_path):
     line = refused(capsys, [f"data.source={tmp_path}", *TINY], tmp_path / "run")
     assert line == E + (f"data.source={str(tmp_path)!r}: file not found; give an existing .txt/.jsonl/.bin "
                         "path or data.source=stdlib")
+
+
+# --------------------------------------------------------------------------- run folders
+
+WRITABLE = "; choose a run_dir in a folder you can write to"
+
+
+@pytest.mark.parametrize("layout", [[], ["parallel.dp=2"]], ids=["one rank", "two ranks"])
+def test_run_dir_below_a_regular_file_is_refused(capsys, tmp_path, layout):
+    (tmp_path / "notes").write_text("a file, not a folder")
+    run_dir = tmp_path / "notes" / "run"
+    line = refused(capsys, [*TINY, *layout], run_dir)
+    assert line == E + f"run_dir={str(run_dir)!r}: {tmp_path / 'notes'} is a file, not a folder" + WRITABLE
+    assert (tmp_path / "notes").read_text() == "a file, not a folder"
+
+
+def test_run_dir_that_is_a_regular_file_is_refused(capsys, tmp_path):
+    (tmp_path / "run").write_text("a file")
+    line = refused(capsys, TINY, tmp_path / "run")
+    assert line == E + f"run_dir={str(tmp_path / 'run')!r}: it is a file, not a folder" + WRITABLE
+    assert (tmp_path / "run").read_text() == "a file"
+
+
+def test_run_dir_under_proc_is_refused(capsys):
+    # /proc takes no new folders, not even from root (whom a permission check would let through)
+    line = refused(capsys, TINY, Path("/proc/duet-test/run"))
+    assert re.fullmatch(re.escape(E + "run_dir='/proc/duet-test/run': cannot create a folder in /proc (")
+                        + r"[^()]+" + re.escape(")" + WRITABLE), line), line
 
 
 # --------------------------------------------------------------------------- checkpoints

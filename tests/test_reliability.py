@@ -127,13 +127,35 @@ def test_stalled_rank_is_reported_with_rank_collective_and_step(corpus, tmp_path
     # launcher has already stopped it after its peer's report.)
 
 
-def test_killed_after_steps_and_inside_ten_checkpoint_writes_ends_like_an_uninterrupted_run(corpus, tmp_path):
+def test_killed_after_steps_and_inside_ten_checkpoint_writes_ends_like_an_uninterrupted_run(corpus, tmp_path,
+                                                                                            monkeypatch):
     """The soak at a test's size: 2 ranks, 22 steps, one kill after a step and ten kills at
     seeded stages of ten different checkpoint writes; 11 restarts, each from a complete
-    checkpoint, and every loss and weight equal to the uninterrupted run."""
+    checkpoint, and every loss and weight equal to the uninterrupted run. The launcher says
+    which rank died, how, after which step and from which step the group restarts."""
+    runs = []  # the soak's two duet-train processes (killed, uninterrupted), kept for their output
+
+    def recorded(*args, **kwargs):
+        runs.append(duet_train(*args, **kwargs))
+        return runs[-1]
+
+    monkeypatch.setattr(soak, "duet_train", recorded)
     r = soak.soak(str(corpus), tmp_path, world=2, steps=22, interval=2, kills=1, save_kills=10, seed=0)
     print(r)
     assert len(r["faults"]) == 11 and r["kills"] == 11 and r["restarts"] == 11
     assert {p for p, _, _ in r["faults"]} == {"step", *soak.SAVE_POINTS}  # every stage of a write
     assert r["losses_equal"] and r["weights_equal"]
     assert not r["damaged_reported"] and r["max_steps_lost"] <= 2
+    lines = [line for line in runs[0].stderr.splitlines() if line.startswith("duet: rank")]
+    said = [re.fullmatch(r"duet: rank (\d) exited \(SIGKILL\) (after|before finishing) step (\d+); "
+                         r"restarting from step (\d+) \(restart (\d+) of 11\)", line) for line in lines]
+    assert len(said) == 11 and all(said), lines
+    assert [int(m.group(5)) for m in said] == list(range(1, 12))
+    assert [int(m.group(1)) for m in said] == [rank for _, _, rank in r["faults"]]
+    assert [int(m.group(4)) for m in said] == r["resumed_at"]  # rank 0's own "resumed from" lines
+    for (point, step, _), m in zip(r["faults"], said):
+        logged = int(m.group(3)) - (m.group(2) == "before finishing")  # the last step rank 0 logged
+        # a save begins after rank 0 logged its step; a kill after step s may beat rank 0's record of s
+        allowed = (step - 1, step) if point == "step" else (step,)
+        assert logged in allowed, (point, step, m.group(0))
+    assert runs[1].stderr.count("duet: rank") == 0  # the uninterrupted run restarts nothing
