@@ -7,6 +7,7 @@ or the e4m3 grid worked out by hand -- never from the code under test.
 
 from __future__ import annotations
 
+import importlib
 import zlib
 
 import pytest
@@ -14,6 +15,10 @@ import torch
 
 from kernels import fp8
 from kernels.fp8 import quantize as fp8_quantize
+
+# By module path: the package re-exports functions named gemm and grouped_gemm.
+fp8_gemm = importlib.import_module("kernels.fp8.gemm")
+fp8_grouped = importlib.import_module("kernels.fp8.grouped_gemm")
 
 E4M3 = torch.float8_e4m3fn
 GEMM_TOL = 1e-3  # DeepGEMM's pass criterion for calc_diff against the unquantised product
@@ -183,6 +188,96 @@ def test_transposed_weight_is_the_transposed_quantisation():
     assert same_bytes(qT, q.t().contiguous()) and torch.equal(sT, s.t())
 
 
+# ----------------------------------------------------------------------------- NaN
+
+NAN = float("nan")
+GPU_NAN = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)  # what NVIDIA GPUs produce
+# The interpreter's numpy operations warn on NaN and on x / 0 (e.g. NaN -> int32 in the
+# rounding bit trick, whose result the kernels then discard): expected here, not a failure.
+numpy_nan_warnings = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                                "ignore:divide by zero encountered:RuntimeWarning")
+
+
+def same_with_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN where the other is NaN (NaN != NaN defeats torch.equal)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
+def test_cast_keeps_nan():
+    x = torch.tensor([NAN, -NAN, float(GPU_NAN), 1.0, float("inf"), -float("inf")])
+    got = fp8.to_fp8_e4m3(x, backend="triton").view(torch.uint8)
+    # e4m3fn's NaN is S.1111.111 with the input's sign (torch's cast); infinities saturate.
+    assert got.tolist() == [0x7F, 0xFF, 0x7F, 0x38, 0x7E, 0xFE]
+    assert torch.equal(got, torch_cast_bytes(x))
+
+
+@numpy_nan_warnings
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantisers_propagate_nan_like_reference(pow2):
+    x = make_data("random", (5, 300))
+    x[0, 3], x[0, 10] = NAN, 0.0  # tile (0, 0): a NaN, and a zero (0 / a zero scale is NaN)
+    x[2, 260] = -NAN  # tile (2, 2), the ragged one (44 columns)
+    nan_tiles = torch.zeros(5, 3, dtype=torch.bool)
+    nan_tiles[0, 0] = nan_tiles[2, 2] = True
+    q, s = fp8.quantize_act(x, power_of_2_scale=pow2, backend="triton")
+    q_ref, s_ref = fp8.quantize_act(x, power_of_2_scale=pow2, backend="torch")
+    # Worked out by hand: the tile's amax is NaN, so is its scale (max(amax, 1e-4) / 448); the
+    # power-of-2 bit trick maps a NaN scale to 0.0. Values: x / NaN is NaN; x / 0 is +-inf,
+    # which saturates to +-448, and NaN for 0 or NaN.
+    in_nan_tile = nan_tiles.repeat_interleave(128, dim=1)[:, :300]
+    deq = q.float()
+    if pow2:
+        assert torch.all(s[nan_tiles] == 0) and not s.isnan().any()
+        expect_nan = in_nan_tile & (x.isnan() | (x == 0))
+        assert torch.equal(deq.isnan(), expect_nan)
+        finite = in_nan_tile & ~expect_nan
+        assert finite.sum() == 128 + 44 - 3 and torch.equal(deq[finite], 448 * x[finite].sign())
+    else:
+        assert torch.equal(s.isnan(), nan_tiles)
+        assert torch.equal(deq.isnan(), in_nan_tile)
+    # The other tiles are untouched by the NaN: as if it were not there.
+    clean_q, clean_s = fp8.quantize_act(torch.where(in_nan_tile, 0.0, x), pow2, backend="triton")
+    assert torch.equal(s[~nan_tiles], clean_s[~nan_tiles])
+    assert same_bytes(q[~in_nan_tile], clean_q[~in_nan_tile])
+    # And the twin agrees byte for byte (NaN's sign included: numpy and torch divide alike).
+    assert same_bytes(q, q_ref) and same_with_nan(s, s_ref)
+    qT, sT = fp8.quantize_act_transposed(x.t().contiguous(), power_of_2_scale=pow2, backend="triton")
+    assert same_bytes(qT, q) and same_with_nan(sT, s)  # 128x1 tiles of x.T are the 1x128 tiles of x
+
+    w = make_data("random", (2, 130, 140))
+    w[1, 129, 5] = NAN  # block (1, 0) of expert 1: the ragged 2-row one
+    qw, sw = fp8.quantize_weight(w, power_of_2_scale=pow2, backend="triton")
+    qw_ref, sw_ref = fp8.quantize_weight(w, power_of_2_scale=pow2, backend="torch")
+    nan_blocks = torch.zeros(2, 2, 2, dtype=torch.bool)
+    nan_blocks[1, 1, 0] = True
+    assert torch.equal(sw == 0 if pow2 else sw.isnan(), nan_blocks)
+    if not pow2:  # every value of that block NaN, none elsewhere
+        expect_nan = torch.zeros(w.shape, dtype=torch.bool)
+        expect_nan[1, 128:, :128] = True
+        assert torch.equal(qw.float().isnan(), expect_nan)
+    assert same_bytes(qw, qw_ref) and same_with_nan(sw, sw_ref)
+
+
+@numpy_nan_warnings
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_and_gemm_keep_nan(out_dtype):
+    q = torch.tensor([[0x7F, 0xFF, 0x38, 0x00]], dtype=torch.uint8).view(E4M3)  # NaN, -NaN, 1, 0
+    s = torch.tensor([[2.0]])
+    got = fp8.dequantize_act(q, s, out_dtype=out_dtype, backend="triton")
+    assert got.dtype == out_dtype and same_with_nan(got.float(), torch.tensor([[NAN, NAN, 2.0, 0.0]]))
+    # A NaN scale with the GPU's NaN bits: rounding that to bf16 by adding to its int32 view
+    # would carry into the sign bit (-0.0) unless NaN is kept apart.
+    got = fp8.dequantize_act(q, GPU_NAN.view(1, 1), out_dtype=out_dtype, backend="triton")
+    assert got.isnan().all()
+    a_q, a_s = fp8.quantize_act(torch.randn(3, 256), backend="triton")
+    b_q, b_s = fp8.quantize_weight(torch.randn(40, 256), backend="triton")
+    a_s[1, 1] = GPU_NAN
+    c = fp8.gemm(a_q, a_s, b_q, b_s, out_dtype=out_dtype, backend="triton")
+    c_ref = fp8.gemm(a_q, a_s, b_q, b_s, out_dtype=out_dtype, backend="torch")
+    assert torch.equal(c.isnan(), c_ref.isnan()) and c[1].isnan().all() and not c[[0, 2]].isnan().any()
+
+
 # ----------------------------------------------------------------------------- GEMMs
 
 
@@ -291,6 +386,61 @@ def test_grouped_gemm(alignment, K):
     assert fp8.calc_diff(lay.scatter(c_t)[routed], exact_RN) < GEMM_TOL
     c_bf16 = fp8.grouped_gemm(a_q, a_s, b_q, b_s, lay.m_indices, backend="triton")
     assert c_bf16.dtype == torch.bfloat16 and torch.all(c_bf16[pad] == 0)
+
+
+# The GPU runs the autotuners' tiles, the tests above the interpreter's 32x32 ones: every
+# tuning tile under the interpreter too (ragged in M, N and K). 64x256 is the one wider than
+# b's 128-column scale blocks, so it takes gemm's per-column scale path.
+GEMM_TILES = sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in fp8_gemm.tuning_configs()})
+GROUPED_TILES = sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                        for c in fp8_grouped.grouped_tuning_configs()})
+
+
+def use_tile(monkeypatch, bm: int, bn: int) -> None:
+    # INTERPRET_BLOCKS is one dict, shared by gemm and grouped_gemm.
+    monkeypatch.setitem(fp8_gemm.INTERPRET_BLOCKS, "BLOCK_M", bm)
+    monkeypatch.setitem(fp8_gemm.INTERPRET_BLOCKS, "BLOCK_N", bn)
+
+
+@pytest.mark.parametrize("bm,bn", GEMM_TILES, ids=str)
+def test_gemm_at_every_tuning_tile(bm, bn, monkeypatch):
+    use_tile(monkeypatch, bm, bn)
+    M, N, K = 200, 300, 300
+    a_q, a_s = fp8.quantize_act(torch.randn(M, K), backend="torch")
+    b_q, b_s = fp8.quantize_weight(torch.randn(N, K), backend="torch")
+    c_t = fp8.gemm(a_q, a_s, b_q, b_s, out_dtype=torch.float32, backend="triton")
+    c_r = fp8.gemm(a_q, a_s, b_q, b_s, out_dtype=torch.float32, backend="torch")
+    torch.testing.assert_close(c_t, c_r, rtol=1e-5, atol=1e-5 * float(c_r.abs().max()))
+    g_q, g_s = fp8.quantize_act(torch.randn(N, K), backend="torch")  # 1x128 on both operands
+    prior_MN = torch.randn(M, N)
+    acc_t = fp8.gemm_1x128(a_q, a_s, g_q, g_s, accumulate_into=prior_MN.clone(), backend="triton")
+    acc_r = fp8.gemm_1x128(a_q, a_s, g_q, g_s, accumulate_into=prior_MN.clone(), backend="torch")
+    torch.testing.assert_close(acc_t, acc_r, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bm,bn", GROUPED_TILES, ids=str)
+@pytest.mark.parametrize("alignment", [8, 128])
+def test_grouped_gemm_at_every_tuning_tile(bm, bn, alignment, monkeypatch):
+    # alignment 8: most tiles hold several experts; 128: one per tile (or part of one, at 256 rows).
+    use_tile(monkeypatch, bm, bn)
+    E, N, K = 5, 200, 300
+    lay = fp8.contiguous_layout(ragged_expert_ids(seed=bm + bn), E, alignment)
+    a_q, a_s = fp8.quantize_act(torch.randn(lay.m_indices.numel(), K), backend="torch")
+    b_q, b_s = fp8.quantize_weight(torch.randn(E, N, K), backend="torch")
+    c_t = fp8.grouped_gemm(a_q, a_s, b_q, b_s, lay.m_indices, out_dtype=torch.float32, backend="triton")
+    c_r = fp8.grouped_gemm(a_q, a_s, b_q, b_s, lay.m_indices, out_dtype=torch.float32, backend="torch")
+    torch.testing.assert_close(c_t, c_r, rtol=1e-5, atol=1e-5 * float(c_r.abs().max()))
+
+
+def test_grouped_gemm_empty_k():
+    # An empty sum is zero for every row, padding or not (the reference's answer).
+    m_indices = torch.tensor([0, 0, -1, 1], dtype=torch.int32)
+    a_q, a_s = torch.zeros(4, 0, dtype=E4M3), torch.zeros(4, 0)
+    b_q, b_s = torch.zeros(2, 8, 0, dtype=E4M3), torch.zeros(2, 1, 0)
+    c = fp8.grouped_gemm(a_q, a_s, b_q, b_s, m_indices, out_dtype=torch.float32, backend="triton")
+    assert torch.equal(c, torch.zeros(4, 8))
+    assert torch.equal(c, fp8.grouped_gemm(a_q, a_s, b_q, b_s, m_indices, out_dtype=torch.float32,
+                                           backend="torch"))
 
 
 # ----------------------------------------------------------------------------- FP8 linear

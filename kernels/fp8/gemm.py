@@ -7,7 +7,7 @@ cores' reduced-precision fp8 accumulation never spans more than 128 products.
 
 b's scales are gathered per output column as `scale[col // B_SCALE_ROWS]`, so the same
 kernel serves 128x128 blocks (B_SCALE_ROWS=128) and 1x128 tiles (B_SCALE_ROWS=1), and any
-BLOCK_N works.
+BLOCK_N works; a tile inside one 128-column block loads a single scale per K block.
 
 Legend (shape suffixes):
   M rows of a / c    N rows of b = columns of c    K reduction dim (multiple of 128 not needed)
@@ -35,27 +35,45 @@ from .reference import TILE, cdiv
 
 
 @triton.jit
-def block_scaled_acc(a_ptr, as_ptr, b_ptr, bs_ptr, rows_M, cols_N, M, N, K,
-                     stride_am, stride_asm, stride_bn, stride_bsn,
+def block_scaled_acc(a_ptr, as_ptr, b_ptr, bs_ptr, off_m, off_n, M, N, K,
+                     stride_am, stride_asm, stride_bn, stride_bsn, stride_bsk,
                      B_SCALE_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
-    """fp32 [BLOCK_M, BLOCK_N] tile of sum_kb (a_blk @ b_blk.T) * sa * sb (K contiguous, BLOCK_K=128)."""
+    """fp32 [BLOCK_M, BLOCK_N] tile at (off_m, off_n) of sum_kb (a_blk @ b_blk.T) * sa * sb.
+
+    K contiguous, BLOCK_K = 128. b's scale of column n and K block kb is at
+    bs_ptr + (n // B_SCALE_ROWS) * stride_bsn + kb * stride_bsk.
+    """
+    rows_M = off_m + tl.arange(0, BLOCK_M)
+    cols_N = off_n + tl.arange(0, BLOCK_N)
     offs_K = tl.arange(0, BLOCK_K)
     mask_M = rows_M < M
     mask_N = cols_N < N
-    # int64 row offsets: M*K or E*N*K can pass 2^31 elements at training sizes.
+    # int64 row offsets: M*K or E*N*K can pass 2^31 elements at training sizes. The scale
+    # tensors are 128x smaller, so their offsets stay int32 (half the registers per pointer).
     a_ptrs = a_ptr + rows_M.to(tl.int64)[:, None] * stride_am + offs_K[None, :]
     b_ptrs = b_ptr + cols_N.to(tl.int64)[None, :] * stride_bn + offs_K[:, None]  # [BLOCK_K, BLOCK_N] view
-    sa_ptrs = as_ptr + rows_M.to(tl.int64) * stride_asm
-    sb_ptrs = bs_ptr + (cols_N // B_SCALE_ROWS).to(tl.int64) * stride_bsn
+    sa_offs = rows_M * stride_asm
+    # A tile no wider than b's scale blocks, and aligned to them, needs one scale per K block:
+    # a scalar load instead of BLOCK_N / 4 registers per thread (the wgmma layout spreads a
+    # row of the tile over 4 threads). Same values, so the same products as the per-column form.
+    SCALAR_SB: tl.constexpr = B_SCALE_ROWS % BLOCK_N == 0
+    if SCALAR_SB:
+        sb_ptr = bs_ptr + (off_n // B_SCALE_ROWS) * stride_bsn
+    else:
+        sb_offs = (cols_N // B_SCALE_ROWS) * stride_bsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_K < K - kb * BLOCK_K  # ragged last K block reads zeros
         a = tl.load(a_ptrs, mask=mask_M[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_N[None, :], other=0.0)
-        sa = tl.load(sa_ptrs + kb, mask=mask_M, other=0.0)
-        sb = tl.load(sb_ptrs + kb, mask=mask_N, other=0.0)
-        acc += tl.dot(a, b) * sa[:, None] * sb[None, :]  # promotion to fp32 every 128 of K
+        sa = tl.load(as_ptr + kb + sa_offs, mask=mask_M, other=0.0)
+        # Promotion to the fp32 accumulator once per 128 of K, scaled as (dot * sa) * sb.
+        if SCALAR_SB:
+            acc += tl.dot(a, b) * sa[:, None] * tl.load(sb_ptr + kb * stride_bsk)
+        else:
+            sb = tl.load(bs_ptr + kb * stride_bsk + sb_offs, mask=mask_N, other=0.0)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     return acc
@@ -63,7 +81,7 @@ def block_scaled_acc(a_ptr, as_ptr, b_ptr, bs_ptr, rows_M, cols_N, M, N, K,
 
 @triton.jit
 def _gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
-                 stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+                 stride_am, stride_asm, stride_bn, stride_bsn, stride_bsk, stride_cm,
                  B_SCALE_ROWS: tl.constexpr, ACCUMULATE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped program order: GROUP_M row-blocks share each column-block while it is in L2.
@@ -76,11 +94,12 @@ def _gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
     pid_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
 
+    acc = block_scaled_acc(a_ptr, as_ptr, b_ptr, bs_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, K,
+                           stride_am, stride_asm, stride_bn, stride_bsn, stride_bsk,
+                           B_SCALE_ROWS, BLOCK_M, BLOCK_N, BLOCK_K)
+    # The epilogue's pointers are built only now, so that they are not live during the K loop.
     rows_M = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = block_scaled_acc(a_ptr, as_ptr, b_ptr, bs_ptr, rows_M, cols_N, M, N, K,
-                           stride_am, stride_asm, stride_bn, stride_bsn,
-                           B_SCALE_ROWS, BLOCK_M, BLOCK_N, BLOCK_K)
     c_ptrs = c_ptr + rows_M.to(tl.int64)[:, None] * stride_cm + cols_N[None, :]
     mask = (rows_M < M)[:, None] & (cols_N < N)[None, :]
     if ACCUMULATE:  # wgrad into an existing fp32 gradient: one read-add-write, no extra buffer
@@ -89,8 +108,15 @@ def _gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K,
 
 
 def tuning_configs():
-    """A few H100/H200-sized tiles; BLOCK_K stays 128 (the scale granularity)."""
-    shapes = [(128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (128, 256, 8, 3)]
+    """H100/H200-sized tiles the autotuner chooses from; BLOCK_K stays 128 (the scale granularity).
+
+    Every tile holds at most 64 accumulator values per thread (BLOCK_M * BLOCK_N <= 64 * 32 *
+    num_warps): the per-128-K promotion keeps the running fp32 accumulator and the dot's own
+    result in registers at once, so 128 values each (e.g. 128x128 on 4 warps, 128x256 on 8)
+    cannot fit in 255 registers and spill. tests/test_sm90_compile.py holds every config to 0
+    spills on sm90.
+    """
+    shapes = [(128, 128, 8, 4), (128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, w, s in shapes]
 
@@ -107,15 +133,25 @@ INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 2}
 
 
 def _launch(a_fp8, a_scale, b_fp8, b_scale, c, b_scale_rows: int, accumulate: bool) -> None:
-    # The kernel assumes K-contiguous operands and kb-contiguous fp32 scales.
+    # The kernel assumes K-contiguous operands, fp32 scales and a's scales kb-contiguous.
     a_fp8, b_fp8 = a_fp8.contiguous(), b_fp8.contiguous()
-    a_scale, b_scale = a_scale.float().contiguous(), b_scale.float().contiguous()
+    a_scale = a_scale.float().contiguous()
     M, K = a_fp8.shape
     N = b_fp8.shape[0]
     if M == 0 or N == 0:
         return
+    if b_scale_rows == 1:
+        # Per-column scales go in as [Kb, N]: the columns one thread reads for a K block are
+        # then adjacent in memory (paired, vectorised loads, constant offsets) instead of Kb
+        # apart, which keeps the 128x128 wgrad tile within sm90's registers. A small copy:
+        # N * Kb floats, 1/32 of b's bytes.
+        b_scale = b_scale.float().t().contiguous()
+        stride_bsn, stride_bsk = b_scale.stride(1), b_scale.stride(0)
+    else:
+        b_scale = b_scale.float().contiguous()
+        stride_bsn, stride_bsk = b_scale.stride(0), b_scale.stride(1)
     args = (a_fp8, a_scale, b_fp8, b_scale, c, M, N, K,
-            a_fp8.stride(0), a_scale.stride(0), b_fp8.stride(0), b_scale.stride(0), c.stride(0))
+            a_fp8.stride(0), a_scale.stride(0), b_fp8.stride(0), stride_bsn, stride_bsk, c.stride(0))
     if interpreting():
         grid = (cdiv(M, INTERPRET_BLOCKS["BLOCK_M"]) * cdiv(N, INTERPRET_BLOCKS["BLOCK_N"]),)
         _gemm_kernel[grid](*args, B_SCALE_ROWS=b_scale_rows, ACCUMULATE=accumulate, BLOCK_K=TILE,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
-from .gemm import INTERPRET_BLOCKS, block_scaled_acc, tuning_configs
+from .gemm import INTERPRET_BLOCKS, tuning_configs
 from .quantize import cast_out, interpreting, use_triton
 from .reference import TILE, cdiv
 
@@ -34,32 +34,69 @@ def _grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, mi_ptr, M, N, K, E
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
     # GROUP_M is accepted for config compatibility with gemm; the grid here is 2-D.
+    # b is scaled per 128x128 block: a BLOCK_N tile that divides 128 lies in one block column,
+    # so each (expert, K block) needs a single scalar scale, not one register per column.
+    tl.static_assert(128 % BLOCK_N == 0)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows_M = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    expert_M = tl.load(mi_ptr + rows_M, mask=rows_M < M, other=-1).to(tl.int32)
+    mask_M = rows_M < M
+    mask_N = cols_N < N
+    expert_M = tl.load(mi_ptr + rows_M, mask=mask_M, other=-1).to(tl.int32)
     c_ptrs = c_ptr + rows_M.to(tl.int64)[:, None] * stride_cm + cols_N[None, :]
-    mask_N = (cols_N < N)[None, :]
 
     # Padding rows are written as zeros (not left undefined) so callers may reduce over them.
-    pad_rows = (rows_M < M) & (expert_M < 0)
-    zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty)
-    tl.store(c_ptrs, zeros, mask=pad_rows[:, None] & mask_N)
+    pad_rows = mask_M & (expert_M < 0)
+    tl.store(c_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty),
+             mask=pad_rows[:, None] & mask_N[None, :])
 
     # Experts present in this tile lie in [lo, hi] (rows are sorted); an all-padding tile
     # gives lo = E > hi = -1 and the loop does not run.
-    # int64 bounds make the loop variable int64, so e * stride_be cannot overflow.
-    lo = tl.min(tl.where(expert_M >= 0, expert_M, E)).to(tl.int64)
-    hi = tl.max(expert_M).to(tl.int64)
-    for e in range(lo, hi + 1):
-        acc = block_scaled_acc(a_ptr, as_ptr, b_ptr + e * stride_be, bs_ptr + e * stride_bse,
-                               rows_M, cols_N, M, N, K,
-                               stride_am, stride_asm, stride_bn, stride_bsn,
-                               128, BLOCK_M, BLOCK_N, BLOCK_K)
-        tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty), mask=(expert_M == e)[:, None] & mask_N)
+    lo = tl.min(tl.where(expert_M >= 0, expert_M, E))
+    hi = tl.max(expert_M)
+    n_kb = tl.cdiv(K, BLOCK_K)
+    # One flat loop over (expert, K block) pairs, not a K loop nested in an expert loop: the
+    # nested form kept its pointer set-up live across the outer loop and spilled on sm90 in
+    # every config. Pointers advance by scalars (rewound at each expert change), as in
+    # gemm's loop, which is what lets Triton pipeline the loads (a branch that updates
+    # them stops the pipeliner); the epilogue of each expert runs in the loop on its last
+    # K block. Per expert the sums are those of gemm: same products, same order.
+    offs_K = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows_M.to(tl.int64)[:, None] * stride_am + offs_K[None, :]
+    b_ptrs = (b_ptr + lo.to(tl.int64) * stride_be + cols_N.to(tl.int64)[None, :] * stride_bn
+              + offs_K[:, None])  # [BLOCK_K, BLOCK_N] view of expert lo
+    sa_offs = rows_M * stride_asm  # int32: the scales are 128x smaller than a
+    sb_ptr = bs_ptr + lo.to(tl.int64) * stride_bse + (pid_n * BLOCK_N // 128) * stride_bsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    kb = 0
+    e = lo
+    for _ in range(0, tl.maximum(hi - lo + 1, 0) * n_kb):
+        k_ok = offs_K < K - kb * BLOCK_K  # ragged last K block reads zeros
+        a = tl.load(a_ptrs, mask=mask_M[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & mask_N[None, :], other=0.0)
+        sa = tl.load(as_ptr + kb + sa_offs, mask=mask_M, other=0.0)
+        acc += tl.dot(a, b) * sa[:, None] * tl.load(sb_ptr)  # promotion to fp32 every 128 of K
+        last = kb == n_kb - 1
+        if last:
+            tl.store(c_ptrs, cast_out(acc, c_ptr.dtype.element_ty),
+                     mask=(expert_M == e)[:, None] & mask_N[None, :])
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        a_ptrs += tl.where(last, (1 - n_kb) * BLOCK_K, BLOCK_K)  # back to K block 0
+        b_ptrs += tl.where(last, stride_be + (1 - n_kb) * BLOCK_K, BLOCK_K)  # next expert's K block 0
+        sb_ptr += tl.where(last, stride_bse - kb, 1)
+        kb = tl.where(last, 0, kb + 1)
+        e += last.to(tl.int32)
 
 
-_grouped_tuned = triton.autotune(tuning_configs(), key=["M", "N", "K", "E"])(_grouped_gemm_kernel)
+def grouped_tuning_configs():
+    """gemm's tiles, with BLOCK_N at most 128 (one scale block column per tile, see the kernel)."""
+    configs = [c for c in tuning_configs() if c.kwargs["BLOCK_N"] <= TILE]
+    # gemm's 64x256 in the other orientation: as many values per thread, and still 0 spills.
+    configs.append(triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=8, num_stages=3))
+    return configs
+
+
+_grouped_tuned = triton.autotune(grouped_tuning_configs(), key=["M", "N", "K", "E"])(_grouped_gemm_kernel)
 
 
 def grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, m_indices, out_dtype=torch.bfloat16,
@@ -85,6 +122,8 @@ def grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, m_indices, out_dtype=torch.bflo
     c = torch.empty(M, N, dtype=out_dtype, device=a_fp8.device)
     if M == 0 or N == 0:
         return c
+    if K == 0:  # an empty sum: the kernel's (expert, K block) loop would not run to store it
+        return c.zero_()
     args = (a_fp8, a_scale, b_fp8, b_scale, c, m_indices, M, N, K, E,
             a_fp8.stride(0), a_scale.stride(0), b_fp8.stride(0), b_fp8.stride(1),
             b_scale.stride(0), b_scale.stride(1), c.stride(0))

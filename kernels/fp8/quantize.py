@@ -9,6 +9,10 @@ the kernels (a) divide with IEEE round-to-nearest (`div_rn`; plain `/` is approx
 NVIDIA GPUs) and (b) round to the e4m3 grid in fp32 before the fp8 cast, because the
 interpreter's fp32 -> float8e4nv cast mis-rounds across powers of two (31.6 -> 16).
 
+NaN propagates as in the torch twins: a tile holding a NaN gets a NaN amax (a reduction
+with a NaN-propagating max; `tl.max` drops NaN on GPUs), hence a NaN scale (0.0 with
+power-of-2 scales, whose bit trick maps NaN to 0 in both) and the values that follow from it.
+
 Legend (shape suffixes):
   M rows (tokens)   K channels / reduction dim   N weight rows   B leading batch (experts)
   Mb, Nb, Kb = ceil(M|N|K / 128)   T = 128 elements of one tile
@@ -55,7 +59,8 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
 def round_to_e4m3(x):
     """Round fp32 x to the nearest e4m3fn value (ties to even, saturating at +-448), in fp32.
 
-    After this every value is exactly representable, so any fp8 cast is exact.
+    After this every value is exactly representable, so any fp8 cast is exact. Numbers only:
+    a NaN comes out as some number here, and `to_e4m3` is what turns it into e4m3's NaN.
     """
     mag = tl.minimum(tl.abs(x), 448.0)  # saturate first: also keeps the bit add below in range
     # Normal range (>= 2^-6): keep 3 of fp32's 23 mantissa bits; RNE on the 20 dropped bits.
@@ -76,9 +81,44 @@ def round_to_e4m3(x):
 
 
 @triton.jit
+def to_e4m3(x):
+    """fp32 x -> float8e4nv exactly as torch casts it (saturating RNE), NaN included.
+
+    NaN becomes e4m3's NaN with x's sign (0x7F / 0xFF), as torch's cast gives. It is set on
+    the bytes: the min in round_to_e4m3 would turn it into 448 (PTX's min.f32 drops a NaN
+    operand), the bit rounding can carry a NaN's mantissa out of the exponent (the GPU's NaN,
+    0x7FFFFFFF, would give 0), and the interpreter's fp8 cast makes NaN 0x7C (384).
+    """
+    y = round_to_e4m3(x).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    sign = ((x.to(tl.int32, bitcast=True) >> 24) & 0x80).to(tl.uint8)
+    y = tl.where(x != x, sign | 0x7F, y)
+    return y.to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def amax_nan(x, axis: tl.constexpr):
+    """max(|x|) along axis, NaN if any element is NaN (torch's amax).
+
+    tl.max cannot propagate NaN (its combine is max.f32, which drops a NaN operand), so the
+    reduction uses a NaN-propagating maximum as its combine function instead.
+    """
+    return tl.reduce(tl.abs(x), axis, _max_nan)
+
+
+@triton.jit
 def tile_scale(amax, POW2: tl.constexpr):
-    """scale = max(amax, 1e-4) / 448, optionally rounded up to a power of two (bit trick)."""
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), tl.full(amax.shape, 448.0, tl.float32))
+    """scale = max(amax, 1e-4) / 448, optionally rounded up to a power of two (bit trick).
+
+    A NaN amax gives a NaN scale, like the reference's clamp; the power-of-two bit trick then
+    turns every NaN into 0.0 (the mantissa carries out of the exponent), also as there.
+    """
+    clamped = tl.maximum(amax, 1e-4, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.math.div_rn(clamped, tl.full(amax.shape, 448.0, tl.float32))
     if POW2:
         scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
     return scale
@@ -92,7 +132,9 @@ def cast_out(x, DTYPE: tl.constexpr):
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536 == 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        # NaN is kept as it is: rounding its mantissa can carry into the sign (the GPU's NaN
+        # 0x7FFFFFFF would become -0.0).
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     return x.to(DTYPE)
 
 
@@ -103,7 +145,7 @@ def cast_out(x, DTYPE: tl.constexpr):
 def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, round_to_e4m3(x).to(y_ptr.dtype.element_ty), mask=offs < n)
+    tl.store(y_ptr + offs, to_e4m3(x), mask=offs < n)
 
 
 @triton.jit
@@ -115,10 +157,9 @@ def _quant_rows_kernel(x_ptr, y_ptr, s_ptr, M, K, stride_xm, stride_ym, stride_s
     mask = (rows_M < M)[:, None] & (cols_T < K)[None, :]
     x_MT = tl.load(x_ptr + rows_M[:, None] * stride_xm + cols_T[None, :], mask=mask, other=0.0)
     x_MT = x_MT.to(tl.float32)
-    scale_M = tile_scale(tl.max(tl.abs(x_MT), axis=1), POW2)
-    y_MT = round_to_e4m3(tl.math.div_rn(x_MT, scale_M[:, None] + tl.zeros_like(x_MT)))
-    tl.store(y_ptr + rows_M[:, None] * stride_ym + cols_T[None, :], y_MT.to(y_ptr.dtype.element_ty),
-             mask=mask)
+    scale_M = tile_scale(amax_nan(x_MT, 1), POW2)
+    y_MT = to_e4m3(tl.math.div_rn(x_MT, scale_M[:, None] + tl.zeros_like(x_MT)))
+    tl.store(y_ptr + rows_M[:, None] * stride_ym + cols_T[None, :], y_MT, mask=mask)
     tl.store(s_ptr + rows_M * stride_sm + tl.program_id(1), scale_M, mask=rows_M < M)
 
 
@@ -132,10 +173,9 @@ def _quant_cols_kernel(x_ptr, y_ptr, s_ptr, M, K, stride_xm, stride_yk, stride_s
     mask = (rows_T < M)[:, None] & (cols_K < K)[None, :]
     x_TK = tl.load(x_ptr + rows_T[:, None] * stride_xm + cols_K[None, :], mask=mask, other=0.0)
     x_TK = x_TK.to(tl.float32)
-    scale_K = tile_scale(tl.max(tl.abs(x_TK), axis=0), POW2)
-    y_TK = round_to_e4m3(tl.math.div_rn(x_TK, scale_K[None, :] + tl.zeros_like(x_TK)))
-    tl.store(y_ptr + cols_K[None, :] * stride_yk + rows_T[:, None], y_TK.to(y_ptr.dtype.element_ty),
-             mask=mask)
+    scale_K = tile_scale(amax_nan(x_TK, 0), POW2)
+    y_TK = to_e4m3(tl.math.div_rn(x_TK, scale_K[None, :] + tl.zeros_like(x_TK)))
+    tl.store(y_ptr + cols_K[None, :] * stride_yk + rows_T[:, None], y_TK, mask=mask)
     tl.store(s_ptr + cols_K * stride_sk + tl.program_id(0), scale_K, mask=cols_K < K)
 
 
@@ -149,9 +189,9 @@ def _quant_blocks_kernel(w_ptr, y_ptr, s_ptr, N, K, stride_wb, stride_wn, stride
     mask = (rows_T < N)[:, None] & (cols_T < K)[None, :]
     offs = pid_b.to(tl.int64) * stride_wb + rows_T[:, None] * stride_wn + cols_T[None, :]
     w_TT = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tile_scale(tl.max(tl.max(tl.abs(w_TT), axis=1), axis=0), POW2)
-    y_TT = round_to_e4m3(tl.math.div_rn(w_TT, scale + tl.zeros_like(w_TT)))
-    tl.store(y_ptr + offs, y_TT.to(y_ptr.dtype.element_ty), mask=mask)
+    scale = tile_scale(amax_nan(amax_nan(w_TT, 1), 0), POW2)
+    y_TT = to_e4m3(tl.math.div_rn(w_TT, scale + tl.zeros_like(w_TT)))
+    tl.store(y_ptr + offs, y_TT, mask=mask)
     tl.store(s_ptr + pid_b * stride_sb + pid_n * stride_sn + pid_k, scale)
 
 
@@ -164,7 +204,10 @@ def _dequant_kernel(x_ptr, s_ptr, y_ptr, R, C, stride_xb, stride_xr, stride_sb, 
     b = tl.program_id(2).to(tl.int64)
     mask = (rows < R)[:, None] & (cols < C)[None, :]
     offs = b * stride_xb + rows[:, None] * stride_xr + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x8 = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    # e4m3's NaN (S.1111.111) made NaN explicitly: the interpreter's fp8 -> fp32 cast reads it
+    # as 480 (GPUs give NaN; there the where changes nothing).
+    x = tl.where((x8.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), x8.to(tl.float32))
     s = tl.load(s_ptr + b * stride_sb + (rows // SR)[:, None] * stride_sr + (cols // SC)[None, :],
                 mask=mask, other=0.0)
     tl.store(y_ptr + offs, cast_out(x * s, y_ptr.dtype.element_ty), mask=mask)
@@ -172,10 +215,17 @@ def _dequant_kernel(x_ptr, s_ptr, y_ptr, R, C, stride_xb, stride_xr, stride_sb, 
 
 # ----------------------------------------------------------------------------- public API
 
+# GPU launch shapes (kernels/sm90_report.py compiles exactly these for sm90).
+CAST_BLOCK = 1024  # elements per program of the plain cast
+ROWS_PER_PROGRAM = 32  # rows (quantize_act) or channels (quantize_act_transposed) per program
+QUANT_BLOCKS_WARPS = 8  # one 128x128 fp32 weight block per program: 64 values per thread
+DEQUANT_BLOCK = (32, 128)  # rows x columns per dequantisation program
+
+
 # Rows (or channels) per program: small under the interpreter, where each program's numpy
 # work is cheap but each launch of a tile is not; larger on GPU for fewer, fatter programs.
 def _rows_per_program() -> int:
-    return 16 if interpreting() else 32
+    return 16 if interpreting() else ROWS_PER_PROGRAM
 
 
 def to_fp8_e4m3(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -184,8 +234,7 @@ def to_fp8_e4m3(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         return ref.to_fp8_e4m3(x)
     x_flat = x.contiguous().view(-1)
     y = torch.empty(x_flat.shape, dtype=FP8_DTYPE, device=x.device)
-    BLOCK = 1024
-    _cast_kernel[(cdiv(x_flat.numel(), BLOCK),)](x_flat, y, x_flat.numel(), BLOCK=BLOCK)
+    _cast_kernel[(cdiv(x_flat.numel(), CAST_BLOCK),)](x_flat, y, x_flat.numel(), BLOCK=CAST_BLOCK)
     return y.view(x.shape)
 
 
@@ -238,7 +287,7 @@ def quantize_weight(w: torch.Tensor, power_of_2_scale: bool = False, backend: st
     if B * N * K > 0:
         _quant_blocks_kernel[(Nb, Kb, B)](w_BNK, y_BNK, scale_BNbKb, N, K, w_BNK.stride(0), w_BNK.stride(1),
                                           scale_BNbKb.stride(0), scale_BNbKb.stride(1),
-                                          POW2=power_of_2_scale, T=TILE, num_warps=8)  # 128x128 fp32 tile
+                                          POW2=power_of_2_scale, T=TILE, num_warps=QUANT_BLOCKS_WARPS)
     return y_BNK.view(w.shape), scale_BNbKb.view(*w.shape[:-2], Nb, Kb)
 
 
@@ -257,7 +306,7 @@ def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block_shape=(1, TILE), 
     B, R, C = x3.shape
     y = torch.empty(B, R, C, dtype=out_dtype, device=x_fp8.device)
     if y.numel() > 0:
-        br, bc = (32, 128) if not interpreting() else (16, 128)
+        br, bc = DEQUANT_BLOCK if not interpreting() else (16, 128)
         _dequant_kernel[(cdiv(R, br), cdiv(C, bc), B)](x3, s3, y, R, C, x3.stride(0), x3.stride(1),
                                                        s3.stride(0), s3.stride(1), SR=block_shape[0],
                                                        SC=block_shape[1], BLOCK_R=br, BLOCK_C=bc)
