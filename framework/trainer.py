@@ -28,7 +28,7 @@ from framework import checkpoint
 from framework.config import TrainConfig
 from framework.data import DataError, build_data
 from framework.faults import maybe_fail, planned, poison
-from framework.fp8 import apply_fp8, companion_compute
+from framework.fp8 import companion_compute
 from framework.metrics import (
     MetricsLogger,
     NvmlSampler,
@@ -37,15 +37,15 @@ from framework.metrics import (
     flops_per_token,
     gpu_peak_tflops,
 )
-from framework.model import Transformer, count_params
+from framework.model import Transformer
 from framework.optim import lr_at
 from framework.plots import write_timeline
 from framework.resume import TrainingError, agreed_start, latest_step
 from parallel import comm, watchdog
-from parallel.data_parallel import DataParallelOptimizer, GradReducer, all_reduce_expert_load, reduce_mean
-from parallel.expert_parallel import enable_expert_parallel, ep_record, expert_state_dict, local_state_dict
+from parallel.data_parallel import all_reduce_expert_load, reduce_mean
+from parallel.expert_parallel import ep_record, expert_state_dict, local_state_dict
 from parallel.mesh import Layout, Mesh, build_mesh, init_distributed, shutdown
-from parallel.pipeline.engine import PipelineEngine
+from parallel.parallelize import parallelize
 from parallel.pipeline.timeline import read_chrome_trace
 
 SAMPLE_PROMPT = "def "
@@ -142,17 +142,11 @@ class Trainer:
                 self.data = build_data(cfg.data, cfg.model.vocab_size, self.run_dir / "data",
                                        rank=self.mesh.dp_rank, world=self.mesh.dp)
             comm.barrier()
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = Transformer(cfg.model).to(self.device)
-        self.counts = count_params(self.model)  # before expert parallelism keeps a share of the experts
-        if self.compute == "fp8":
-            apply_fp8(self.model)  # FP8 GEMMs for attention projections, MLPs and experts
-        fp8_dispatch = cfg.parallel.dispatch_dtype == "fp8" or (
-            cfg.parallel.dispatch_dtype == "auto" and self.compute == "fp8")
-        enable_expert_parallel(self.model, self.mesh, cfg.launch.gpus_per_node,
-                               cfg.parallel.max_nodes_per_token, fp8_dispatch)
-        # pp > 1: keep only this rank's stages; the engine runs the schedule
-        self.pipeline = PipelineEngine(self.model, cfg, self.mesh) if cfg.parallel.pp > 1 else None
+        torch.manual_seed(cfg.seed)  # the same initial weights and random streams on every rank
+        # Built on meta; this rank materialises only its stages and experts (DESIGN.md rule 11).
+        built = parallelize(cfg.model, cfg, self.mesh, self.device, self.compute)
+        self.model, self.counts, self.pipeline = built.model, built.counts, built.pipeline
+        self.reducer, self.optimizer = built.reducer, built.optimizer
         self._setup_optimizer()
         self.saver = checkpoint.Saver(self.run_dir, asdict(cfg), cfg.checkpoint.keep_last,
                                       cfg.checkpoint.async_save)
@@ -168,12 +162,8 @@ class Trainer:
                                                m.v_head_dim, cfg.data.seq_len)
 
     def _setup_optimizer(self) -> None:
-        """Gradient reduction and the optimizer; parallel/deepspeed_engine.py replaces this part."""
-        cfg = self.cfg
-        self.reducer = GradReducer(self.model, self.mesh, cfg.parallel.bucket_mb)
-        self.optimizer = DataParallelOptimizer(self.model, cfg.optim, self.mesh, cfg.precision.moment_dtype,
-                                               zero=cfg.parallel.zero1, bucket_mb=cfg.parallel.bucket_mb,
-                                               pp_copies=self.pipeline.copies if self.pipeline else None)
+        """The native engine's reducer and optimizer come from parallelize();
+        parallel/deepspeed_engine.py builds DeepSpeed's engine here instead."""
 
     @property
     def every_rank_generates(self) -> bool:

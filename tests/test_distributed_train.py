@@ -32,12 +32,38 @@ def args_for(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory) -> dict[int, float]:
-    """Per-step losses of the single-process run: what every layout must reproduce."""
+def reference_run(corpus, tmp_path_factory) -> Path:
+    """The single-process run every layout must reproduce (its run folder)."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    cfg = compose(args_for(corpus, run_dir, f"steps={STEPS}", "checkpoint.interval=0"))
-    losses = Trainer(cfg).run().losses
-    return dict(enumerate(losses, start=1))
+    Trainer(compose(args_for(corpus, run_dir, f"steps={STEPS}", "checkpoint.interval=0"))).run()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict[int, float]:
+    """Per-step losses of the single-process run."""
+    return logged_losses(reference_run)
+
+
+def logged_loads(run_dir: Path) -> dict[int, list]:
+    """step -> tokens routed to each expert of each MoE layer (logged every step here)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["expert_load"] for r in records if "loss" in r}
+
+
+def routing_flip_step(got: Path, want: Path) -> int | None:
+    """The first step at which the two runs routed differently, if they did, after checking that
+    the difference is a near-tie flip: per layer at most one (token, expert) choice moved.
+    Reduction order differs between layouts (about 1e-7 relative in the router's scores), so a
+    token whose two best experts score within that margin may pick either; from that step on
+    the runs legitimately separate. Anything larger than one flip is a real routing difference."""
+    a, b = logged_loads(got), logged_loads(want)
+    for step in sorted(b):
+        if a[step] != b[step]:
+            moved = [sum(abs(x - y) for x, y in zip(la, lb)) for la, lb in zip(a[step], b[step])]
+            assert max(moved) <= 2, (step, moved)  # one token changing expert moves 2 counts
+            return step
+    return None
 
 
 def assert_losses_match(got: dict[int, float], want: dict[int, float], steps, rel: float) -> None:
@@ -46,14 +72,15 @@ def assert_losses_match(got: dict[int, float], want: dict[int, float], steps, re
 
 
 @pytest.mark.parametrize("zero1", ["true", "false"])
-def test_dp4_equals_single_process(corpus, reference, tmp_path, zero1):
+def test_dp4_equals_single_process(corpus, reference, reference_run, tmp_path, zero1):
     run_dir = tmp_path / "run"
     proc = duet_train(*args_for(corpus, run_dir, f"steps={STEPS}", "parallel.dp=4", "launch.nproc=4",
                                 f"parallel.zero1={zero1}", "checkpoint.interval=0"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank0] duet: tiny model" in proc.stdout and "4 ranks (dp 4, ep 1)" in proc.stdout
     assert "[rank1]" not in proc.stdout  # other ranks write only to their log files
-    assert_losses_match(logged_losses(run_dir), reference, range(1, STEPS + 1), 1e-5)
+    flip = routing_flip_step(run_dir, reference_run)  # the steps before a near-tie flip must agree
+    assert_losses_match(logged_losses(run_dir), reference, range(1, flip or STEPS + 1), 1e-5)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # Per-collective counters from parallel/comm.py: gradients all-reduced every step.
     assert all(r["comm_all_reduce_mb"] > 0 and r["comm_time_share"] > 0 for r in records if "loss" in r)

@@ -75,16 +75,17 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, init_seed: int | None = None):
         super().__init__()
         self.cfg = cfg
+        # The seed of every initial weight (framework/model/init.py), drawn from torch's global
+        # generator so that torch.manual_seed still decides the model, and drawn first: on the
+        # CPU the submodules' own default init consumes the generator, on meta it does not.
+        self.init_seed = draw_seed() if init_seed is None else init_seed
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # MTP blocks are numbered after the main ones, so they are always MoE blocks.
         self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers + k)) for k in range(cfg.mtp_depth))
-        # The seed of every initial weight (framework/model/init.py), drawn from torch's global
-        # generator so that torch.manual_seed still decides the model; built on meta, the model
-        # is initialised when materialised (init_weights after to_empty).
-        self.init_seed = draw_seed() if init_seed is None else init_seed
+        # Built on meta, the model is initialised when materialised (init_weights after to_empty).
         if not self.embed.weight.is_meta:
             self.init_weights()
 
