@@ -145,7 +145,7 @@ class Saver:
         maybe_fail("save", step, comm.global_rank(), self.run_dir)
         comm.barrier()  # every rank's shard is on disk before the folder becomes visible
         if comm.global_rank() == 0:
-            _publish(tmp, final, {"step": step, "config": self.config}, self.run_dir)
+            publish(tmp, final, {"step": step, "config": self.config}, self.run_dir)
             for old in list_checkpoints(self.root)[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         comm.barrier()
@@ -160,11 +160,11 @@ def save_weights(path: str | Path, model: torch.nn.Module, config: dict) -> Path
     tmp = final.with_name(TMP_PREFIX + final.name)
     shutil.rmtree(tmp, ignore_errors=True)
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(tmp), no_dist=_no_dist())
-    _publish(tmp, final, {"step": 0, "config": config, "weights_only": True})
+    publish(tmp, final, {"step": 0, "config": config, "weights_only": True})
     return final
 
 
-def _publish(tmp: Path, final: Path, meta: dict, run_dir: Path | None = None) -> None:
+def publish(tmp: Path, final: Path, meta: dict, run_dir: Path | None = None) -> None:
     """Make a fully written temporary folder a checkpoint: meta.json, then the manifest of every
     file (last), then one rename. An existing folder of the same name (re-saving a step after a
     resume) is replaced whole. run_dir enables the fault-injection points."""
@@ -180,6 +180,27 @@ def _publish(tmp: Path, final: Path, meta: dict, run_dir: Path | None = None) ->
     os.replace(tmp, final)
     if run_dir is not None:
         maybe_fail("publish-done", step, 0, run_dir)
+
+
+def checkpoint_formats(path: Path) -> list[str]:
+    """Formats held by a checkpoint folder; native DCP checkpoints predate the key."""
+    return read_meta(path).get("formats", ["native"])
+
+
+def checkpoint_format_problem(path: Path, engine: str) -> str | None:
+    """One line when `engine` cannot resume the checkpoint at `path` (None: it can)."""
+    try:
+        formats = checkpoint_formats(path)
+    except (OSError, ValueError, AttributeError):
+        return None  # unreadable metadata is reported by the model check
+    if engine in formats:
+        return None
+    if engine == "native":
+        return (f"{path} holds a DeepSpeed checkpoint only; add duet's format with `duet-train "
+                "engine=deepspeed engine.convert_to_native=true` (same run_dir and layout), or resume "
+                "with engine=deepspeed")
+    return (f"{path} is a native duet checkpoint, which engine=deepspeed cannot resume; resume with "
+            "engine=native, or start a new run_dir with checkpoint.load_from pointing at it")
 
 
 def load(path: str | Path, state: dict[str, dict[str, torch.Tensor]], verify: bool = True) -> None:

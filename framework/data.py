@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from framework.config import DataConfig
+from framework.errors import DataError  # noqa: F401 (raised here, imported from here by callers)
 
 MB = 1 << 20
 # Folders of the standard library that are not representative library source.
@@ -31,10 +32,6 @@ _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", 
 # Tokenizer training and encoding run on pieces of about this many characters so that the
 # Rust side can use every core; a piece ends at a newline when there is one.
 _CHUNK_CHARS = 1 << 16
-
-
-class DataError(ValueError):
-    """A problem with the data configuration or files; the message is one line naming the key."""
 
 
 # --------------------------------------------------------------------------- tokenizers

@@ -11,12 +11,9 @@ import torch
 
 from framework import checkpoint, integrity
 from framework.config import TrainConfig
+from framework.errors import TrainingError
 from parallel import comm
 from parallel.mesh import Mesh
-
-
-class TrainingError(RuntimeError):
-    """A run cannot start or continue; reported by the launcher as one line, exit 2."""
 
 
 def starting_point(cfg: TrainConfig, damaged: list | None = None) -> tuple[Path | None, Path | None]:
@@ -49,9 +46,7 @@ def starting_point(cfg: TrainConfig, damaged: list | None = None) -> tuple[Path 
         if path is not None:
             _check_same_model(path, cfg)
     if resume_from is not None:
-        from parallel.deepspeed_engine import checkpoint_format_problem  # imports no deepspeed
-
-        problem = checkpoint_format_problem(resume_from, cfg.engine.name)
+        problem = checkpoint.checkpoint_format_problem(resume_from, cfg.engine.name)
         if problem:
             raise TrainingError(problem)
     return resume_from, init_from

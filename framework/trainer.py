@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from framework import checkpoint
 from framework.config import TrainConfig
 from framework.data import DataError, build_data
+from framework.errors import TrainingError
 from framework.faults import maybe_fail, planned, poison
 from framework.fp8 import companion_compute
 from framework.metrics import (
@@ -40,7 +41,7 @@ from framework.metrics import (
 from framework.model import Transformer
 from framework.optim import lr_at
 from framework.plots import write_timeline
-from framework.resume import TrainingError, agreed_start, latest_step
+from framework.resume import agreed_start, latest_step
 from parallel import comm, watchdog
 from parallel.data_parallel import all_reduce_expert_load, reduce_mean
 from parallel.expert_parallel import ep_record, expert_state_dict, local_state_dict

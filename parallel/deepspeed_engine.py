@@ -47,38 +47,15 @@ from torch import nn
 
 from framework import checkpoint, integrity
 from framework.config import TrainConfig
+from framework.errors import TrainingError
 from framework.faults import maybe_fail, poison
 from framework.optim import AdamW, lr_at
-from framework.trainer import Trainer, TrainingError, autocast
+from framework.trainer import Trainer, autocast
 from parallel import comm, watchdog
 from parallel.data_parallel import DataParallelOptimizer, is_expert, reduce_mean
 from parallel.expert_parallel import expert_state_dict
 
 DS_TAG = "deepspeed"  # DeepSpeed's folder inside a checkpoint folder
-
-
-# --------------------------------------------------------------------------- checkpoint formats
-
-
-def checkpoint_formats(path: Path) -> list[str]:
-    """Formats held by a checkpoint folder; native DCP checkpoints predate the key."""
-    return checkpoint.read_meta(path).get("formats", ["native"])
-
-
-def checkpoint_format_problem(path: Path, engine: str) -> str | None:
-    """One line when `engine` cannot resume the checkpoint at `path` (None: it can)."""
-    try:
-        formats = checkpoint_formats(path)
-    except (OSError, ValueError, AttributeError):
-        return None  # unreadable metadata is reported by the model check
-    if engine in formats:
-        return None
-    if engine == "native":
-        return (f"{path} holds a DeepSpeed checkpoint only; add duet's format with `duet-train "
-                "engine=deepspeed engine.convert_to_native=true` (same run_dir and layout), or resume "
-                "with engine=deepspeed")
-    return (f"{path} is a native duet checkpoint, which engine=deepspeed cannot resume; resume with "
-            "engine=native, or start a new run_dir with checkpoint.load_from pointing at it")
 
 
 # --------------------------------------------------------------------------- DeepSpeed config
@@ -349,14 +326,14 @@ class DeepSpeedTrainer(Trainer):
         comm.barrier()  # every rank's partitions are on disk
         if self.is_main:
             meta = {"step": self.step, "config": asdict(self.cfg), "formats": [DS_TAG]}
-            checkpoint._publish(tmp, final, meta)
+            checkpoint.publish(tmp, final, meta)
             for old in checkpoint.list_checkpoints(root)[:-self.cfg.checkpoint.keep_last]:
                 _remove(old)
         comm.barrier()
         return final
 
     def _load(self, path: Path) -> None:
-        problem = checkpoint_format_problem(path, "deepspeed")
+        problem = checkpoint.checkpoint_format_problem(path, "deepspeed")
         if problem:
             raise TrainingError(problem)
         loaded, client = self.engine.load_checkpoint(str(path), tag=DS_TAG)
