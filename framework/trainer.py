@@ -364,7 +364,7 @@ class Trainer:
         nvml = NvmlSampler(self.device.index or 0 if self.device.type == "cuda" else None)
         comm.reset_comm_stats()
         if not mesh.is_single:  # hang detection: a blocking wait longer than the timeout exits
-            watchdog.arm(cfg.launch.collective_timeout_s, mesh.rank)
+            watchdog.arm(cfg.launch.collective_timeout_s, mesh.rank, comm.backend())
             if planned("collective"):  # fault injection: stall this rank inside a collective
                 watchdog.on_wait = lambda kind, step: maybe_fail("collective", step, mesh.rank, self.run_dir)
         window_start, window_steps = time.perf_counter(), 0

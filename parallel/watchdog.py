@@ -65,17 +65,14 @@ _stop = threading.Event()
 on_wait: Callable[[str, int], None] | None = None
 
 
-def arm(timeout_s: float, rank: int, backend: str | None = None) -> bool:
+def arm(timeout_s: float, rank: int, backend: str = "") -> bool:
     """Start watching blocking waits of this process (idempotent; re-arming updates the timeout).
 
-    `backend` is the world group's backend (asked of parallel.comm when None). On nccl the
+    `backend` is the world group's backend (`parallel.comm.backend()`, which the caller passes:
+    comm imports this module, not the other way round; "" when there is none). On nccl the
     host-clock check is not started (see the module docstring: NCCL's wait() does not block the
     host; the process group's timeout catches hangs) and False is returned; True otherwise."""
     global _thread
-    if backend is None:
-        from parallel import comm  # here, not at the top: comm imports this module
-
-        backend = comm.backend()
     _state.update(timeout=float(timeout_s), rank=rank)
     if "nccl" in backend:  # also "cpu:gloo,cuda:nccl": the training's collectives are NCCL's
         return False
