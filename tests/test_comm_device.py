@@ -146,7 +146,9 @@ def test_p2p_has_no_tags_and_matches_in_issue_order(ranks):
 
 
 def test_handle_seconds_is_the_measured_time_of_one_op(ranks):
-    assert all(0.2 <= got["handle_seconds"] < 30 for got in ranks)  # issue -> wait, on the host clock
+    # issue -> wait, on the host clock: covers the peer's deliberate 0.2 s delay (a sleep's lower
+    # bound cannot flake; no upper bound, which would depend on the machine's load)
+    assert all(got["handle_seconds"] >= 0.2 for got in ranks)
 
 
 def test_the_pure_check_per_backend_with_fake_cuda_tensors():
@@ -207,7 +209,7 @@ def test_device_timings_are_resolved_lazily_when_the_stats_are_read(monkeypatch)
 def test_host_timer_and_handle_seconds_contract():
     timer = comm.Timer("cpu")
     time.sleep(0.02)
-    assert timer.stop().ready() and 0.02 <= timer.seconds() < 5
+    assert timer.stop().ready() and timer.seconds() >= 0.02  # covers the sleep; no upper bound
     with pytest.raises(RuntimeError, match="not stopped"):
         _unstopped_seconds()
     handle = comm.Handle("all_reduce", 4)

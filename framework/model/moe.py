@@ -153,8 +153,8 @@ class ExpertRows:
 
     count_E lives on the device and gives the GEMMs' offsets without a host read. Host counts
     are needed only by paths that slice on the host (the split fallback, the FP8 layout); they
-    come from the dispatch handle (read once there), or, when no handle gave them, from one read
-    of count_E here (`host_counts`)."""
+    come from the dispatch handle (read once there), or, when no handle gave them, from the one
+    read GroupedExperts.forward makes of count_E."""
 
     def __init__(self, count_E: torch.Tensor, rows: int, host_counts: list[int] | None, exact: bool) -> None:
         self.count_E, self.rows, self._host, self.exact = count_E, rows, host_counts, exact
@@ -170,8 +170,8 @@ class ExpertRows:
 
     @property
     def host_counts(self) -> list[int]:
-        if self._host is None:
-            self._host = self.count_E.tolist()  # the only read, and only without a handle's counts
+        if self._host is None:  # GroupedExperts.forward reads them whenever its path needs them
+            raise RuntimeError("ExpertRows: host counts were not read; the split-view path needs them")
         return self._host
 
     def mask_tail(self, t_MX: torch.Tensor) -> torch.Tensor:
@@ -312,8 +312,8 @@ class GroupedExperts(nn.Module):
         # Rows per expert on the device (scatter_add: bincount would read its max on the host).
         count_E = torch.zeros(E + 1, dtype=torch.int64, device=flat_M.device).scatter_add_(
             0, key_M, torch.ones_like(key_M))[:E]
-        if counts_E is None and rows is None and self.needs_host_counts(x_ND):
-            counts_E = count_E.tolist()  # no handle gave counts and this path slices on the host
+        if counts_E is None and self.needs_host_counts(x_ND):
+            counts_E = count_E.tolist()  # the one read: no handle gave counts, this path slices on the host
         if counts_E is not None:
             rows = sum(counts_E)
         # Known pair count: keep exactly the local pairs (nothing past the last offset).
