@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("overrides", nargs="*", help="duet-train overrides, e.g. model=small")
     args = parser.parse_args(argv)
 
-    from framework.trainer import Trainer, autocast
+    from framework.precision import autocast
+    from framework.trainer import Trainer
     from launch.run import compose
 
     with tempfile.TemporaryDirectory() as run_dir:

@@ -14,7 +14,6 @@ expert biases, data position and LR schedule all continue exactly where they sto
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -29,7 +28,6 @@ from framework.config import TrainConfig
 from framework.data import DataError, build_data
 from framework.errors import TrainingError
 from framework.faults import maybe_fail, planned, poison
-from framework.fp8 import companion_compute
 from framework.metrics import (
     MetricsLogger,
     NvmlSampler,
@@ -41,6 +39,7 @@ from framework.metrics import (
 from framework.model import Transformer
 from framework.optim import lr_at
 from framework.plots import write_timeline
+from framework.precision import autocast, resolve_compute
 from framework.resume import agreed_start, latest_step
 from parallel import comm, watchdog
 from parallel.data_parallel import all_reduce_expert_load, reduce_mean
@@ -84,23 +83,6 @@ def setup_mesh(cfg: TrainConfig, device: torch.device) -> Mesh:
     init_distributed("nccl" if device.type == "cuda" and not simulated else "gloo",
                      timeout_s=cfg.launch.collective_timeout_s + WATCHDOG_GRACE_S)
     return build_mesh(Layout.from_config(cfg.parallel))
-
-
-def resolve_compute(compute: str, device: torch.device) -> str:
-    """auto -> bf16 on GPUs; fp32 on CPU, where bf16 matmuls run about ten times slower."""
-    if compute == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return compute
-
-
-def autocast(device: torch.device, compute: str):
-    """BF16 autocast around forward/backward; master weights stay FP32. Under fp8 the FP8
-    layers run their own GEMMs and everything else runs as the device's companion precision."""
-    if compute == "fp8":
-        compute = companion_compute(device)
-    if compute == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def expert_imbalance(model: Transformer, per_layer: bool = False) -> dict[str, float | list]:

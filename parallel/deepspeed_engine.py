@@ -50,7 +50,8 @@ from framework.config import TrainConfig
 from framework.errors import TrainingError
 from framework.faults import maybe_fail, poison
 from framework.optim import AdamW, lr_at
-from framework.trainer import Trainer, autocast
+from framework.precision import autocast
+from framework.trainer import Trainer
 from parallel import comm, watchdog
 from parallel.data_parallel import DataParallelOptimizer, is_expert, reduce_mean
 from parallel.expert_parallel import expert_state_dict
