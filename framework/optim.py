@@ -30,11 +30,14 @@ class AdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, moment_dtype: str = "fp32") -> None:
+                 weight_decay: float = 0.0, moment_dtype: str = "fp32", foreach: bool = True) -> None:
         if moment_dtype not in _MOMENT_DTYPES:
             raise ValueError(f"precision.moment_dtype={moment_dtype!r}: choose fp32 or bf16")
         # Kept off the param groups so that they hold only what torch's AdamW holds.
         self.moment_dtype = _MOMENT_DTYPES[moment_dtype]
+        # foreach=False updates one parameter at a time (`_update`): the reference the
+        # foreach path is tested against, bit for bit.
+        self.foreach = foreach
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
@@ -58,43 +61,62 @@ class AdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
-            plain = []  # fp32 weights with fp32 moments: updated together with foreach kernels
+            todo = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamW does not support sparse gradients")
-                state = self.state[p] if self.state[p] else self._init_state(p)
-                if p.dtype == torch.float32 and state["exp_avg"].dtype == torch.float32:
-                    plain.append(p)
-                else:
-                    self._update(p, state, lr, wd, eps, beta1, beta2)
-            self._update_many(plain, lr, wd, eps, beta1, beta2)
+                if not self.state[p]:
+                    self._init_state(p)
+                todo.append(p)
+            if self.foreach:
+                self._update_many(todo, lr, wd, eps, beta1, beta2)
+            else:
+                for p in todo:
+                    self._update(p, self.state[p], lr, wd, eps, beta1, beta2)
         return loss
 
     def _update_many(self, params: list[torch.Tensor], lr: float, wd: float, eps: float,
                      beta1: float, beta2: float) -> None:
-        """`_update` for many fp32 tensors at once: one kernel per operation instead of one
-        per parameter, which is most of the optimizer's time for models of many small
-        tensors. Parameters whose step counts differ (e.g. after a partial load) go by
-        step count so bias corrections stay per parameter."""
+        """`_update` for many tensors at once: one kernel per operation instead of one per
+        parameter, which is most of the optimizer's time for models of many small tensors.
+
+        Low-precision storage (bf16 moments, a bf16 parameter's fp32 master) goes the same way
+        as in `_update`: upcast to fp32 copies, the same fp32 operations in the same order,
+        rounded back with one foreach copy, so the results equal `_update`'s bit for bit.
+        Parameters whose step counts differ (e.g. after a partial load) go by step count so
+        bias corrections stay per parameter."""
         by_step: dict[float, list[torch.Tensor]] = {}
         for p in params:
             self.state[p]["step"] += 1
             by_step.setdefault(self.state[p]["step"].item(), []).append(p)
         for t, ps in by_step.items():
-            m = [self.state[p]["exp_avg"] for p in ps]
-            v = [self.state[p]["exp_avg_sq"] for p in ps]
-            grads = [p.grad for p in ps]
+            states = [self.state[p] for p in ps]
+            # fp32 views: the master copy, or the parameter itself when it is fp32.
+            w = [st.get("master", p) for st, p in zip(states, ps, strict=True)]
+            grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.to(torch.float32) for p in ps]
+            m_store = [st["exp_avg"] for st in states]
+            v_store = [st["exp_avg_sq"] for st in states]
+            low = [i for i, x in enumerate(m_store) if x.dtype != torch.float32]
+            m, v = list(m_store), list(v_store)
+            for i in low:
+                m[i], v[i] = m_store[i].to(torch.float32), v_store[i].to(torch.float32)
             # Same operation order as _update (and torch.optim.AdamW).
-            torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_mul_(w, 1 - lr * wd)
             torch._foreach_lerp_(m, grads, 1 - beta1)
             torch._foreach_mul_(v, beta2)
             torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
             denom = torch._foreach_sqrt(v)
             torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
             torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(ps, m, denom, value=-lr / (1 - beta1 ** t))
+            torch._foreach_addcdiv_(w, m, denom, value=-lr / (1 - beta1 ** t))
+            if low:  # store the fp32 results back, rounded to the storage dtypes
+                torch._foreach_copy_([m_store[i] for i in low] + [v_store[i] for i in low],
+                                     [m[i] for i in low] + [v[i] for i in low])
+            masters = [i for i, st in enumerate(states) if "master" in st]
+            if masters:
+                torch._foreach_copy_([ps[i] for i in masters], [w[i] for i in masters])
 
     @staticmethod
     def _update(p: torch.Tensor, state: dict[str, torch.Tensor], lr: float, wd: float,

@@ -120,6 +120,34 @@ def test_bf16_moments_stay_close_to_fp32():
                                                      bf16_model.parameters()))
 
 
+@pytest.mark.parametrize("param_dtype, moments", [(torch.float32, "bf16"), (torch.bfloat16, "bf16"),
+                                                   (torch.bfloat16, "fp32"), (torch.float32, "fp32")])
+def test_foreach_update_equals_per_parameter_update(param_dtype, moments):
+    """The foreach path (default) against the one-parameter-at-a-time path, bit for bit, over
+    steps with clipping-free training, two groups and a parameter without a gradient."""
+    models = [tiny_model(dtype=param_dtype) for _ in range(2)]
+    opts = [build_optimizer(m, CFG, moment_dtype=moments) for m in models]
+    opts[1].foreach = False
+    assert opts[0].foreach
+    for s in range(4):
+        for model, opt in zip(models, opts):
+            opt.zero_grad(set_to_none=True)
+            loss_of(model, s).backward()
+            if s == 2:
+                model[1].bias.grad = None  # skipped this step: its step count falls behind
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        for key, value in opts[0].state[p].items():
+            other = opts[1].state[q][key]
+            assert value.dtype == other.dtype and torch.equal(value, other), key
+    assert float(opts[0].state[models[0][1].bias]["step"]) == 3  # the bias sat out one step
+    assert float(opts[0].state[models[0][0].weight]["step"]) == 4
+    assert any(not torch.equal(a, b) for a, b in zip(models[0].parameters(), tiny_model(dtype=param_dtype)
+                                                     .parameters()))  # it trained
+
+
 def test_bad_moment_dtype():
     with pytest.raises(ValueError, match="precision.moment_dtype"):
         build_optimizer(tiny_model(), CFG, moment_dtype="fp8")
