@@ -7,6 +7,12 @@ enters only through a small decoupled rope key, computed once from the input and
 heads (wkv_a emits it beside the latent). Training does not need the absorbed inference form;
 the expanded keys/values go through a causal scaled-dot-product attention.
 
+The attention core pads v with zeros to the q/k head dim and slices the output back
+(`attention_core`): scaled_dot_product_attention's fused kernels (CPU flash, FlashAttention)
+need one head dim for q, k and v, and MLA's differ (V3: 192 vs 128), which would send it to
+the math path that materialises the whole score matrix. The zero columns contribute nothing
+to the kept ones, so the result is the same up to summation order.
+
 Legend: B batch, T sequence, D model dim, H heads, N no-rope head dim, R rope head dim,
 V value head dim, Q q_lora_rank, C kv_lora_rank.
 """
@@ -22,6 +28,17 @@ from framework.model.rope import apply_rope, rope_tables, softmax_scale
 # DeepSeek's reference and transformers both build the two latent norms with eps 1e-6 regardless
 # of the model's norm eps; keep that so imported checkpoints behave identically.
 LATENT_NORM_EPS = 1e-6
+
+
+def attention_core(q_BHTK: torch.Tensor, k_BHTK: torch.Tensor, v_BHTV: torch.Tensor, scale: float,
+                   pad_v: bool = True) -> torch.Tensor:
+    """Causal softmax(q k^T * scale) v -> o_BHTV; pad_v=False is the plain call (the reference)."""
+    K, V = q_BHTK.shape[-1], v_BHTV.shape[-1]
+    if not pad_v or V >= K:  # (V > K never occurs in DeepSeek's configs)
+        return F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTV, is_causal=True, scale=scale)
+    o_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, F.pad(v_BHTV, (0, K - V)), is_causal=True,
+                                            scale=scale)
+    return o_BHTK[..., :V]
 
 
 class MLA(nn.Module):
@@ -64,8 +81,6 @@ class MLA(nn.Module):
         q_BTHK = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1)
         # The rope key is shared by all heads: broadcast it instead of learning it per head.
         k_BTHK = torch.cat([k_nope_BTHN, k_rope_BT1R.expand(B, T, H, R)], dim=-1)
-        o_BHTV = F.scaled_dot_product_attention(
-            q_BTHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHV.transpose(1, 2),
-            is_causal=True, scale=self.scale,
-        )
+        o_BHTV = attention_core(q_BTHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHV.transpose(1, 2),
+                                self.scale)
         return self.wo(o_BHTV.transpose(1, 2).reshape(B, T, H * V))
