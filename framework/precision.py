@@ -14,7 +14,6 @@ import torch
 
 from framework.fp8 import companion_compute
 
-
 # CPU flags that give bf16 matmuls their own hardware path (oneDNN uses them): Intel AMX tiles and
 # AVX512-BF16 dot products (Cooper Lake, Sapphire Rapids, AMD Zen 4). Without them bf16 is
 # emulated and runs several times slower than fp32.

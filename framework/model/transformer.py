@@ -17,6 +17,7 @@ from torch import nn
 from framework.config import ModelConfig
 from framework.model.attention import MLA
 from framework.model.init import draw_seed, init_weights
+from framework.model.loss import head_cross_entropy
 from framework.model.mlp import MLP
 from framework.model.moe import MoE
 from framework.model.mtp import MTPModule
@@ -51,8 +52,16 @@ def _balance_loss(moes: list[MoE], like: torch.Tensor) -> torch.Tensor:
 
 def _output_losses(cfg: ModelConfig, embed: nn.Embedding, head: nn.Linear, mtp: nn.ModuleList,
                    h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Main next-token CE and the weighted MTP loss lambda/D * sum_k CE_k from the normed h."""
-    main = F.cross_entropy(head(h_BTD).flatten(0, 1).float(), targets_BT.flatten())
+    """Main next-token CE and the weighted MTP loss lambda/D * sum_k CE_k from the normed h,
+    through the chunked head cross-entropy (framework/model/loss.py: no full logits tensor).
+    A head whose weight DeepSpeed ZeRO-3 partitions (gathered only inside head's own forward)
+    takes the plain path."""
+    def ce(h_BTD: torch.Tensor, t_BT: torch.Tensor) -> torch.Tensor:
+        if hasattr(head.weight, "ds_id"):
+            return F.cross_entropy(head(h_BTD).flatten(0, 1).float(), t_BT.flatten())
+        return head_cross_entropy(h_BTD.flatten(0, 1), head.weight, t_BT.flatten())
+
+    main = ce(h_BTD, targets_BT)
     T = targets_BT.shape[1]
     mtp_ce = []
     for k, module in enumerate(mtp, start=1):
@@ -61,7 +70,7 @@ def _output_losses(cfg: ModelConfig, embed: nn.Embedding, head: nn.Linear, mtp: 
         # Depth k at position i reads Emb(targets[i+k-1]) (= token i+k) and predicts targets[i+k];
         # positions whose target falls past the end are dropped by shortening the sequence.
         h_BTD = module(h_BTD[:, : T - k], embed(targets_BT[:, k - 1: T - 1]))
-        mtp_ce.append(F.cross_entropy(head(h_BTD).flatten(0, 1).float(), targets_BT[:, k:].flatten()))
+        mtp_ce.append(ce(h_BTD, targets_BT[:, k:]))
     mtp_loss = (cfg.mtp_loss_weight / len(mtp)) * torch.stack(mtp_ce).sum() if mtp_ce else main.new_zeros(())
     return main, mtp_loss
 
