@@ -231,6 +231,7 @@ class DispatchStats:
     # exchange and waiting for rows still in flight; in combine, waiting for the rows to return.
     dispatch_wait_s: float = 0.0
     combine_wait_s: float = 0.0
+    backward_wait_s: float = 0.0  # the sub-layer steps' reverse all-to-alls (dispatch and combine)
 
     def reset(self) -> None:
         for f in fields(self):
@@ -348,6 +349,35 @@ class AllToAllDispatcher:
 
     def combine(self, y_ND, handle):
         return self.combine_wait(self.combine_start(y_ND, handle))
+
+    # ---- backward halves, outside autograd (the sub-layer steps, framework/model/substeps.py):
+    # each issues its reverse all-to-all asynchronously and returns; the wait comes where the
+    # gradient is used, so a computation of the other micro-batch can run while it travels.
+    def dispatch_backward_start(self, handle: EPHandle, grad_x_ND: torch.Tensor,
+                                grad_w_NK: torch.Tensor) -> tuple[_Pending, _Pending, EPHandle]:
+        """Gradients of the received rows and gate weights go back to the ranks they came from."""
+        splits = (handle.send_counts, handle.recv_counts, self.group, self._waited_backward)
+        return _Pending(grad_x_ND, *splits), _Pending(grad_w_NK, *splits), handle
+
+    def dispatch_backward_wait(self, pending) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (grad x_TD, grad w_TK): the returned rows summed into their source tokens (the
+        gradient of the gather x_TD[send_token])."""
+        px, pw, h = pending
+        gx_SD, gw_SK = px.wait(), pw.wait()
+        gx_TD = gx_SD.new_zeros((h.n_tokens,) + tuple(gx_SD.shape[1:])).index_add_(0, h.send_token, gx_SD)
+        gw_TK = gw_SK.new_zeros((h.n_tokens,) + tuple(gw_SK.shape[1:])).index_add_(0, h.send_token, gw_SK)
+        return gx_TD, gw_TK
+
+    def combine_backward_start(self, handle: EPHandle, grad_out_TD: torch.Tensor) -> _Pending:
+        """The gradient of combine's index_add (a gather by send_token) travels the dispatch way."""
+        return _Pending(grad_out_TD[handle.send_token], handle.recv_counts, handle.send_counts, self.group,
+                        self._waited_backward)
+
+    def combine_backward_wait(self, pending: _Pending) -> torch.Tensor:
+        return pending.wait()
+
+    def _waited_backward(self, seconds: float) -> None:
+        self.stats.backward_wait_s += seconds
 
 
 # --------------------------------------------------------------------------- model surgery

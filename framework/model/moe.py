@@ -32,6 +32,7 @@ K top-k, G groups (or nodes: any contiguous blocks of experts), X experts per gr
 inner dim, N received rows, M routed (token, expert) pairs.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +102,7 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s_TE = self.scores(x_TD)
         idx_TK, w_TK = self.select(s_TE)
-        if self.training:
+        if self.training and _LoadCounting.on:
             with torch.no_grad():
                 # scatter_add, not bincount: bincount reads the largest id on the host.
                 self.expert_load.scatter_add_(0, idx_TK.flatten(), torch.ones_like(idx_TK.flatten(),
@@ -115,6 +116,20 @@ class Router(nn.Module):
             load_E = self.expert_load.float()
             self.expert_bias += rate * torch.sign(load_E.mean() - load_E)
         self.expert_load.zero_()
+
+
+class _LoadCounting:
+    on = True  # off while a recompute re-runs a router: each token is counted once
+
+
+@contextlib.contextmanager
+def no_load_counting():
+    """Routers count no load inside (activation recompute re-runs them on the same tokens)."""
+    previous, _LoadCounting.on = _LoadCounting.on, False
+    try:
+        yield
+    finally:
+        _LoadCounting.on = previous
 
 
 def _keep_best_blocks(scores_TE: torch.Tensor, n_blocks: int, keep: int, best: int) -> torch.Tensor:
@@ -362,6 +377,20 @@ class LocalDispatcher:
     def combine(self, y_TD, handle):
         return self.combine_wait(self.combine_start(y_TD, handle))
 
+    # Backward halves for the sub-layer steps (framework/model/substeps.py): the gradients of a
+    # dispatch (rows, gate weights) and of a combine, outside autograd. Identities here.
+    def dispatch_backward_start(self, handle, grad_x_ND, grad_w_NK):
+        return grad_x_ND, grad_w_NK
+
+    def dispatch_backward_wait(self, pending):
+        return pending
+
+    def combine_backward_start(self, handle, grad_out_TD):
+        return grad_out_TD
+
+    def combine_backward_wait(self, pending):
+        return pending
+
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -374,13 +403,19 @@ class MoE(nn.Module):
         # Balance loss of the latest training forward (a graph-carrying 0-dim tensor), else None.
         self.aux_loss: torch.Tensor | None = None
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def route(self, x_BTD: torch.Tensor):
+        """-> (x_TD, ids_TK, gate weights_TK, balance loss or None): the router's part."""
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         idx_TK, w_TK, s_TE = self.router(x_TD)
-        self.aux_loss = None
+        aux = None
         if self.training and self.seq_aux_alpha > 0:
-            self.aux_loss = seq_balance_loss(s_TE.view(B, T, -1), idx_TK.view(B, T, -1), self.seq_aux_alpha)
+            aux = seq_balance_loss(s_TE.view(B, T, -1), idx_TK.view(B, T, -1), self.seq_aux_alpha)
+        return x_TD, idx_TK, w_TK, aux
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_TD, idx_TK, w_TK, self.aux_loss = self.route(x_BTD)
         # The shared expert runs while the tokens travel to their routed experts.
         pending = self.dispatcher.dispatch_start(x_TD, idx_TK, w_TK)
         shared_TD = self.shared(x_TD) if self.shared is not None else None

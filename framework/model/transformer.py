@@ -40,6 +40,14 @@ class Block(nn.Module):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
         return x_BTD + self.ffn(self.ffn_norm(x_BTD))
 
+    def attention_step(self, x_BTD: torch.Tensor):
+        """An MoE block's first sub-step (framework/model/substeps.py): the same ops as forward up
+        to the router. -> (a_BTD residual, n_TD normed FFN input, gate weights_TK, ids_TK,
+        balance loss or None)."""
+        a_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
+        n_TD, idx_TK, w_TK, aux = self.ffn.route(self.ffn_norm(a_BTD))
+        return a_BTD, n_TD, w_TK, idx_TK, aux
+
 
 def _moes(module: nn.Module) -> list[MoE]:
     return [m for m in module.modules() if isinstance(m, MoE)]
@@ -198,15 +206,25 @@ class Stage(nn.Module):
         h_BTD = self._hidden(x)
         return self.head(h_BTD) if self.is_last else h_BTD
 
-    def balance_loss(self) -> torch.Tensor:
+    def balance_loss(self, mtp_only: bool = False) -> torch.Tensor:
+        """The latest training forward's balance loss of this stage's MoE layers (mtp_only: of the
+        MTP blocks only, which the last stage's tail step computes)."""
         ref = next(self.parameters())
-        return _balance_loss(_moes(self), ref.new_zeros(())) if self.training else ref.new_zeros(())
+        moes = _moes(self.mtp) if mtp_only else _moes(self)
+        return _balance_loss(moes, ref.new_zeros(())) if self.training and moes else ref.new_zeros(())
+
+    def head_losses(self, h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last stage: (main CE, MTP loss) from the last block's output (final norm applied here)."""
+        embed = self.embed if self.is_first else getattr(self, "mtp_embed", None)
+        return _output_losses(self.cfg, embed, self.head, self.mtp, self.norm(h_BTD), targets_BT)
 
     def loss(self, x: torch.Tensor, targets_BT: torch.Tensor):
         if not self.is_last:
             raise RuntimeError("only the last stage computes the loss")
-        embed = self.embed if self.is_first else getattr(self, "mtp_embed", None)
-        main, mtp = _output_losses(self.cfg, embed, self.head, self.mtp, self._hidden(x), targets_BT)
+        h_BTD = self.embed(x) if self.is_first else x
+        for block in self.blocks.values():
+            h_BTD = block(h_BTD)
+        main, mtp = self.head_losses(h_BTD, targets_BT)
         balance = self.balance_loss().to(main.dtype)
         return main + mtp + balance, _metrics(main, mtp, balance)
 
