@@ -6,6 +6,7 @@ wandb is imported only when a run actually uses it (its import costs about a sec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -14,10 +15,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from framework.config import LoggingConfig
+from framework.config import LoggingConfig, ModelConfig
 
-# Dense peaks in TFLOPS by GPU name (ANCHORS.md gives H800's; H100/H200 SXM share the
-# Hopper tensor cores). MFU divides achieved model FLOPs by the peak of the precision used.
+# Dense BF16 peaks in TFLOPS by GPU name (ANCHORS.md gives H800's; H100/H200 SXM share the
+# Hopper tensor cores). One convention for every MFU duet prints (trainer, benchmarks, planner):
+# model FLOPs over the dense BF16 peak, whatever the run computes in -- as Megatron-LM,
+# torchtitan and DeepSeek-V3's ~40% report it. An FP8 run is not credited with FP8's 2x peak.
 PEAK_TFLOPS = {
     "H800": {"bf16": 989.0, "fp8": 1979.0},
     "H100": {"bf16": 989.0, "fp8": 1979.0},
@@ -26,33 +29,130 @@ PEAK_TFLOPS = {
 }
 
 
+def matmul_params_per_token(cfg: ModelConfig) -> dict[str, int]:
+    """Weights one token multiplies in one forward, by part: attention projections, dense and
+    shared/routed-expert SwiGLUs (the K routed experts it picks), routers' gates, MTP's projection
+    and the output head once per head use (main + each MTP depth). The embedding is a gather, not
+    a matmul, and norms are elementwise: neither counts."""
+    D, H = cfg.dim, cfg.n_heads
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    q = D * cfg.q_lora_rank + cfg.q_lora_rank * H * qk if cfg.q_lora_rank else D * H * qk
+    attn = q + D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) \
+        + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) + H * cfg.v_head_dim * D
+    moe_blocks = cfg.n_layers - cfg.n_dense_layers + cfg.mtp_depth  # MTP blocks are MoE blocks
+    experts = 3 * D * cfg.moe_inter_dim * (cfg.n_activated_experts + cfg.n_shared_experts)
+    return {"attention": (cfg.n_layers + cfg.mtp_depth) * attn,
+            "dense": cfg.n_dense_layers * 3 * D * cfg.dense_inter_dim,
+            "experts": moe_blocks * experts,
+            "gates": moe_blocks * D * cfg.n_routed_experts,
+            "mtp projection": cfg.mtp_depth * 2 * D * D,
+            "head": (1 + cfg.mtp_depth) * D * cfg.vocab_size}
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of the attention core: per layer and head, q.k over qk dims and
+    p.v over v dims, 2 FLOPs per multiply-add, causal (a token sees T/2 others on average), times
+    3 for forward + backward. MTP blocks attend too."""
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    layers = cfg.n_layers + cfg.mtp_depth
+    return 3 * layers * cfg.n_heads * 2 * (qk + cfg.v_head_dim) * seq_len / 2
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """duet's one FLOP count, used by the trainer's MFU, the benchmarks and duet-plan: 6 per matmul
+    weight a token multiplies (matmul_params_per_token: embedding gather excluded, MTP included)
+    plus the causal attention core (attention_flops_per_token). Recomputation is not counted."""
+    return 6 * sum(matmul_params_per_token(cfg).values()) + attention_flops_per_token(cfg, seq_len)
+
+
 def flops_per_token(activated_params: int, n_layers: int, n_heads: int, qk_head_dim: int,
                     v_head_dim: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per activated parameter plus causal attention scores
-    and values (forward 2*T/2 multiply-adds per head dim, times 3 for backward)."""
+    """Deprecated: the trainer's former count (6 per activated parameter, the embedding included
+    and MTP left out). Use train_flops_per_token(cfg.model, seq_len)."""
     attention = 6 * n_layers * n_heads * (qk_head_dim + v_head_dim) * seq_len / 2
     return 6 * activated_params + attention
 
 
-def gpu_peak_tflops(compute: str = "bf16") -> float | None:
-    """Dense peak of GPU 0 for `compute` (fp8 or bf16; fp32 counts as bf16's tensor-core
-    peak, the usual MFU convention), or None where unknown (CPU runs report no MFU)."""
+def gpu_peak_tflops(compute: str = "bf16", device_index: int = 0) -> float | None:
+    """Dense BF16 peak of the GPU, the one MFU convention (PEAK_TFLOPS), whatever `compute` is
+    (kept for callers that pass it); None where unknown (CPU runs report no MFU)."""
     try:
         import torch
 
         if not torch.cuda.is_available():
             return None
-        name = torch.cuda.get_device_name(0)
+        name = torch.cuda.get_device_name(device_index)
     except Exception:
         return None
     peaks = next((p for key, p in PEAK_TFLOPS.items() if key in name), None)
-    return None if peaks is None else peaks["fp8" if compute == "fp8" else "bf16"]
+    return None if peaks is None else peaks["bf16"]
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, n_gpus: int, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over n_gpus x the BF16 peak (None without one)."""
+    if not peak_tflops:
+        return None
+    return tokens_per_s * flops_per_token / (n_gpus * peak_tflops * 1e12)
+
+
+class ThroughputWindow:
+    """Tokens/s over training alone: time spent inside `paused()` (evaluation, checkpoints,
+    sampling) is left out of the window, so a save does not show up as a slow step.
+
+        window = ThroughputWindow()
+        ... step ...; window.add(tokens_per_step)
+        with window.paused():
+            evaluate() / save()
+        rate = window.tokens_per_s(); window.reset()
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.excluded, self.tokens, self.steps = self.clock(), 0.0, 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = self.clock()
+        try:
+            yield
+        finally:
+            self.excluded += self.clock() - t0
+
+    def seconds(self) -> float:
+        """Training seconds in the window (wall time minus the paused time)."""
+        return self.clock() - self.start - self.excluded
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds(), 1e-9)
+
+
+def nvml_handle(pynvml, device_index: int):
+    """NVML's handle of torch's CUDA device `device_index`, found by UUID: NVML numbers GPUs
+    physically and ignores CUDA_VISIBLE_DEVICES, torch numbers the visible ones, so an index
+    would sample the wrong GPU whenever the two orders differ."""
+    uuid = _cuda_uuid(device_index)
+    return pynvml.nvmlDeviceGetHandleByUUID(uuid)
+
+
+def _cuda_uuid(device_index: int) -> str:
+    """'GPU-<uuid>' as NVML spells it (torch gives the bare UUID; MIG instances already carry 'MIG-')."""
+    import torch
+
+    uuid = str(torch.cuda.get_device_properties(device_index).uuid)
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
 
 
 class NvmlSampler:
-    """Samples this rank's GPU every `interval_s` on a daemon thread: utilisation, memory,
-    power and temperature, averaged between reads. Silent and inert where NVML or a GPU is
-    missing (CPU runs, CI), so callers need no checks."""
+    """Samples this rank's GPU (torch's CUDA index, found in NVML by UUID) every `interval_s` on a
+    daemon thread: utilisation, memory, power and temperature, averaged between reads. Silent and
+    inert where NVML or a GPU is missing (CPU runs, CI), so callers need no checks."""
 
     def __init__(self, device_index: int | None, interval_s: float = 1.0):
         self.samples: list[dict[str, float]] = []
@@ -65,7 +165,7 @@ class NvmlSampler:
             import pynvml
 
             pynvml.nvmlInit()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            self.handle = nvml_handle(pynvml, device_index)
             self.pynvml = pynvml
         except Exception:  # pynvml.NVMLError where no driver; ImportError without the package
             self.handle = None

@@ -14,7 +14,9 @@ Activations (bytes per token a block keeps for backward, `activation_items`). `r
   full  only each block's input; the whole forward runs again in backward.
   Inputs of linear layers are cached as FP8 1x128 tiles (n + 4*ceil(n/128) bytes) under
   precision=fp8, otherwise in the activation dtype (2 bytes; 4 under fp32). The last stage also
-  keeps, per token and output head (main + MTP), the logits and duet's unfused FP32 log-softmax.
+  keeps, per token and output head (main + MTP), what the chunked cross-entropy saves: the head's
+  input and an FP32 log-sum-exp (framework/model/loss.py; its chunk of logits, a few tens of MiB,
+  lives only inside the loss and is not counted).
 Time (roofline, `stage_costs`): GEMM FLOPs at the precision's peak (output head and gate in BF16,
   FP32 as TF32 = BF16/2) times cluster.gemm_efficiency; the causal attention core in BF16 at
   cluster.attention_efficiency; plus cluster.other_overhead for everything that is no GEMM.
@@ -87,8 +89,9 @@ def activation_items(m: ModelConfig, compute: str, recompute: str, moe: bool) ->
 
 
 def head_bytes_per_token(m: ModelConfig, compute: str) -> int:
-    """duet's FP32 log-softmax (what cross_entropy keeps), per token, for each output head."""
-    return 4 * m.vocab_size * (1 + m.mtp_depth)
+    """What the chunked head cross-entropy keeps per token for each output head (main + MTP): the
+    head's input in the activation dtype and the row's FP32 log-sum-exp -- no logits."""
+    return (act_bytes(compute) * m.dim + 4) * (1 + m.mtp_depth)
 
 
 def _stage_blocks(m: ModelConfig, lo: int, hi: int) -> tuple[int, int]:
@@ -287,9 +290,11 @@ class Plan:
 
     @property
     def mfu(self) -> float:
-        """Model FLOPs (6 per activated parameter + attention, MTP excluded) over the BF16 peak:
-        the convention of DeepSeek-V3's published ~40%."""
-        return self.flops_per_token * self.tokens_per_s_gpu / (self.cfg.cluster.bf16_tflops * 1e12)
+        """framework.metrics' one MFU: train_flops_per_token over the dense BF16 peak (the
+        convention of DeepSeek-V3's published ~40%, Megatron-LM and torchtitan)."""
+        from framework.metrics import mfu
+
+        return mfu(self.tokens_per_s_gpu, self.flops_per_token, 1, self.cfg.cluster.bf16_tflops)
 
     @property
     def gpu_hours_per_trillion(self) -> float:
@@ -386,11 +391,9 @@ def plan(cfg: TrainConfig, recompute: str = "v3", model=None) -> Plan:
     crit = max(range(par.pp), key=lambda r: sim.busy[r])
     compute = _compute_seconds(schedule[crit], slow)
     bw = (cl.ib_gbps if par.dp * par.pp > g else cl.nvlink_gbps) * 1e9
-    from framework.metrics import flops_per_token
-    from framework.model import count_params
+    from framework.metrics import train_flops_per_token
 
-    fpt = flops_per_token(count_params(model)["activated"], m.n_layers, m.n_heads,
-                          m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim, cfg.data.seq_len)
+    fpt = train_flops_per_token(m, cfg.data.seq_len)
     return Plan(cfg, recompute, name, ranks, costs, sim, tokens, rows, traffic, crit, compute,
                 sim.busy[crit] - compute, sim.bubble[crit], max(rp.dp_bytes for rp in ranks) / bw, fpt)
 

@@ -1,0 +1,114 @@
+"""The fast paths equal the plain ones: MLA's padded-v attention core, the chunked head
+cross-entropy (no full logits), precision=auto's pick, and the one FLOP count (hand-counted)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from framework.metrics import train_flops_per_token
+from framework.model import Transformer
+from framework.model import transformer as transformer_module
+from framework.model.attention import attention_core
+from framework.model.loss import head_cross_entropy
+from framework.precision import resolve_compute
+from launch.run import compose
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def test_padded_v_attention_equals_the_plain_call_values_and_gradients():
+    torch.manual_seed(0)
+    B, H, T, K, V = 2, 3, 96, 48, 32  # MLA-like: q/k head dim 48 (nope 32 + rope 16), v 32
+    q, k, v = (torch.randn(B, H, T, d, requires_grad=True) for d in (K, K, V))
+    g = torch.randn(B, H, T, V)
+    outs, grads = [], []
+    for pad in (True, False):
+        o = attention_core(q, k, v, scale=K ** -0.5, pad_v=pad)
+        outs.append(o)
+        grads.append(torch.autograd.grad(o, (q, k, v), g))
+    assert outs[0].shape == (B, H, T, V)
+    assert rel(outs[0], outs[1]) < 1e-5
+    for a, b in zip(*grads):
+        assert rel(a, b) < 1e-5
+
+
+def test_chunked_cross_entropy_equals_full_logits_loss_and_gradients():
+    torch.manual_seed(0)
+    N, D, Vocab = 150, 24, 97
+    h = torch.randn(N, D, requires_grad=True)
+    w = (0.3 * torch.randn(Vocab, D)).requires_grad_()
+    t = torch.randint(0, Vocab, (N,))
+    t[[3, 77]] = -100  # ignored rows, as F.cross_entropy's default ignore_index
+    ref = F.cross_entropy(F.linear(h, w).float(), t)
+    ref_h, ref_w = torch.autograd.grad(2.5 * ref, (h, w))
+    for chunk in (64, 150, 1000):  # several chunks with a short last one; one; one larger than N
+        loss = head_cross_entropy(h, w, t, chunk=chunk)
+        got_h, got_w = torch.autograd.grad(2.5 * loss, (h, w))
+        assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item()
+        assert rel(got_h, ref_h) < 1e-6 and rel(got_w, ref_w) < 1e-6
+
+
+def test_model_loss_with_chunked_heads_equals_full_logits_and_saves_no_logits(monkeypatch):
+    cfg = compose(["model=tiny", "precision=fp32"]).model  # with one MTP depth
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    saved_shapes = []
+
+    def pack(t):
+        saved_shapes.append(tuple(t.shape))
+        return t
+
+    def run():
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, parts = model.loss(x, y)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), parts, grads
+
+    loss, parts, grads = run()
+    # Nothing [rows, V] is kept for backward (the head's own weight [V, D] is).
+    assert not [s for s in saved_shapes if len(s) > 1 and s[-1] == cfg.vocab_size and s[0] != cfg.vocab_size]
+    # The reference: today's path, full logits through F.cross_entropy.
+    monkeypatch.setattr(transformer_module, "head_cross_entropy",
+                        lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t))
+    saved_shapes.clear()
+    ref_loss, ref_parts, ref_grads = run()
+    assert any(s == (64, cfg.vocab_size) for s in saved_shapes)  # the check above can fail
+    assert abs(loss.item() - ref_loss.item()) <= 1e-6 * ref_loss.item()
+    assert abs(parts["mtp_loss"].item() - ref_parts["mtp_loss"].item()) <= 1e-6 * ref_parts["mtp_loss"].item()
+    assert sorted(grads) == sorted(ref_grads)
+    for name, g in grads.items():
+        assert rel(g, ref_grads[name]) < 1e-6, name
+
+
+@pytest.mark.parametrize("flags, picked", [
+    ("fpu sse avx2 avx512f avx512_bf16 avx512_vnni", "bf16"),  # Cooper Lake, Zen 4
+    ("fpu sse avx2 avx512f amx_bf16 amx_tile amx_int8", "bf16"),  # Sapphire Rapids
+    ("fpu sse avx2 avx512f avx512_vnni", "fp32"),  # AVX-512 without bf16: emulated, slow
+])
+def test_auto_precision_reads_the_cpu_flags(flags, picked):
+    cpuinfo = f"processor\t: 0\nmodel name\t: a cpu\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t: {flags}\n"
+    assert resolve_compute("auto", torch.device("cpu"), cpuinfo) == picked
+    assert resolve_compute("fp32", torch.device("cpu"), cpuinfo) == "fp32"  # explicit choices stand
+    assert resolve_compute("auto", torch.device("cuda"), "flags\t: fpu\n") == "bf16"
+
+
+def test_train_flops_per_token_of_the_tiny_preset_by_hand():
+    cfg = compose(["model=tiny"]).model
+    # configs/model/tiny.yaml: D 128, 3 layers (1 dense, inter 384), 4 heads, q_lora 64,
+    # kv_lora 32, nope 32, rope 16, v 32, 8 experts (2 active + 1 shared, inter 64), vocab 2048, MTP 1.
+    attention = 128 * 64 + 64 * 4 * 48 + 128 * (32 + 16) + 32 * 4 * (32 + 32) + 4 * 32 * 128  # 51,200
+    per_moe_block = 3 * 128 * 64 * (2 + 1) + 128 * 8  # experts the token visits + the gate
+    matmul = (3 + 1) * attention + 3 * 128 * 384 + (2 + 1) * per_moe_block \
+        + 2 * 128 * 128 + 2 * 128 * 2048  # MTP projection; head for main + MTP (no embedding)
+    core = 3 * (3 + 1) * 4 * 2 * (48 + 32) * 128 / 2  # fwd+bwd, 4 attending blocks, causal
+    assert matmul == 1_133_568
+    assert train_flops_per_token(cfg, 128) == 6 * matmul + core == 7_292_928
