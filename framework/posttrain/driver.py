@@ -1,0 +1,169 @@
+"""R1's path on one task, stage by stage, on duet's layout (what `duet-r1` runs).
+
+    pre-train   next-token loss on every token of the task's plain text ("57+68=125")
+    SFT         the think/answer template, loss on response tokens only (sft.py)
+    GRPO        rule-based accuracy + format rewards, the objective of grpo.py
+    distil      rejection-sampled correct answers of the policy -> SFT of a smaller student
+                (itself pre-trained on the same text first, as R1's students are pre-trained bases)
+
+After every stage: greedy accuracy, mean reward and mean response length on `eval_prompts`
+fixed held-out problems (a seed no training stream uses). `run()` returns every stage's numbers
+and the GRPO records; each rank runs the same code on its own share of every batch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from framework.config import OptimConfig, PosttrainConfig, TrainConfig
+from framework.optim import lr_at
+from framework.posttrain.distill import rejection_sample
+from framework.posttrain.grpo import grpo_step, train_problems
+from framework.posttrain.learner import Learner
+from framework.posttrain.rewards import accuracy_reward, reference_completion, total_rewards
+from framework.posttrain.rollout import sample
+from framework.posttrain.sft import Row, collate, decode, encode, load_rows, response_ce
+from framework.posttrain.tasks import Problem, Task, build_task
+from parallel.mesh import Mesh
+
+HELDOUT_SEED = 1_000_003  # the held-out problems' seed offset: no training stream uses it
+
+
+@dataclass
+class R1Result:
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> accuracy, reward, ...
+    grpo: list[dict] = field(default_factory=list)  # one record per GRPO step
+    distilled_rows: int = 0
+
+
+def train_config(c: PosttrainConfig, mesh: Mesh | None = None) -> TrainConfig:
+    """The TrainConfig parallelize() reads: the layout of `mesh`, fp32, duet's native engine."""
+    cfg = TrainConfig(seed=c.seed, device="cpu", run_dir=c.run_dir)
+    cfg.model = c.policy
+    cfg.optim = OptimConfig(lr=c.sft_lr, min_lr=0.0, weight_decay=0.0, grad_clip=1.0, warmup_steps=0,
+                            schedule="constant")
+    if mesh is not None and not mesh.is_single:
+        cfg.parallel.dp, cfg.parallel.ep = mesh.dp, mesh.ep
+    return cfg
+
+
+def schedule(lr: float, steps: int) -> Callable[[int], float]:
+    """Warm-up over a tenth of the stage, then cosine to a tenth of lr."""
+    o = OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 10), schedule="cosine")
+    return lambda step: lr_at(step, steps, o)
+
+
+@torch.no_grad()
+def evaluate(learner: Learner, task: Task, problems: list[Problem], c: PosttrainConfig) -> dict[str, float]:
+    """Greedy accuracy, mean reward and response length (tokens, END included) on `problems`."""
+    responses, _ = sample(learner.model, [encode(p.prompt) for p in problems], c.max_new_tokens, 0.0, 0,
+                          same_steps=learner.mesh.ep > 1)
+    texts = [decode(r) for r in responses]
+    rewards, _ = total_rewards(c.rewards, task, problems, texts)
+    correct = [accuracy_reward(task, p, t) for p, t in zip(problems, texts)]
+    n = len(problems)
+    return {"accuracy": sum(correct) / n, "reward": sum(rewards) / n,
+            "response_len": sum(map(len, responses)) / n}
+
+
+def supervised(learner: Learner, rows_of: Callable[[int], list[Row]], steps: int, lr: float,
+               whole: bool = False) -> list[float]:
+    """`steps` optimizer steps; step s trains on rows_of(s) (this rank's share)."""
+    lr_of, losses = schedule(lr, steps), []
+    for step in range(steps):
+        batch = collate(rows_of(step), whole=whole).to(learner.device)
+        n_targets = learner.global_sum(batch.mask_BT.sum())
+        rec = learner.update([lambda b=batch: response_ce(learner.model, b, n_targets)], lr_of(step))
+        losses.append(rec["loss"])
+    return losses
+
+
+def task_rows(task: Task, c: PosttrainConfig, rank: int, dp: int, template: bool) -> Callable[[int], list[Row]]:
+    """This rank's rows of step s, drawn fresh from the task (plain text, or the template)."""
+    share = c.batch_size // dp
+
+    def rows_of(step: int) -> list[Row]:
+        problems = task.problems(share, seed=(c.seed * 7919 + step * 31 + rank + (1 if template else 2)) % 2**31)
+        return [Row(p.prompt, reference_completion(p) if template else p.answer) for p in problems]
+
+    return rows_of
+
+
+def file_rows(rows: list[Row], c: PosttrainConfig, rank: int, dp: int) -> Callable[[int], list[Row]]:
+    """Batches of a jsonl set: a fixed shuffle per epoch, this rank's share of each batch."""
+    share = c.batch_size // dp
+
+    def rows_of(step: int) -> list[Row]:
+        order = list(range(len(rows)))
+        random.Random(c.seed + step * c.batch_size // max(len(rows), 1)).shuffle(order)
+        start = (step * c.batch_size) % len(rows) + rank * share
+        return [rows[order[(start + i) % len(rows)]] for i in range(share)]
+
+    return rows_of
+
+
+def run(c: PosttrainConfig, mesh: Mesh | None = None, device: torch.device | None = None,
+        say: Callable[[str], None] = print) -> tuple[R1Result, Learner]:
+    mesh = mesh or Mesh.single()
+    device = device or torch.device("cpu")
+    cfg = train_config(c, mesh)
+    task = build_task(c.task, c.digits)
+    heldout = task.problems(c.eval_prompts, seed=c.seed + HELDOUT_SEED)
+    result = R1Result()
+    rank, dp = mesh.dp_rank, mesh.dp
+
+    def report(stage: str, learner: Learner) -> None:
+        numbers = evaluate(learner, task, heldout, c)
+        result.stages[stage] = numbers
+        say(f"duet-r1: {stage:<9} greedy accuracy {numbers['accuracy']:6.1%}  mean reward "
+            f"{numbers['reward']:.3f}  response length {numbers['response_len']:.1f} tokens")
+
+    policy = Learner.build(c.policy, cfg, mesh, device, seed=c.seed)
+    supervised(policy, task_rows(task, c, rank, dp, template=False), c.pretrain_steps, c.pretrain_lr, whole=True)
+    report("pre-train", policy)
+    sft_rows = (file_rows(load_rows(c.sft_data), c, rank, dp) if c.sft_data
+                else task_rows(task, c, rank, dp, template=True))
+    supervised(policy, sft_rows, c.sft_steps, c.sft_lr)
+    report("SFT", policy)
+
+    grpo(policy, task, heldout, c, result, say)
+    report("GRPO", policy)
+
+    if c.distill_steps:
+        problems = train_problems(task, c.distill_prompts // dp, c.seed, -1, rank)
+        rows = rejection_sample(policy, task, problems, c, seed=c.seed + 17)
+        result.distilled_rows = int(policy.global_sum(len(rows)))
+        say(f"duet-r1: rejection sampling kept {result.distilled_rows} correct answers of "
+            f"{c.distill_prompts} prompts")
+        if rows:
+            student = Learner.build(c.student, cfg, mesh, device, seed=c.seed + 1)
+            supervised(student, task_rows(task, c, rank, dp, template=False), c.pretrain_steps, c.pretrain_lr,
+                       whole=True)
+            supervised(student, file_rows(rows, c, 0, 1), c.distill_steps, c.distill_lr)
+            report("student", student)
+    return result, policy
+
+
+def grpo(policy: Learner, task: Task, heldout: list[Problem], c: PosttrainConfig, result: R1Result,
+         say: Callable[[str], None]) -> None:
+    """c.grpo_steps GRPO steps; records land in result.grpo (greedy accuracy every eval_interval)."""
+    policy.bias_rate = c.bias_update * c.policy.bias_update_rate
+    reference = policy.frozen_copy() if c.kl_coef else None
+    lr_of = schedule(c.grpo_lr, c.grpo_steps)
+    per_rank = c.prompts_per_step // policy.mesh.dp
+    for step in range(c.grpo_steps):
+        problems = train_problems(task, per_rank, c.seed, step, policy.mesh.dp_rank)
+        record = grpo_step(policy, reference, task, problems, c, step, lr_of(step))
+        last = step + 1 == c.grpo_steps
+        if last or (c.eval_interval and (step + 1) % c.eval_interval == 0):
+            record["accuracy"] = evaluate(policy, task, heldout, c)["accuracy"]
+        result.grpo.append(record)
+        if reference is not None and c.ref_refresh and (step + 1) % c.ref_refresh == 0:
+            reference.load_from(policy)
+        acc = f"  greedy accuracy {record['accuracy']:.1%}" if "accuracy" in record else ""
+        say(f"duet-r1: GRPO step {step + 1}/{c.grpo_steps}  reward {record['reward']:.3f}  "
+            f"response length {record['response_len']:.1f}{acc}")

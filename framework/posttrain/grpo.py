@@ -1,0 +1,263 @@
+"""GRPO (DeepSeekMath) with the switches of its successors (DAPO, Dr. GRPO).
+
+The objective, as pure functions of tensors (tests hold them to hand-computed values):
+
+    adv_B = group_advantages(rewards_B, G, std_norm)        (r - mean_group) / (std_group + 1e-4)
+    loss_BT = token_loss(logp, old, ref, adv_B, eps, eps_high, beta)
+        ratio = exp(logp - old);  pg = -min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A)
+        k3 = exp(ref - logp) - (ref - logp) - 1  (KL to the frozen reference);  loss = pg + beta k3
+    loss = aggregate(loss_BT, mask_BT, agg, norm)
+        grpo     mean over each response's tokens, then over every response (N of the global batch)
+        dapo     sum over every response token / the global token count (token-level)
+        dr_grpo  sum over every response token / (N * max_new_tokens) (no length normalisation;
+                 the advantages also drop the std: std_norm=False)
+
+std is the unbiased (Bessel) sample std of a group, as TRL's GRPOTrainer computes it. Every
+normaliser (N, the token count) is global: summed over micro-batches and all-reduced over dp,
+so micro-batching and data parallelism give exactly the loss of one batch.
+
+One step (grpo_step): sample G responses for each prompt from the current weights, score them,
+compute advantages (dynamic sampling drops the groups whose rewards are all equal), pad the
+rollouts to one fixed length, take old-policy and reference log-probabilities from a
+forward-only pass on the same layout, then `updates_per_batch` optimizer steps over
+`micro_batches` pieces. MoE: the old-policy pass records every router's choices; with
+routing_replay the training forwards use them (replay.py), otherwise the step reports how many
+decisions agree; it reports the k3 mismatch between the sampler's log-probabilities and the
+training engine's, and the expert loads.
+
+Legend: B rollouts (prompts x G), T positions, G group size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from framework.config import PosttrainConfig
+from framework.posttrain import replay
+from framework.posttrain.learner import Learner
+from framework.posttrain.rewards import total_rewards
+from framework.posttrain.rollout import sample, token_logprobs
+from framework.posttrain.sft import END, decode, encode
+from framework.posttrain.tasks import Problem, Task
+
+STD_EPS = 1e-4
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+def group_advantages(rewards_B: torch.Tensor, group_size: int, std_norm: bool = True) -> torch.Tensor:
+    """Per-rollout advantage; rollouts of one prompt are consecutive (B = prompts x G)."""
+    r_PG = rewards_B.double().view(-1, group_size)
+    adv_PG = r_PG - r_PG.mean(1, keepdim=True)
+    if std_norm:
+        adv_PG = adv_PG / (r_PG.std(1, keepdim=True) + STD_EPS)
+    return adv_PG.reshape(-1)
+
+
+def informative_groups(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[prompts] bool: the group's rewards are not all equal (DAPO's dynamic sampling keeps these)."""
+    r_PG = rewards_B.view(-1, group_size)
+    return (r_PG != r_PG[:, :1]).any(1)
+
+
+def k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref) from samples of pi: e^(ref-logp) - (ref-logp) - 1."""
+    d = ref - logp
+    return d.exp() - d - 1
+
+
+def token_loss(logp_BT: torch.Tensor, old_BT: torch.Tensor, ref_BT: torch.Tensor | None, adv_B: torch.Tensor,
+               eps: float, eps_high: float, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token loss (to minimise) and its parts: the clipped surrogate, the KL term, and
+    whether the ratio was clipped (the surrogate took the clipped branch)."""
+    ratio_BT = (logp_BT - old_BT).exp()
+    adv_BT = adv_B[:, None].to(logp_BT.dtype)
+    plain, clipped = ratio_BT * adv_BT, ratio_BT.clamp(1 - eps, 1 + eps_high) * adv_BT
+    pg_BT = -torch.minimum(plain, clipped)
+    parts = {"ratio": ratio_BT.detach(), "clipped": (clipped < plain).detach()}
+    if beta and ref_BT is not None:
+        kl_BT = k3(logp_BT, ref_BT)
+        parts["kl"] = kl_BT.detach()
+        return pg_BT + beta * kl_BT, parts
+    return pg_BT, parts
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """Global counts of one rollout batch (all micro-batches, all dp ranks)."""
+
+    sequences: float
+    tokens: float
+    max_len: int  # max_new_tokens: Dr. GRPO's constant length
+
+
+def aggregate(loss_BT: torch.Tensor, mask_BT: torch.Tensor, agg: str, norm: Normaliser) -> torch.Tensor:
+    """This micro-batch's share of the global loss (shares sum to the batch's loss)."""
+    masked_BT = loss_BT * mask_BT
+    if agg == "grpo":
+        per_seq_B = masked_BT.sum(1) / mask_BT.sum(1).clamp_min(1)
+        return per_seq_B.sum() / norm.sequences
+    if agg == "dapo":
+        return masked_BT.sum() / norm.tokens
+    if agg == "dr_grpo":
+        return masked_BT.sum() / (norm.sequences * norm.max_len)
+    raise ValueError(f"unknown loss aggregation {agg!r}")
+
+
+# --------------------------------------------------------------------------- rollout batches
+
+
+@dataclass
+class Rollouts:
+    tokens_BT: torch.Tensor  # prompt + response, right-padded to one fixed length
+    targets_BT: torch.Tensor
+    mask_BT: torch.Tensor  # bool: the target is a response token (through END)
+    sampler_BT: torch.Tensor  # the sampler's log-probabilities at the response targets (0 elsewhere)
+    adv_B: torch.Tensor
+    old_BT: torch.Tensor | None = None
+    ref_BT: torch.Tensor | None = None
+
+    def rows(self, lo: int, hi: int) -> Rollouts:
+        pick = (lambda t: None if t is None else t[lo:hi])
+        return Rollouts(*(pick(getattr(self, f)) for f in ("tokens_BT", "targets_BT", "mask_BT", "sampler_BT",
+                                                          "adv_B", "old_BT", "ref_BT")))
+
+    def to(self, device) -> Rollouts:
+        move = (lambda t: None if t is None else t.to(device))
+        return Rollouts(*(move(getattr(self, f)) for f in ("tokens_BT", "targets_BT", "mask_BT", "sampler_BT",
+                                                          "adv_B", "old_BT", "ref_BT")))
+
+
+def pack_rollouts(prompts: list[list[int]], responses: list[list[int]], sampler_logps: list[list[float]],
+                  adv_B: torch.Tensor, length: int) -> Rollouts:
+    """Rows of prompt + response, padded with 0 to `length` positions (fixed per step)."""
+    B = len(prompts)
+    tokens = torch.zeros(B, length, dtype=torch.int64)
+    targets = torch.zeros(B, length, dtype=torch.int64)
+    mask = torch.zeros(B, length, dtype=torch.bool)
+    sampler = torch.zeros(B, length, dtype=torch.float32)
+    for b, (p, r, lp) in enumerate(zip(prompts, responses, sampler_logps)):
+        ids = torch.tensor(p + r)
+        n = len(ids) - 1
+        tokens[b, :n], targets[b, :n] = ids[:-1], ids[1:]
+        mask[b, len(p) - 1:n] = True
+        sampler[b, len(p) - 1:n] = torch.tensor(lp, dtype=torch.float32)
+    return Rollouts(tokens, targets, mask, sampler, adv_B.float())
+
+
+def micro_slices(B: int, n: int) -> list[tuple[int, int]]:
+    """n contiguous, nearly equal pieces of B rows (torch.chunk's sizes)."""
+    size = -(-B // n)
+    return [(lo, min(lo + size, B)) for lo in range(0, B, size)]
+
+
+def grpo_loss(model, mb: Rollouts, c: PosttrainConfig, norm: Normaliser) -> tuple[torch.Tensor, dict]:
+    logp_BT = token_logprobs(model, mb.tokens_BT, mb.targets_BT, c.temperature)
+    loss_BT, parts = token_loss(logp_BT, mb.old_BT, mb.ref_BT, mb.adv_B, c.epsilon, c.epsilon_high, c.kl_coef)
+    return aggregate(loss_BT, mb.mask_BT, c.loss_agg, norm), parts
+
+
+# --------------------------------------------------------------------------- one step
+
+
+@torch.no_grad()
+def score_pass(learner: Learner, batch: Rollouts, pieces: list[tuple[int, int]], temperature: float,
+               record: bool) -> tuple[torch.Tensor, list]:
+    """Forward-only log-probabilities of the batch's targets on `learner`'s current weights, micro-
+    batch by micro-batch (the same pieces as training, so recorded routes line up)."""
+    model = learner.model
+    model.eval()
+    out, routes = [], []
+    for lo, hi in pieces:
+        mb = batch.rows(lo, hi).to(learner.device)
+        with replay.record(model) if record else replay.nothing() as seen:
+            out.append(token_logprobs(model, mb.tokens_BT, mb.targets_BT, temperature).cpu())
+        routes.append(seen)
+    model.train()
+    return torch.cat(out), routes
+
+
+def sample_group(learner: Learner, task: Task, problems: list[Problem], c: PosttrainConfig, seed: int):
+    """G responses per problem from the current weights; their rewards and texts."""
+    prompts = [encode(p.prompt) for p in problems for _ in range(c.group_size)]
+    responses, logps = sample(learner.model, prompts, c.max_new_tokens, c.temperature, seed,
+                              same_steps=learner.mesh.ep > 1)
+    texts = [decode(r) for r in responses]
+    rewards, parts = total_rewards(c.rewards, task, [p for p in problems for _ in range(c.group_size)], texts)
+    return prompts, responses, logps, torch.tensor(rewards, dtype=torch.float64), parts
+
+
+def grpo_step(learner: Learner, reference: Learner | None, task: Task, problems: list[Problem],
+              c: PosttrainConfig, step: int, lr: float) -> dict:
+    """One GRPO step on this rank's problems (see the module docstring); returns its record."""
+    prompts, responses, logps, rewards_B, parts = sample_group(learner, task, problems, c, seed=c.seed + step)
+    record = {"step": step, "reward": learner.global_sum(rewards_B.sum()) / learner.global_sum(len(rewards_B)),
+              **{f"reward_{k}": v for k, v in parts.items()},
+              "response_len": learner.global_sum(sum(map(len, responses))) / learner.global_sum(len(responses))}
+    if c.control == "shuffle":  # the control run: rewards no longer belong to their samples
+        rewards_B = rewards_B[torch.randperm(len(rewards_B), generator=torch.Generator().manual_seed(step))]
+    adv_B = group_advantages(rewards_B, c.group_size, std_norm=c.loss_agg != "dr_grpo")
+    if c.dynamic_sampling:
+        keep_P = informative_groups(rewards_B, c.group_size)
+        keep_B = keep_P.repeat_interleave(c.group_size)
+        record["kept_groups"] = learner.global_sum(keep_P.sum()) / learner.global_sum(len(keep_P))
+        rows = keep_B.nonzero().flatten().tolist()
+        prompts, responses, logps = ([x[i] for i in rows] for x in (prompts, responses, logps))
+        adv_B = adv_B[keep_B]
+    if learner.global_sum(len(prompts)) == 0:
+        return {**record, "skipped": "no group with differing rewards"}
+    length = max(len(p) for p in prompts) + c.max_new_tokens - 1
+    batch = pack_rollouts(prompts, responses, logps, adv_B, length)
+    return {**record, **update_on(learner, reference, batch, c, lr)}
+
+
+def update_on(learner: Learner, reference: Learner | None, batch: Rollouts, c: PosttrainConfig, lr: float) -> dict:
+    """updates_per_batch optimizer steps on one rollout batch (old and reference log-probs first)."""
+    B = len(batch.adv_B)
+    pieces = micro_slices(B, c.micro_batches) if B else [(0, 0)] * c.micro_batches
+    batch.old_BT, routes = score_pass(learner, batch, pieces, c.temperature, record=True)
+    if c.kl_coef and reference is not None:
+        batch.ref_BT, _ = score_pass(reference, batch, pieces, c.temperature, record=False)
+    norm = Normaliser(learner.global_sum(B), learner.global_sum(batch.mask_BT.sum()), c.max_new_tokens)
+    mask = batch.mask_BT
+    n_tokens = max(norm.tokens, 1.0)
+    out = {"mismatch_k3": learner.global_sum((k3(batch.old_BT, batch.sampler_BT) * mask).sum()) / n_tokens}
+    for u in range(c.updates_per_batch):
+        stats, agree = [], []
+
+        def closure(lo: int, hi: int, i: int):
+            def run():
+                mb = batch.rows(lo, hi).to(learner.device)
+                ctx = replay.replay(learner.model, routes[i]) if c.routing_replay else replay.record(learner.model)
+                with ctx as seen:
+                    loss, parts = grpo_loss(learner.model, mb, c, norm)
+                if not c.routing_replay:
+                    agree.append(replay.agreement(routes[i], seen))
+                m = mb.mask_BT
+                kl = (parts["kl"] * m).sum() if "kl" in parts else torch.zeros(())
+                stats.append(((parts["clipped"] & m).sum(), kl))
+                return loss
+            return run
+
+        rec = learner.update([closure(lo, hi, i) for i, (lo, hi) in enumerate(pieces)], lr)
+        clipped = learner.global_sum(sum(s[0] for s in stats)) / n_tokens
+        kl = learner.global_sum(sum(s[1] for s in stats)) / n_tokens
+        out.update({"loss": rec["loss"], "grad_norm": rec["grad_norm"], "clip_frac": clipped, "kl": kl,
+                    "expert_load": rec["expert_load"]})
+        if agree:
+            out[f"route_agreement_{u}"] = _mean_agreement(learner, agree)
+    return out
+
+
+def _mean_agreement(learner: Learner, agree: list[tuple[float, float]]) -> float:
+    same = learner.global_sum(sum(a for a, _ in agree))
+    total = learner.global_sum(sum(n for _, n in agree))
+    return same / total if total else 1.0
+
+
+def train_problems(task: Task, n: int, seed: int, step: int, rank: int) -> list[Problem]:
+    """The problems of one step on one rank: a stream no held-out set draws from."""
+    return task.problems(n, seed=(seed * 1_000_003 + step * 1009 + rank) % 2**31 + 7)
