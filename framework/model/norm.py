@@ -16,6 +16,7 @@ class RMSNorm(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (bf16 sums of squares lose too much), then scale in the input dtype,
         # the order DeepSeek's and transformers' reference code use, so logits match bit for bit-ish.
-        x32_BTD = x_BTD.float()
+        # fp64 stays fp64: an fp32 round trip would cap fp64 reference checks at ~1e-7.
+        x32_BTD = x_BTD.to(torch.promote_types(x_BTD.dtype, torch.float32))
         x32_BTD = x32_BTD * torch.rsqrt(x32_BTD.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32_BTD.to(x_BTD.dtype)

@@ -77,8 +77,9 @@ def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tens
 
 
 def apply_rope(x_BTHR: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of the last dim by the per-position angles (computed in fp32)."""
-    x = x_BTHR.float().unflatten(-1, (-1, 2))
+    """Rotate adjacent pairs of the last dim by the per-position angles (computed in fp32, or in
+    fp64 for fp64 inputs: an fp32 round trip would cap fp64 reference checks at ~1e-7)."""
+    x = x_BTHR.to(torch.promote_types(x_BTHR.dtype, torch.float32)).unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]  # [B, T, H, F]
     cos, sin = cos_TF[:, None, :], sin_TF[:, None, :]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
