@@ -56,6 +56,10 @@ class ModelConfig:
     # Multi-token prediction: depth D (0 disables) and loss weight lambda.
     mtp_depth: int = 1
     mtp_loss_weight: float = 0.3
+    # Activation recompute per compute sub-step: none, selective (DeepSeek-V3's: RMSNorms, MLA
+    # up-projections, SwiGLU activations) or full (every compute sub-step of a block); the
+    # all-to-alls are never re-run (framework/model/recompute.py). duet-plan reads it too.
+    recompute: str = "none"
 
 
 @dataclass
@@ -69,6 +73,9 @@ class ParallelConfig:
     schedule: str = "1f1b"  # gpipe, 1f1b, dualpipe, dualpipev
     micro_batches: int = 1  # per step and dp rank
     bucket_mb: float = 25.0  # gradient-reduction bucket size
+    # Dtype fp32 gradients are reduced in across dp: fp32 (exact sums, what the equality tests
+    # use) or bf16 (half the bytes; each rank's gradient and the sum rounded to bf16).
+    grad_reduce_dtype: str = "fp32"
     # Expert parallelism. Node-limited routing (V3): a token's experts span at most this many
     # nodes (launch.gpus_per_node ranks each; simulated on one machine); 0 = no limit.
     max_nodes_per_token: int = 0
@@ -226,6 +233,7 @@ class TrainConfig:
 
 
 SCORE_FUNCS = ("sigmoid", "softmax")
+RECOMPUTE_MODES = ("none", "selective", "full")
 SCHEDULES = ("gpipe", "1f1b", "dualpipe", "dualpipev")
 COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp8")
 MOMENT_DTYPES = ("fp32", "bf16")
@@ -257,6 +265,8 @@ def _model_problems(m: ModelConfig) -> list[str]:
         p.append(f"model.dense_inter_dim={m.dense_inter_dim}: must be positive when dense layers exist")
     if m.qk_rope_head_dim % 2:
         p.append(f"model.qk_rope_head_dim={m.qk_rope_head_dim}: must be even (RoPE rotates pairs)")
+    if m.recompute not in RECOMPUTE_MODES:
+        p.append(f"model.recompute={m.recompute!r}: choose one of {', '.join(RECOMPUTE_MODES)}")
     if m.score_func not in SCORE_FUNCS:
         p.append(f"model.score_func={m.score_func!r}: choose one of {', '.join(SCORE_FUNCS)}")
     if m.n_activated_experts > m.n_routed_experts:
@@ -274,6 +284,20 @@ def _model_problems(m: ModelConfig) -> list[str]:
     if m.rope_factor < 1:
         p.append(f"model.rope_factor={m.rope_factor}: must be >= 1 (1 disables YaRN)")
     return p
+
+
+def _recompute_problems(cfg: TrainConfig) -> list[str]:
+    """Recompute combinations that do not compose (framework/model/recompute.py)."""
+    mode = cfg.model.recompute
+    if mode == "none":
+        return []
+    if cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3:
+        return [f"model.recompute={mode} with engine.zero_stage=3: ZeRO-3 frees the parameters the "
+                "recompute re-reads; use model.recompute=none or engine.zero_stage<=2"]
+    if mode == "selective" and cfg.precision.compute == "fp8":
+        return ["model.recompute=selective with precision.compute=fp8: the selective policy keeps "
+                "bf16/fp32 GEMM outputs and would recompute the FP8 GEMMs; use model.recompute=full or none"]
+    return []
 
 
 def validate(cfg: TrainConfig) -> list[str]:
@@ -324,6 +348,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     if cfg.precision.moment_dtype not in MOMENT_DTYPES:
         p.append(f"precision.moment_dtype={cfg.precision.moment_dtype!r}: choose one of "
                  f"{', '.join(MOMENT_DTYPES)}")
+    p += _recompute_problems(cfg)
     if cfg.steps <= 0:
         p.append(f"steps={cfg.steps}: must be positive")
     if cfg.eval_interval < 0 or cfg.eval_batches <= 0:
@@ -354,6 +379,8 @@ def layout_problems(cfg: TrainConfig) -> list[str]:
         return p + ["parallel.pp, parallel.dp, parallel.ep and parallel.micro_batches must be >= 1"]
     if par.bucket_mb <= 0:
         p.append(f"parallel.bucket_mb={par.bucket_mb}: must be positive")
+    if par.grad_reduce_dtype not in ("fp32", "bf16"):
+        p.append(f"parallel.grad_reduce_dtype={par.grad_reduce_dtype!r}: choose fp32 or bf16")
     if par.dp % par.ep:
         p.append(f"parallel.ep={par.ep}: must divide parallel.dp={par.dp} (ep groups live inside dp)")
     if cfg.model.n_routed_experts % par.ep:
@@ -532,7 +559,7 @@ class PosttrainConfig:
     prompts_per_step: int = 16
     group_size: int = 8
     temperature: float = 1.0
-    max_new_tokens: int = 16
+    max_new_tokens: int = 24  # addition's response: <think>3 digits</think>3 digits + END = 22
     epsilon: float = 0.2  # clip low: ratio >= 1 - epsilon
     epsilon_high: float = 0.2  # clip high: ratio <= 1 + epsilon_high (DAPO: 0.28)
     kl_coef: float = 0.0  # beta of the k3 KL to the frozen reference (R1-Zero 0.001); 0 = no reference

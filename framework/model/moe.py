@@ -33,6 +33,7 @@ inner dim, N received rows, M routed (token, expert) pairs.
 """
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -416,12 +417,28 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_TD, idx_TK, w_TK, self.aux_loss = self.route(x_BTD)
-        # The shared expert runs while the tokens travel to their routed experts.
+        return self.routed_and_shared(x_TD, idx_TK, w_TK).view(B, T, D)
+
+    def routed_and_shared(self, x_TD, idx_TK, w_TK, step=None) -> torch.Tensor:
+        """dispatch -> experts and shared expert -> combine; `step` wraps experts_step (the
+        block's recompute: framework/model/recompute.py). The shared expert runs while the tokens
+        travel to their routed experts."""
         pending = self.dispatcher.dispatch_start(x_TD, idx_TK, w_TK)
-        shared_TD = self.shared(x_TD) if self.shared is not None else None
-        recv_x, handle = self.dispatcher.dispatch_wait(pending)
-        y = self.experts(recv_x, handle.topk_idx, handle.topk_weight, handle.expert_counts, handle.local_rows)
+        if step is None:
+            shared_TD = self.shared(x_TD) if self.shared is not None else None
+            recv_x, handle = self.dispatcher.dispatch_wait(pending)
+            y = self.experts(recv_x, handle.topk_idx, handle.topk_weight, handle.expert_counts,
+                             handle.local_rows)
+        else:
+            recv_x, handle = self.dispatcher.dispatch_wait(pending)
+            experts = step(functools.partial(self.experts_step, handle))
+            y, shared_TD = experts(recv_x, handle.topk_weight, x_TD)
         out_TD = self.dispatcher.combine_wait(self.dispatcher.combine_start(y, handle))
         if shared_TD is not None:
             out_TD = out_TD + shared_TD
-        return out_TD.view(B, T, D)
+        return out_TD
+
+    def experts_step(self, handle, recv_x_ND, recv_w_NK, x_TD):
+        """The experts sub-step: routed experts on the received rows, shared expert on x."""
+        y_ND = self.experts(recv_x_ND, handle.topk_idx, recv_w_NK, handle.expert_counts, handle.local_rows)
+        return y_ND, (self.shared(x_TD) if self.shared is not None else None)

@@ -43,12 +43,14 @@ Legend: B batch, T sequence (or tokens when flattened), D model dim, K top-k, N 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from framework.model.moe import MoE, no_load_counting
+from framework.model.moe import MoE
+from framework.model.recompute import recomputed
 from kernels.deferred import WeightGradWork, capture
 
 Trace = Callable[[str, str], None]  # (event "issue" | "compute" | "wait", sub-step name)
@@ -58,7 +60,6 @@ Trace = Callable[[str, str], None]  # (event "issue" | "compute" | "wait", sub-s
 class StepContext:
     scale: float = 1.0  # every root's gradient (loss / micro-batches)
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    recompute: str = "none"  # none | selective | full
     trace: Trace | None = None
     # A split backward: W steps hand their work here instead of running it.
     deferred: WeightGradWork | None = None
@@ -92,28 +93,22 @@ def _detach(t):
 
 
 class _Compute:
-    """One compute sub-step: fn on detached leaf inputs, with its own graph. recompute: the
-    forward keeps no graph (only the inputs); backward runs fn again, then autograd."""
+    """One compute sub-step: fn on detached leaf inputs, with its own graph; `mode` is the
+    block's recompute (framework/model/recompute.py)."""
 
-    def __init__(self, fn, inputs: list, ctx: StepContext, recompute: bool = False) -> None:
+    def __init__(self, fn, inputs: list, ctx: StepContext, mode: str = "none") -> None:
         grad = torch.is_grad_enabled()
-        self.fn, self.ctx = fn, ctx
+        self.ctx = ctx
         self.inputs = [_leaf(t, grad) for t in inputs]
-        self.recompute = recompute and grad
-        with ctx.autocast(), torch.set_grad_enabled(grad and not self.recompute):
-            outs = fn(*self.inputs)
-        self.outs = None if self.recompute else outs
-        self.values = [_detach(t) for t in outs]
+        with ctx.autocast():
+            self.outs = recomputed(fn, mode)(*self.inputs)
+        self.values = [_detach(t) for t in self.outs]
 
     def backward(self, grads: list) -> list:
         """grads: one per output (None: no gradient). -> the inputs' gradients; the weight
-        gradients' work is returned by `work` (run it at this step's W)."""
-        outs = self.outs
-        if outs is None:
-            with torch.enable_grad(), self.ctx.autocast(), no_load_counting():
-                outs = self.fn(*self.inputs)
+        gradients wait in `work` for this step's W."""
         roots, seeds = [], []
-        for t, g in zip(outs, grads, strict=True):
+        for t, g in zip(self.outs, grads, strict=True):
             if g is not None and isinstance(t, torch.Tensor) and t.requires_grad:
                 roots.append(t)
                 seeds.append(g.to(t.dtype) if g.dtype != t.dtype else g)
@@ -166,12 +161,12 @@ class _Unit:
 class _Plain(_Unit):
     """A unit that is one compute step: the embedding, a dense block, the last stage's tail."""
 
-    def __init__(self, name: str, ctx: StepContext, fn, recompute: bool = False) -> None:
+    def __init__(self, name: str, ctx: StepContext, fn, mode: str = "none") -> None:
         super().__init__(name, ctx)
-        self.fn, self.recompute = fn, recompute
+        self.fn, self.mode = fn, mode
 
     def _f(self) -> None:
-        self.c = _Compute(self.fn, [self.input()], self.ctx, self.recompute)
+        self.c = _Compute(self.fn, [self.input()], self.ctx, self.mode)
 
     def _b(self) -> None:
         g = self.grad_output()
@@ -200,14 +195,14 @@ class _MoEBlock(_Unit):
         super().__init__(f"L{block.layer_id}", ctx)
         self.block, self.moe_layer = block, block.ffn
         self.dispatcher = block.ffn.dispatcher
-        self.full = ctx.recompute == "full"
+        self.mode = block.recompute
         self._h = None
 
     # ---- forward
     def _attention(self) -> None:
         x_BTD = self.input()
         self.shape = x_BTD.shape
-        self.att = _Compute(self.block.attention_step, [x_BTD], self.ctx, self.full)
+        self.att = _Compute(self.block.attention_step, [x_BTD], self.ctx, self.mode)
         a_BTD, n_TD, w_TK, idx_TK, aux = self.att.values
         if torch.is_grad_enabled():
             self.moe_layer.aux_loss = aux  # the stage's balance_loss() reads it (its value)
@@ -222,12 +217,8 @@ class _MoEBlock(_Unit):
         self.ctx.note("wait", f"{self.name}.dispatch.F")
         self.pending = None
         n_TD = self.att.values[1]
-        self.exp = _Compute(self._experts_fn, [recv_x, self.handle.topk_weight, n_TD], self.ctx, self.full)
-
-    def _experts_fn(self, recv_x, recv_w, n_TD):
-        moe, h = self.moe_layer, self.handle
-        y_ND = moe.experts(recv_x, h.topk_idx, recv_w, h.expert_counts, h.local_rows)
-        return y_ND, (moe.shared(n_TD) if moe.shared is not None else None)
+        self.exp = _Compute(functools.partial(self.moe_layer.experts_step, self.handle),
+                            [recv_x, self.handle.topk_weight, n_TD], self.ctx, self.mode)
 
     def _combine(self) -> None:
         self.pending = self.dispatcher.combine_start(self.exp.values[0], self.handle)
@@ -307,14 +298,14 @@ class StagePass:
 
     def __post_init__(self) -> None:
         st, ctx = self.stage, self.ctx
-        full = ctx.recompute == "full"
         if st.is_first:
             self.units.append(_Plain("embed", ctx, lambda t: (st.embed(t),)))
         for block in st.blocks.values():
             if isinstance(block.ffn, MoE):
                 self.units.append(_MoEBlock(block, ctx))
             else:
-                self.units.append(_Plain(f"L{block.layer_id}", ctx, lambda h, b=block: (b(h),), full))
+                self.units.append(_Plain(f"L{block.layer_id}", ctx, lambda h, b=block: (b.whole(h),),
+                                         block.recompute))
         if st.is_last:
             self.units.append(_Plain("head", ctx, self._tail))
         for a, b in zip(self.units, self.units[1:], strict=False):

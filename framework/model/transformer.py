@@ -10,6 +10,8 @@ Public API (the trainer and the parallel code rely on it):
 Legend: B batch, T sequence, D model dim, V vocabulary.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,7 @@ from framework.model.mlp import MLP
 from framework.model.moe import MoE
 from framework.model.mtp import MTPModule
 from framework.model.norm import RMSNorm
+from framework.model.recompute import mark_up_projections, recomputed
 
 
 class Block(nn.Module):
@@ -35,10 +38,26 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         is_moe = layer_id >= cfg.n_dense_layers
         self.ffn = MoE(cfg) if is_moe else MLP(cfg.dim, cfg.dense_inter_dim)
+        # Activation recompute per compute sub-step (framework/model/recompute.py).
+        self.recompute = cfg.recompute
+        if cfg.recompute == "selective":
+            mark_up_projections(self.attn)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def whole(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The block without recompute: the plain forward (dense or MoE FFN)."""
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
         return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        if self.recompute == "none" or not torch.is_grad_enabled():
+            return self.whole(x_BTD)
+        if not isinstance(self.ffn, MoE):
+            return recomputed(self.whole, self.recompute)(x_BTD)
+        # Recompute cuts the block like the pipeline's sub-steps: attention and experts are
+        # recomputed, dispatch and combine (the all-to-alls) are not.
+        a_BTD, n_TD, w_TK, idx_TK, self.ffn.aux_loss = recomputed(self.attention_step, self.recompute)(x_BTD)
+        step = functools.partial(recomputed, mode=self.recompute)
+        return a_BTD + self.ffn.routed_and_shared(n_TD, idx_TK, w_TK, step).view(a_BTD.shape)
 
     def attention_step(self, x_BTD: torch.Tensor):
         """An MoE block's first sub-step (framework/model/substeps.py): the same ops as forward up

@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from framework.model.substeps import StagePass, StepContext, interleave
 from framework.model.transformer import Stage, Transformer
 from parallel import comm
 from parallel.pipeline.p2p import P2POp, forward_actions, p2p_plan
 from parallel.pipeline.schedules import Placement, build
-from parallel.pipeline.wgrad import WeightGradWork, capture
+from parallel.pipeline.wgrad import WeightGradWork
 
 
 def hold_stages(all_stages: list[Stage], placement: Placement, pp_rank: int) -> list[Stage]:
@@ -81,14 +82,6 @@ class StepOutput:
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # forward-only: mb -> logits
 
 
-@dataclass
-class _Live:
-    """What a forward leaves for its backward."""
-    x: torch.Tensor | None  # the stage input (requires grad unless the first stage)
-    out: torch.Tensor  # the stage output, or the loss on the last stage
-    aux: torch.Tensor | None  # this stage's balance loss (non-last stages)
-
-
 class PipelineRunner:
     """Runs one pipeline rank's schedule (`build(placement.name, ...)[pp_rank]`). `peers[p]` is the
     global rank of pipeline rank p in this rank's dp column; `group` the pipeline process group
@@ -96,8 +89,15 @@ class PipelineRunner:
 
     def __init__(self, stages: list[Stage], placement: Placement, pp_rank: int, peers: list[int],
                  group=None, wgrad_split: bool = True,
-                 record: Callable[[str, float, float], None] | None = None):
+                 record: Callable[[str, float, float], None] | None = None,
+                 interleave: bool = True, recompute: str = "none"):
         self.stages, self.placement = stages, placement
+        # interleave: an FB action runs its two passes' sub-steps in DualPipe's order (substeps
+        # .interleave); False: the forward's steps, then the backward's (same numbers).
+        self.interleave, self.recompute = interleave, recompute
+        # Trace hook: trace(event, name) for every sub-step and P2P batch, event "issue" |
+        # "compute" | "wait", name "<step>@<mb>" or "p2p<boundary>.<batch>" (tests/test_overlap.py).
+        self.trace: Callable[[str, str], None] | None = None
         self.pp_rank, self.peers, self.group = pp_rank, peers, group
         self.actions = build(placement.name, placement.pp, placement.chunks, wgrad_split)[pp_rank]
         self.eval_actions = forward_actions(self.actions)
@@ -121,27 +121,46 @@ class PipelineRunner:
 
     def _take(self, kind: str, stage: int, mb: int) -> torch.Tensor:
         key = (kind, stage, mb)
-        return (self._local.pop(key) if key in self._local else self._inbox.pop(key)).detach()
+        if key in self._local:
+            return self._local.pop(key).detach()
+        self._settle(key)
+        return self._inbox.pop(key).detach()
 
-    def _communicate(self, batches: list[list[P2POp]]) -> None:
-        """Issue this boundary's batches in plan order, then wait for them."""
-        if not batches:
-            return
-        start = time.perf_counter()
-        handles = []
-        for batch in batches:
-            ops = []
+    def _communicate(self, boundary: int, batches: list[list[P2POp]]) -> None:
+        """Issue this boundary's batches in plan order. Each is waited where the action first reads
+        one of its receives (`_take`), or when the action ends (`_settle`): the computation before
+        that point runs while the batch travels."""
+        for i, batch in enumerate(batches):
+            ops, received = [], set()
             for op in batch:
                 if op.op == "send":
                     ops.append(("send", self._outbox.pop(op.message), self.peers[op.peer]))
                 else:
                     buf = torch.empty(self._shape, dtype=self._dtype, device=self._device)
                     self._inbox[op.message] = buf
+                    received.add(op.message)
                     ops.append(("recv", buf, self.peers[op.peer]))
-            handles.append(comm.batch_isend_irecv(ops, self.group, async_op=True))
-        for handle in handles:
+            name = f"p2p{boundary}.{i}"
+            self._note("issue", name)
+            self._p2p.append((comm.batch_isend_irecv(ops, self.group, async_op=True), received, name))
+
+    def _settle(self, needed=None) -> None:
+        """Wait for the issued batches, in issue order, up to the one receiving `needed` (None:
+        all of them)."""
+        if needed is not None and not any(needed in received for _, received, _ in self._p2p):
+            return
+        start = time.perf_counter()
+        while self._p2p:
+            handle, received, name = self._p2p.pop(0)
             handle.wait()
+            self._note("wait", name)
+            if needed in received:
+                break
         self._mark("recv", start)
+
+    def _note(self, event: str, name: str) -> None:
+        if self.trace is not None:
+            self.trace(event, name)
 
     def _warm_up(self) -> None:
         """Once, before the first batch: PyTorch needs every rank of a group in the group's first
@@ -155,53 +174,94 @@ class PipelineRunner:
             self.record(label, start, time.perf_counter())
 
     # --- chunks --------------------------------------------------------------------------
-    def _forward(self, phase: int, mb: int, grad: bool) -> None:
+    def _forward(self, phase: int, mb: int) -> None:
+        """Evaluation: the stage's plain forward, no graph."""
+        stage_id = self.placement.stage_of(self.pp_rank, phase)
+        stage = self.stages[phase]
+        x = self._tokens[mb] if stage.is_first else self._take("act", stage_id, mb)
+        start = time.perf_counter()
+        with self._autocast():
+            if stage.is_last and self._targets is not None:
+                loss, parts = stage.loss(x, self._targets[mb])
+                self.out.losses[mb], self.out.parts[mb] = loss.detach(), parts
+            elif stage.is_last:
+                self.out.logits[mb] = stage(x).detach()
+            else:
+                self._put("act", stage_id + 1, mb, stage(x))
+        self._mark(f"F{phase}.{mb}", start)
+
+    def _ctx(self, mb: int) -> StepContext:
+        trace = None if self.trace is None else (lambda event, name: self.trace(event, f"{name}@{mb}"))
+        return StepContext(self._scale, self._autocast, self.recompute, trace)
+
+    def _pass(self, phase: int, mb: int) -> StagePass:
+        """A training forward of `mb` through this rank's stage of `phase`, not yet run."""
         stage_id = self.placement.stage_of(self.pp_rank, phase)
         stage = self.stages[phase]
         if stage.is_first:
             x = self._tokens[mb]
         else:
-            x = self._take("act", stage_id, mb).requires_grad_(grad)
+            x = functools.partial(self._take, "act", stage_id, mb)  # waited when first read
+        return StagePass(stage, x, self._targets[mb] if stage.is_last else None, self._ctx(mb))
+
+    def _forward_done(self, phase: int, mb: int, pas: StagePass) -> None:
+        stage = self.stages[phase]
+        if stage.is_last:
+            loss, parts = pas.output()
+            self.out.losses[mb], self.out.parts[mb] = loss.detach(), parts
+        else:
+            h_BTD = pas.output()
+            aux = stage.balance_loss()
+            self.out.aux[mb] = self.out.aux.get(mb, 0) + aux.detach()
+            self._put("act", self.placement.stage_of(self.pp_rank, phase) + 1, mb, h_BTD)
+        self._live[(phase, mb)] = pas
+
+    def _backward_pass(self, phase: int, mb: int, split: bool) -> StagePass:
+        pas = self._live.pop((phase, mb))
+        if not self.stages[phase].is_last:
+            stage_id = self.placement.stage_of(self.pp_rank, phase)
+            pas.set_grad_output(functools.partial(self._take, "grad", stage_id, mb))
+        if split:
+            pas.ctx.deferred = WeightGradWork()
+        return pas
+
+    def _backward_done(self, phase: int, mb: int, pas: StagePass) -> None:
+        if pas.ctx.deferred is not None:
+            self._wgrad.append(pas.ctx.deferred)
+        if not self.stages[phase].is_first:
+            self._put("grad", self.placement.stage_of(self.pp_rank, phase) - 1, mb, pas.grad_input())
+
+    def _run(self, steps) -> None:
+        for step in steps:
+            step.run()
+
+    def _train_forward(self, phase: int, mb: int) -> None:
         start = time.perf_counter()
-        with torch.set_grad_enabled(grad), self._autocast():
-            if stage.is_last and self._targets is not None:
-                loss, parts = stage.loss(x, self._targets[mb])
-                self.out.losses[mb], self.out.parts[mb] = loss.detach(), parts
-                live = _Live(x, loss, None)
-            elif stage.is_last:
-                self.out.logits[mb] = stage(x).detach()
-                live = None
-            else:
-                h_BTD = stage(x)
-                aux = stage.balance_loss() if grad else None
-                if aux is not None:
-                    self.out.aux[mb] = self.out.aux.get(mb, 0) + aux.detach()
-                live = _Live(x, h_BTD, aux)
+        pas = self._pass(phase, mb)
+        self._run(pas.forward_steps())
+        self._forward_done(phase, mb, pas)
         self._mark(f"F{phase}.{mb}", start)
-        if not stage.is_last:
-            self._put("act", stage_id + 1, mb, live.out)
-        if grad:
-            self._live[(phase, mb)] = live
 
     def _backward(self, phase: int, mb: int, split: bool) -> None:
-        stage_id = self.placement.stage_of(self.pp_rank, phase)
-        stage = self.stages[phase]
-        live = self._live.pop((phase, mb))
-        grad_out = None if stage.is_last else self._take("grad", stage_id, mb)
         start = time.perf_counter()
-        tensors, grads = [live.out * self._scale if stage.is_last else live.out], [grad_out]
-        if live.aux is not None and live.aux.requires_grad:
-            tensors.append(live.aux * self._scale)
-            grads.append(None)
-        if split:
-            with capture() as work:
-                torch.autograd.backward(tensors, grads)
-            self._wgrad.append(work)
-        else:
-            torch.autograd.backward(tensors, grads)
+        pas = self._backward_pass(phase, mb, split)
+        self._run(pas.backward_steps())
+        self._backward_done(phase, mb, pas)
         self._mark(f"B{phase}.{mb}" + ("z" if split else ""), start)
-        if not stage.is_first:
-            self._put("grad", stage_id - 1, mb, live.x.grad)
+
+    def _pair(self, action) -> None:
+        """FB: the forward of one micro-batch and the backward of another, sub-step by sub-step."""
+        start = time.perf_counter()
+        f = self._pass(action.phase, action.mb)
+        b = self._backward_pass(action.b_phase, action.b_mb, action.split)
+        f_steps, b_steps = f.forward_steps(), b.backward_steps()
+        self._run(interleave(f_steps, b_steps) if self.interleave else f_steps + b_steps)
+        self._forward_done(action.phase, action.mb, f)
+        self._backward_done(action.b_phase, action.b_mb, b)
+        end = time.perf_counter()
+        if self.record is not None:  # the pair's two spans side by side
+            self.record(f"F{action.phase}.{action.mb}", start, end)
+            self.record(f"B{action.b_phase}.{action.b_mb}", start, end)
 
     def _weight(self) -> None:
         start = time.perf_counter()
@@ -218,12 +278,13 @@ class PipelineRunner:
         self._local: dict = {}  # message -> tensor handed over on this rank
         self._outbox: dict = {}  # message -> tensor waiting for its batch
         self._inbox: dict = {}  # message -> received (or receiving) buffer
-        self._live: dict[tuple[int, int], _Live] = {}
+        self._live: dict[tuple[int, int], StagePass] = {}
+        self._p2p: list = []  # issued P2P batches not yet waited: (handle, received messages, name)
         self._wgrad: deque[WeightGradWork] = deque()
         self.out = StepOutput()
 
     def _finish(self) -> StepOutput:
-        if self._live or self._wgrad or self._local or self._outbox or self._inbox:
+        if self._live or self._wgrad or self._local or self._outbox or self._inbox or self._p2p:
             raise RuntimeError("pipeline step ended with work left: the schedule is inconsistent")
         return self.out
 
@@ -234,17 +295,18 @@ class PipelineRunner:
         self._setup(tokens, targets, hidden_shape, dtype, device, autocast)
         self._warm_up()
         for k, action in enumerate(self.actions):
-            self._communicate(self._train_plan[k])
+            self._communicate(k, self._train_plan[k])
             if action.kind == "F":
-                self._forward(action.phase, action.mb, grad=True)
+                self._train_forward(action.phase, action.mb)
             elif action.kind == "B":
                 self._backward(action.phase, action.mb, action.split)
             elif action.kind == "W":
                 self._weight()
-            else:  # FB: the forward, then the backward (their sub-layer interleave is not built)
-                self._forward(action.phase, action.mb, grad=True)
-                self._backward(action.b_phase, action.b_mb, action.split)
-        self._communicate(self._train_plan[len(self.actions)])
+            else:
+                self._pair(action)
+            self._settle()
+        self._communicate(len(self.actions), self._train_plan[len(self.actions)])
+        self._settle()
         return self._finish()
 
     @torch.no_grad()
@@ -255,9 +317,11 @@ class PipelineRunner:
         self._setup(tokens, targets, hidden_shape, dtype, device, autocast)
         self._warm_up()
         for k, action in enumerate(self.eval_actions):
-            self._communicate(self._eval_plan[k])
-            self._forward(action.phase, action.mb, grad=False)
-        self._communicate(self._eval_plan[len(self.eval_actions)])
+            self._communicate(k, self._eval_plan[k])
+            self._forward(action.phase, action.mb)
+            self._settle()
+        self._communicate(len(self.eval_actions), self._eval_plan[len(self.eval_actions)])
+        self._settle()
         return self._finish()
 
 

@@ -31,6 +31,9 @@ class _SplitLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
+        # The parameter itself, for the deferred accumulation: under activation recompute the
+        # saved tensors come back as recomputed aliases, not the parameter.
+        ctx.param = weight
         return F.linear(x, weight)
 
     @staticmethod
@@ -41,7 +44,7 @@ class _SplitLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g_MO = grad_out.reshape(-1, grad_out.shape[-1])
             x_MI = x.reshape(-1, x.shape[-1])
-            grad_w = defer_or_return(weight, lambda: (g_MO.T @ x_MI.to(g_MO.dtype)).to(weight.dtype))
+            grad_w = defer_or_return(ctx.param, lambda: (g_MO.T @ x_MI.to(g_MO.dtype)).to(weight.dtype))
         return grad_x, grad_w
 
 
