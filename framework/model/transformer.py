@@ -159,15 +159,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt_BT: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding without a KV cache; returns prompt + new tokens [B, T + max_new_tokens]."""
-        was_training = self.training
-        self.eval()  # no load counting or balance loss while sampling
-        out_BT = prompt_BT
-        for _ in range(max_new_tokens):
-            logits_BV = self(out_BT[:, -self.cfg.max_seq_len:])[:, -1]
-            out_BT = torch.cat([out_BT, logits_BV.argmax(-1, keepdim=True)], dim=1)
-        self.train(was_training)
-        return out_BT
+        """Greedy decoding on the latent KV cache (framework/generate.py); returns prompt + new
+        tokens [B, T + max_new_tokens]. Past max_seq_len is a ValueError, not a sliding window."""
+        from framework.generate import SamplingParams, generate  # the generation layer sits above
+
+        gen = generate(self, prompt_BT.tolist(), SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
+        new_BN = torch.stack(gen.tokens).to(prompt_BT.device)
+        return torch.cat([prompt_BT, new_BN], dim=1)
 
     def split_stages(self, n: int, layers_per_stage: list[int] | None = None) -> list["Stage"]:
         """Contiguous pipeline stages sharing this model's modules (no copies). Blocks are spread
