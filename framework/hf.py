@@ -10,6 +10,12 @@ deepseek_v2. import_hf(path) reads such a folder back (also transformers-5-saved
 fused experts). Rope weights need no permutation: duet rotates adjacent pairs like DeepSeek, which
 transformers reads with rope_interleave=True (V3) or its complex-pair rotation (V2).
 
+Tokenizers travel both ways: import copies the folder's tokenizer.json and tokenizer_config.json
+(chat template included) into the duet checkpoint; export writes the run's tokenizer
+(checkpoint_tokenizer finds it) with a tokenizer_config.json transformers' AutoTokenizer reads.
+Import also reads DeepSeek's FP8 release layout: e4m3 weights beside `weight_scale_inv` scales,
+one per 128x128 block (config.json quantization_config.weight_block_size), dequantised to fp32.
+
 CLI (console script duet-hf):
     duet-hf export CHECKPOINT.pt OUT_DIR     # CHECKPOINT: torch.save({"model": state_dict, "config": dict})
     duet-hf import HF_DIR CHECKPOINT.pt
@@ -219,6 +225,32 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def dequantize_fp8(tensors: dict[str, torch.Tensor],
+                   block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
+    """DeepSeek's FP8 layout -> fp32: each e4m3 `X.weight` [O, I] times its `X.weight_scale_inv`
+    [ceil(O/bo), ceil(I/bi)] (one scale per block, "inv" because quantising divided by it)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            if name.removesuffix("_scale_inv") not in tensors:
+                raise ValueError(f"{name}: a scale without its weight")
+            continue
+        scale = tensors.get(name + "_scale_inv")
+        if scale is None:
+            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise ValueError(f"{name} is FP8 but has no {name}_scale_inv beside it")
+            out[name] = t
+            continue
+        rows, cols = t.shape
+        bo, bi = block
+        if tuple(scale.shape) != (-(-rows // bo), -(-cols // bi)):
+            raise ValueError(f"{name}_scale_inv has shape {tuple(scale.shape)}, expected one scale per "
+                             f"{bo}x{bi} block of {tuple(t.shape)}")
+        full = scale.float().repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols]
+        out[name] = t.float() * full
+    return out
+
+
 def from_hf_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF tensor dict -> duet state_dict (inverse of to_hf_state_dict)."""
     L = cfg.n_layers
@@ -270,8 +302,12 @@ def import_hf(path) -> tuple[Transformer, ModelConfig]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()))
+    hf = json.loads(cfg_file.read_text())
+    cfg = config_from_hf(hf)
     tensors = _read_tensors(path)
+    if any(k.endswith("_scale_inv") for k in tensors):
+        block = (hf.get("quantization_config") or {}).get("weight_block_size") or (128, 128)
+        tensors = dequantize_fp8(tensors, tuple(block))
     # Folders re-saved by transformers keep num_nextn_predict_layers but drop the MTP layers:
     # import the depth that is actually there.
     present = 0
@@ -301,16 +337,64 @@ def import_hf(path) -> tuple[Transformer, ModelConfig]:
 # ---------------------------------------------------------------------------- CLI
 
 
-def _load_duet_checkpoint(path: Path) -> tuple[Transformer, ModelConfig]:
-    """A duet DCP checkpoint folder, or a run folder (its newest checkpoint)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A duet DCP checkpoint folder as given, or a run folder's newest checkpoint."""
     from framework import checkpoint
 
-    if not (path / "meta.json").is_file():
-        latest = checkpoint.latest_checkpoint(path)
-        if latest is None:
-            raise ValueError(f"{path} is neither a duet checkpoint folder nor a run folder with "
-                             "checkpoints")
-        path = latest
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    latest = checkpoint.latest_checkpoint(path)
+    if latest is None:
+        raise ValueError(f"{path} is neither a duet checkpoint folder nor a run folder with checkpoints")
+    return latest
+
+
+def checkpoint_tokenizer(path: Path):
+    """The tokenizer of a duet checkpoint (framework.data's Tokenizer), or None when it has none:
+    tokenizer.json in the folder (duet-hf import), the byte tokenizer when the run used it, else
+    the run's trained BPE (<run_dir>/data/tokenizer.json beside checkpoints/)."""
+    from framework import checkpoint
+    from framework.data import BPETokenizer, ByteTokenizer
+
+    path = resolve_checkpoint(path)
+    data = (checkpoint.read_meta(path)["config"].get("data") or {})
+    candidates = [path / "tokenizer.json"]
+    if data.get("tokenizer") == "byte":
+        return ByteTokenizer()
+    candidates.append(path.parent.parent / "data" / "tokenizer.json")
+    for file in candidates:
+        if file.is_file():
+            from tokenizers import Tokenizer as HFTokenizer
+
+            return BPETokenizer(HFTokenizer.from_file(str(file)))
+    return None
+
+
+def write_tokenizer(tokenizer, out_dir: Path, chat_template: str | None = None) -> bool:
+    """tokenizer.json + tokenizer_config.json (AutoTokenizer-readable) for a BPE tokenizer;
+    False (nothing written) for tokenizers that have no tokenizer.json form."""
+    inner = getattr(tokenizer, "_tok", None)
+    if inner is None:
+        return False
+    inner.save(str(Path(out_dir) / "tokenizer.json"))
+    conf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": None}
+    if chat_template:
+        conf["chat_template"] = chat_template
+    (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in conf.items()
+                                                                    if v is not None}, indent=2) + "\n")
+    return True
+
+
+def load_duet_checkpoint(path: Path) -> tuple[Transformer, ModelConfig]:
+    """A duet DCP checkpoint folder, or a run folder (its newest checkpoint), of any layout,
+    into one process's full model (fp32, CPU)."""
+    from framework import checkpoint
+
+    path = resolve_checkpoint(path)
     cfg = ModelConfig(**checkpoint.read_meta(path)["config"]["model"])
     with torch.device("meta"):  # shapes only: every weight comes from the checkpoint
         model = Transformer(cfg)
@@ -319,6 +403,20 @@ def _load_duet_checkpoint(path: Path) -> tuple[Transformer, ModelConfig]:
         moe.router.expert_load.zero_()  # not saved (transient counts), so set it here
     checkpoint.load_model(path, model)
     return model, cfg
+
+
+_load_duet_checkpoint = load_duet_checkpoint  # the name earlier callers use
+
+
+def _copy_tokenizer(hf_dir: Path, out: Path) -> list[str]:
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, out / name)
+            copied.append(name)
+    return copied
 
 
 def _write_duet_checkpoint(model: Transformer, cfg: ModelConfig, out: Path) -> None:
@@ -346,12 +444,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "export":
-            model, cfg = _load_duet_checkpoint(args.checkpoint)
+            model, cfg = load_duet_checkpoint(args.checkpoint)
             export_hf(model, cfg, args.out_dir, mtp_shared_copies=not args.no_mtp_copies)
+            src = resolve_checkpoint(args.checkpoint)
+            # An imported checkpoint keeps the original files (chat template included); a run's
+            # trained BPE is written out.
+            copied = _copy_tokenizer(src, args.out_dir)
+            if not copied and not write_tokenizer(checkpoint_tokenizer(src), args.out_dir):
+                print("duet-hf export: note: the run has no tokenizer.json form (byte or id tokens); "
+                      "none written", file=sys.stderr)
             print(f"wrote {args.out_dir}")
         else:
             model, cfg = import_hf(args.hf_dir)
             _write_duet_checkpoint(model, cfg, args.checkpoint)
+            _copy_tokenizer(args.hf_dir, args.checkpoint)
             print(f"wrote {args.checkpoint}; to train from it, copy {args.checkpoint / 'model.yaml'} "
                   "to configs/model/ and run duet-train model=<that name> "
                   f"checkpoint.load_from={args.checkpoint}")
