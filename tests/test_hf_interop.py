@@ -3,6 +3,8 @@ transformers' MtpModel, bit-exact import round trips, the CLI, and parameter cou
 published configurations against transformers' own models built on the meta device."""
 
 import dataclasses
+import json
+import re
 
 import pytest
 import torch
@@ -185,3 +187,143 @@ def test_deepseek_v2_lite_param_count():
     print(f"\ndeepseek_v2_lite: {counts}")
     assert counts["total"] == hf_meta_count(hf) == 15_706_484_224
     assert counts["mtp"] == 0
+
+
+# ----------------------------------------------------------------------------- generation, tokenizers, FP8
+
+
+def small_bpe(tmp_path):
+    """A byte-level BPE of at most 300 tokens trained here, saved as tokenizer.json."""
+    from framework.data import _train_bpe
+
+    tok = _train_bpe("def f(x):\n    return x + 1\n" * 40 + "class A:\n    pass\n" * 40, 300)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return tok
+
+
+def test_exported_model_greedy_tokens_equal_transformers_generate(tmp_path):
+    from framework.generate import SamplingParams, generate
+
+    cfg = CASES["v3_yarn"]
+    m = build(cfg)
+    export_hf(m, cfg, tmp_path)
+    hf = load_hf(tmp_path)
+    prompt = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        # The mask given: inferred from pad_token_id, it would hide the prompt's token 0.
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)[0, 9:].tolist()
+    m2, _ = import_hf(tmp_path)
+    got = generate(m2, prompt.tolist(), SamplingParams(max_new_tokens=16, temperature=0))
+    spec = generate(m2, prompt.tolist(), SamplingParams(max_new_tokens=16, temperature=0), speculative=True)
+    assert got.tokens[0].tolist() == want == spec.tokens[0].tolist()
+
+
+def test_duet_generate_cli_on_a_run_folder_and_on_import_output(tmp_path, capsys):
+    from framework import checkpoint
+    from framework.data import BPETokenizer
+    from framework.generate import SamplingParams, generate
+    from launch.generate import main as gen_main
+
+    cfg = dataclasses.replace(CASES["v3_plain"], vocab_size=300)
+    m = build(cfg)
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    tok = BPETokenizer(small_bpe(run / "data"))
+    checkpoint.save_weights(run / "checkpoints" / "step_00000003", m,
+                            {"model": dataclasses.asdict(cfg), "data": {"tokenizer": "bpe"}})
+    capsys.readouterr()
+    assert gen_main([str(run), "def f", "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    ids = tok.encode("def f")
+    want = generate(m, [ids], SamplingParams(max_new_tokens=6, temperature=0)).tokens[0].tolist()
+    assert capsys.readouterr().out == tok.decode(ids + want) + "\n"
+
+    # The same model through Hugging Face with a tokenizer and chat template, imported back.
+    export_hf(m, cfg, tmp_path / "hf")
+    small_bpe(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": "{{ messages }}"}')
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "imp")]) == 0
+    imported = (tmp_path / "imp" / "tokenizer.json").read_text()
+    assert imported == (tmp_path / "hf" / "tokenizer.json").read_text()
+    capsys.readouterr()
+    assert gen_main([str(tmp_path / "imp"), "def f", "--temperature", "0", "--max-new-tokens", "6",
+                     "--speculative"]) == 0
+    assert capsys.readouterr().out == tok.decode(ids + want) + "\n"
+    # Export of the run writes its tokenizer; transformers reads it and tokenizes alike.
+    assert main(["export", str(run), str(tmp_path / "hf2")]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2")
+    assert hf_tok("def f(x): pass")["input_ids"] == tok.encode("def f(x): pass")
+    assert main(["export", str(tmp_path / "imp"), str(tmp_path / "hf3")]) == 0
+    assert "chat_template" in (tmp_path / "hf3" / "tokenizer_config.json").read_text()
+
+    long = " ".join(["def f(x): return x"] * 30)
+    for argv, phrase in [([str(tmp_path / "none"), "x"], "no such checkpoint"),
+                         ([str(run), "x", "--top-p", "1.5"], "--top-p=1.5"),
+                         ([str(run), long], "exceeds the context"),
+                         ([str(tmp_path), "x"], "neither a duet checkpoint")]:
+        capsys.readouterr()
+        assert gen_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("duet-generate: error:") and phrase in err and err.count("\n") == 1, err
+
+
+def test_import_reads_deepseek_fp8_layout(tmp_path):
+    """A synthetic checkpoint in DeepSeek's FP8 release layout: linear weights e4m3 with one fp32
+    `weight_scale_inv` per 128x128 block (dims not multiples of 128, so edge blocks are partial);
+    embedding, head, norms and gates stay high precision. Import gives the dequantised weights."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = dataclasses.replace(CASES["v3_plain"], dim=160, dense_inter_dim=200, moe_inter_dim=136,
+                              n_layers=2, mtp_depth=0)
+    m = build(cfg)
+    export_hf(m, cfg, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    fp8, expected = {}, {}
+    for name, w in tensors.items():
+        if w.ndim != 2 or "embed" in name or "lm_head" in name or "mlp.gate.weight" in name:
+            fp8[name] = w
+            continue
+        rows, cols = w.shape
+        nb_r, nb_c = -(-rows // 128), -(-cols // 128)
+        scale = torch.empty(nb_r, nb_c)
+        q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+        deq = torch.empty(rows, cols)
+        for i in range(nb_r):
+            for j in range(nb_c):
+                blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+                s = blk.abs().max().clamp_min(1e-4) / 448
+                scale[i, j] = s
+                qb = (blk / s).to(torch.float8_e4m3fn)
+                q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = qb
+                deq[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = qb.float() * s
+        fp8[name], fp8[name + "_scale_inv"], expected[name] = q, scale, deq
+    assert any(t.shape[0] % 128 and t.shape[0] > 128 for t in expected.values())
+    (tmp_path / "model.safetensors").unlink()
+    save_file(fp8, str(tmp_path / "model.safetensors"))
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                   "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    m2, cfg2 = import_hf(tmp_path)
+    assert cfg2 == cfg
+    hf_names = to_hf_names(m2, cfg)
+    for name, t in m2.state_dict().items():
+        for hf_name, part in hf_names.get(name, []):
+            if hf_name in expected:
+                assert torch.equal(part(t), expected[hf_name]), hf_name
+    for name, deq in expected.items():  # e4m3 keeps 3 mantissa bits: within ~2^-4 of the original
+        assert ((deq - tensors[name]).norm() / tensors[name].norm()).item() < 0.05, name
+
+
+def to_hf_names(model, cfg) -> dict[str, list]:
+    """duet name -> [(hf name, function picking that tensor's part)] via the exporter itself."""
+    from framework.hf import to_hf_state_dict
+
+    out: dict[str, list] = {}
+    for name, t in model.state_dict().items():
+        for hf_name in to_hf_state_dict({name: t}, cfg, mtp_shared_copies=False):
+            m = re.search(r"experts\.(\d+)\.", hf_name)
+            pick = (lambda j: lambda x: x[j])(int(m[1])) if m else (lambda x: x)
+            out.setdefault(name, []).append((hf_name, pick))
+    return out
