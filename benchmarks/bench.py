@@ -9,8 +9,9 @@ and reported, never asserted). Sections: pipeline schedules on paper (simulator,
 1F1B, timelines), expert-parallel overlap, all-to-all bandwidth (NCCL where there are two GPUs or
 more, else gloo), and without --quick: measured pipeline bubbles vs the simulator's formula,
 trainer overhead vs bare PyTorch, dp scaling, training throughput (tokens/s and MFU: the small
-preset on a GPU, tiny on CPU), a short training run (loss and expert load over steps from its
-metrics.jsonl; fp8 vs bf16 on a GPU, vs fp32 on CPU), and on a GPU the FP8 GEMM TFLOPS.
+preset on a GPU, tiny on CPU), duet against transformers' DeepseekV3ForCausalLM (benchmarks/
+peers.py), a short training run (loss and expert load over steps from its metrics.jsonl; fp8 vs
+bf16 where bf16 is fast, else vs fp32), and on a GPU the FP8 GEMM TFLOPS.
 """
 
 from __future__ import annotations
@@ -123,6 +124,20 @@ def throughput_section(out: Path, quick: bool) -> tuple[str, list[str]]:
     return "\n".join(lines), []
 
 
+def peers_section(out: Path, quick: bool) -> tuple[str, list[str]]:
+    from benchmarks import peers
+
+    r = peers.main(["--rounds", "2", "--steps", "1"])
+    lines = [f"{r['device']}; duet in its default precision ({r['compute']}); torchtitan's debug model", "",
+             "| shape | contender | tok/s min | tok/s median |", "|---|---|---|---|"]
+    for e in r["results"]:
+        lines += [f"| {e['shape']} | {n} | {c['tok_s_min']:,.0f} | {c['tok_s_median']:,.0f} |"
+                  for n, c in e["contenders"].items()]
+        lines.append(f"| {e['shape']} | duet / {e['best_peer']} | {e['ratio_min']:.2f}x | "
+                     f"{e['ratio_median']:.2f}x |")
+    return "\n".join(lines), []
+
+
 def _module(name: str, argv: list[str]):
     def run(out: Path, quick: bool) -> tuple[str, list[str]]:
         import importlib
@@ -144,9 +159,12 @@ def training_run(out: Path, quick: bool, precision: str = "fp32") -> dict[str, l
 def training_section(out: Path, quick: bool) -> tuple[str, list[str]]:
     import torch
 
-    # bf16 matmuls run ~10x slower than fp32 on CPUs without AVX512-BF16: fp32 is the CPU baseline
-    # (benchmarks/fp8_parity runs the long bf16 comparison).
-    precisions = ["bf16", "fp8"] if torch.cuda.is_available() else ["fp32", "fp8"]
+    from framework.precision import cpu_has_fast_bf16
+
+    # bf16 is the baseline where it is fast (GPUs, CPUs with AMX or AVX512-BF16); elsewhere bf16
+    # matmuls are emulated and slower than fp32, which is then the CPU baseline.
+    fast = torch.cuda.is_available() or cpu_has_fast_bf16()
+    precisions = ["bf16", "fp8"] if fast else ["fp32", "fp8"]
     runs = {p: [r for r in training_run(out, quick, p) if "loss" in r and "step" in r] for p in precisions}
     files = [write_lines({p: [(r["step"], r["loss"]) for r in rs] for p, rs in runs.items()},
                          out / "loss.png", title="training loss " + " vs ".join(precisions)).name]
@@ -174,6 +192,7 @@ def sections(quick: bool, cuda: bool) -> list[tuple[str, object]]:
                _module("trainer_overhead", ["--steps", "10", "--rounds", "3"])),
               ("Data-parallel scaling", _module("dp_scaling", ["--steps", "15"])),
               ("Training throughput: tokens/s and MFU", throughput_section),
+              ("duet vs transformers' DeepseekV3ForCausalLM (peers)", peers_section),
               ("Short training run: loss and expert load", training_section)]
         if cuda:
             s += [("FP8 GEMM vs BF16 matmul (GPU)", _module("fp8_gemm", []))]

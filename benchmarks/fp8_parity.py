@@ -1,6 +1,6 @@
 """Does FP8 training track the baseline? Final loss of precision=fp8 against the baseline precision.
 
-    python -m benchmarks.fp8_parity [--steps 300] [--seeds 3] [--baseline bf16|fp32] [--threads N]
+    python -m benchmarks.fp8_parity [--steps 300] [--seeds 3] [--baseline auto|bf16|fp32] [--threads N]
                                     [--out DIR] [overrides ...]
 
 Trains the tiny preset (or what the overrides select) with precision=fp8 and with the
@@ -10,11 +10,13 @@ and the spread of the baseline seeds: the difference means something only when i
 inside that spread. DeepSeek-V3 reports a relative loss error below 0.25% against BF16 at
 16B/230B scale over about a trillion tokens; a tiny model over a few hundred steps is noisier.
 
-Baseline: bf16 autocast, as the issue and V3's report compare against. On a CPU without
-AVX512-BF16 the bf16 matmuls run about ten times slower than fp32 (a 300-step tiny run takes
-~20 minutes); `--baseline fp32` is the quick alternative. Both sides use BF16 AdamW moments
-(the fp8 preset's). On a GPU only the GEMM precision differs; on CPU the fp8 run's other parts
-(attention core, norms, head) run in fp32, its CPU companion precision (the `rest` column).
+Baseline: bf16 autocast, as the issue and V3's report compare against, wherever bf16 is fast
+(`--baseline auto`, the default: GPUs and CPUs with AMX or AVX512-BF16, see
+framework.precision.cpu_has_fast_bf16). On other CPUs bf16 matmuls are emulated and run several
+times slower than fp32 (a 300-step tiny run took ~20 minutes), so auto takes fp32 there.
+Both sides use BF16 AdamW moments (the fp8 preset's). On a GPU only the GEMM precision differs;
+on CPU the fp8 run's other parts (attention core, norms, head) run in fp32, its CPU companion
+precision (the `rest` column; framework/fp8.py's companion_compute), also beside a bf16 baseline.
 All runs read the same batches (data.seed is fixed); `seed` changes the initial weights.
 On CPU the FP8 GEMMs run the plain-torch reference kernels: the s/step column is no guide
 to GPU speed.
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3, help="baseline seeds (the first is fp8's too)")
-    parser.add_argument("--baseline", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--baseline", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--out", type=Path, default=None,
                         help="write runs.json (after every run: a long job loses nothing) and loss.png")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -69,7 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from framework.precision import cpu_has_fast_bf16
+
     baseline = args.baseline
+    if baseline == "auto":
+        baseline = "bf16" if torch.cuda.is_available() or cpu_has_fast_bf16() else "fp32"
     plan = [("fp8", 0)] + [(baseline, s) for s in range(args.seeds)]
     runs = []
     if args.out:
