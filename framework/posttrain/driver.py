@@ -58,13 +58,16 @@ def schedule(lr: float, steps: int) -> Callable[[int], float]:
 
 
 @torch.no_grad()
-def evaluate(learner: Learner, task: Task, problems: list[Problem], c: PosttrainConfig) -> dict[str, float]:
-    """Greedy accuracy, mean reward and response length (tokens, END included) on `problems`."""
+def evaluate(learner: Learner, task: Task, problems: list[Problem], c: PosttrainConfig,
+             template: bool = True) -> dict[str, float]:
+    """Greedy accuracy, mean reward and response length (tokens, END included) on `problems`.
+    template=False (after pre-training, which saw no template): accuracy of the bare answer."""
     responses, _ = sample(learner.model, [encode(p.prompt) for p in problems], c.max_new_tokens, 0.0, 0,
                           same_steps=learner.mesh.ep > 1)
     texts = [decode(r) for r in responses]
     rewards, _ = total_rewards(c.rewards, task, problems, texts)
-    correct = [accuracy_reward(task, p, t) for p, t in zip(problems, texts)]
+    correct = [accuracy_reward(task, p, t) if template else float(task.verify(p, t))
+               for p, t in zip(problems, texts)]
     n = len(problems)
     return {"accuracy": sum(correct) / n, "reward": sum(rewards) / n,
             "response_len": sum(map(len, responses)) / n}
@@ -116,15 +119,15 @@ def run(c: PosttrainConfig, mesh: Mesh | None = None, device: torch.device | Non
     result = R1Result()
     rank, dp = mesh.dp_rank, mesh.dp
 
-    def report(stage: str, learner: Learner) -> None:
-        numbers = evaluate(learner, task, heldout, c)
+    def report(stage: str, learner: Learner, template: bool = True) -> None:
+        numbers = evaluate(learner, task, heldout, c, template)
         result.stages[stage] = numbers
         say(f"duet-r1: {stage:<9} greedy accuracy {numbers['accuracy']:6.1%}  mean reward "
             f"{numbers['reward']:.3f}  response length {numbers['response_len']:.1f} tokens")
 
     policy = Learner.build(c.policy, cfg, mesh, device, seed=c.seed)
     supervised(policy, task_rows(task, c, rank, dp, template=False), c.pretrain_steps, c.pretrain_lr, whole=True)
-    report("pre-train", policy)
+    report("pre-train", policy, template=False)
     sft_rows = (file_rows(load_rows(c.sft_data), c, rank, dp) if c.sft_data
                 else task_rows(task, c, rank, dp, template=True))
     supervised(policy, sft_rows, c.sft_steps, c.sft_lr)

@@ -7,12 +7,11 @@
 
 update() is the trainer's step for losses that are already normalised globally: each closure
 returns its micro-batch's share of the global objective (a sum divided by a global count), the
-backward of all but the last micro-batch runs under the reducer's no_sync, and because the
+backward of all but the last micro-batch only accumulates, and because the
 reducer averages over dp (divides by dp) each share is multiplied by dp before backward, so the
 reduced gradient is that of the global objective, the same as one process on the whole batch.
 
-This goes through `built.reducer` / `built.optimizer` (the native engine, what trainer.train_step
-uses); the engine protocol (Parallelized.engine) replaces these four lines once it is committed.
+This goes through the engine protocol (parallel/engine.py), as the trainer's step does.
 Pipeline parallelism is not supported here: its runtime would need to carry per-micro-batch loss
 inputs (advantages, masks, old and reference log-probabilities) to the last stage.
 """
@@ -80,24 +79,23 @@ class Learner:
                after_forward: Callable[[], None] | None = None) -> dict[str, float]:
         """One optimizer step on the sum of the closures' (globally normalised) losses; returns the
         global loss, the gradient norm and the expert loads of the step's training forwards."""
-        built, model, dp = self.built, self.model, self.mesh.dp
-        built.optimizer.set_lr(lr)
+        engine, model, dp = self.built.engine, self.model, self.mesh.dp
+        engine.set_lr(lr)
         model.train()
         total = torch.zeros((), dtype=torch.float64)
-        for i, closure in enumerate(closures):
-            last = i == len(closures) - 1
-            with contextlib.nullcontext() if last else built.reducer.no_sync():
-                loss = closure()
-                if after_forward is not None:
-                    after_forward()
-                (loss * dp).backward()
-            total += loss.detach().double().cpu()
-        built.reducer.finish()
-        grad_norm = built.optimizer.clip_grad_norm(max_norm)
-        if torch.isfinite(grad_norm):
-            built.optimizer.step()
-        built.optimizer.zero_grad()
+        with engine.accumulate():  # on exit: gradients reduced over dp (once, after the last piece)
+            for i, closure in enumerate(closures):
+                last = i == len(closures) - 1
+                with contextlib.nullcontext() if last else engine.reducer.no_sync():
+                    loss = closure()
+                    if after_forward is not None:
+                        after_forward()
+                    engine.backward(loss * dp)
+                total += loss.detach().double().cpu()
+        finite = bool(torch.isfinite(total))
+        grad_norm, applied = engine.step(max_norm, finite)
         all_reduce_expert_load(model, self.mesh)
         loads = [moe.router.expert_load.tolist() for moe in model.moe_layers()]
-        model.update_expert_bias(self.bias_rate)  # rate 0: counts reset, bias frozen
-        return {"loss": self.global_sum(total), "grad_norm": float(grad_norm), "expert_load": loads}
+        model.update_expert_bias(self.bias_rate if applied else 0.0)  # rate 0: counts reset only
+        return {"loss": self.global_sum(total), "grad_norm": float(grad_norm), "applied": applied,
+                "expert_load": loads}

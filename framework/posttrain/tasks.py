@@ -7,8 +7,8 @@ with a verifier, so rewards need no model (R1's rule-based accuracy reward).
 
 Each problem also carries a worked `think` (the chain of thought an SFT row shows between
 <think> and </think>) that a tiny causal model can actually use:
-    addition   the sum's digits from the ones place up (the order carries propagate in),
-               then the answer: 57+68= -> <think>521</think>125
+    addition   a draft of the sum, then the answer: 57+68= -> <think>125</think>125 (a micro model
+               has no use for a longer chain; the draft is where its pre-trained skill shows)
     sorting    the digits in descending order, then ascending:  s:3912= -> <think>9321</think>1239
     countdown  the running values of one solution, then its expression (each given number used
                exactly once, + - * /, exact arithmetic):  3 5 7>22= -> <think>15,22</think>3*5+7
@@ -55,7 +55,7 @@ class Addition(Task):
     def sample(self, rng: random.Random) -> Problem:
         a, b = rng.randint(self.lo, self.hi), rng.randint(self.lo, self.hi)
         total = str(a + b)
-        return Problem(f"{a}+{b}=", total, total[::-1], (a, b))
+        return Problem(f"{a}+{b}=", total, total, (a, b))
 
     def verify(self, problem: Problem, answer: str) -> bool:
         a, b = problem.data

@@ -1,0 +1,245 @@
+"""Post-training pieces against hand-computed values: tasks and verifiers, rewards, SFT rows and
+masks (gradients on response targets only), the GRPO objective, routing replay, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from framework.config import PosttrainConfig, posttrain_problems
+from framework.errors import DataError, TrainingError
+from framework.model import Transformer
+from framework.posttrain import grpo, replay
+from framework.posttrain.rewards import accuracy_reward, check_rewards, format_reward, parse, total_rewards
+from framework.posttrain.sft import END, Row, collate, decode, encode, load_rows, response_ce
+from framework.posttrain.tasks import Addition, Countdown, Problem, Sorting
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double(), y.double()
+    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
+
+
+def nan_reward(task, problem, completion) -> float:  # a user reward gone wrong (by import path)
+    return math.nan
+
+
+# --------------------------------------------------------------------------- tasks and rewards
+
+
+def test_verifiers_accept_right_and_reject_wrong_answers():
+    add = Problem("57+68=", "125", "125", (57, 68))
+    assert Addition().verify(add, "125") and Addition().verify(add, " 125")
+    assert not Addition().verify(add, "124") and not Addition().verify(add, "")
+    srt = Problem("s:3912=", "1239", "9321", (3, 9, 1, 2))
+    assert Sorting().verify(srt, "1239") and not Sorting().verify(srt, "1293")
+    cd = Problem("3 5 7>22=", "3*5+7", "15,22", ((3, 5, 7), 22))
+    assert Countdown().verify(cd, "3*5+7") and Countdown().verify(cd, "7+5*3")
+    assert not Countdown().verify(cd, "3*5*7")  # 105
+    assert not Countdown().verify(cd, "3*5+7+0")  # a number not given
+    assert not Countdown().verify(cd, "15+7")  # numbers not the given ones
+    assert not Countdown().verify(cd, "__import__('os')") and not Countdown().verify(cd, "3*5+7)")
+    one = Problem("", "", "", ((4, 2, 2), 1))
+    assert Countdown().verify(one, "4/2/2") and Countdown().verify(one, "4/(2*2)")
+    assert not Countdown().verify(one, "4/2*2") and not Countdown().verify(one, "2/(4-2-2)")  # 4; 1/0
+
+
+@pytest.mark.parametrize("task", [Addition(2), Sorting(4), Countdown(3)])
+def test_generated_problems_are_solved_by_their_own_answer(task):
+    problems = task.problems(200, seed=3)
+    assert all(task.verify(p, p.answer) for p in problems)
+    assert len({p.prompt for p in problems}) > 100  # not one problem repeated
+    assert task.problems(5, seed=3) == problems[:5]  # a fixed seed gives fixed problems
+
+
+def test_rewards_parse_the_template():
+    p, task = Problem("57+68=", "125", "125", (57, 68)), Addition()
+    assert parse("<think>x</think>125") == ("x", "125")
+    for bad in ("125", "<think>125", "<think>1</think>", "<think>1</think>2</think>", "x<think>1</think>2"):
+        assert parse(bad) is None and format_reward(task, p, bad) == 0.0
+    assert accuracy_reward(task, p, "<think></think>125") == 1.0
+    assert accuracy_reward(task, p, "<think>125</think>124") == 0.0
+    assert accuracy_reward(task, p, "125") == 0.0  # right number, no template
+    totals, means = total_rewards({"accuracy": 1.0, "format": 0.5}, task, [p, p],
+                                  ["<think></think>125", "<think></think>7"])
+    assert totals == [1.5, 0.5] and means == {"accuracy": 0.5, "format": 1.0}
+
+
+def test_non_finite_reward_names_the_function_and_the_sample():
+    p = Problem("57+68=", "125", "125", (57, 68))
+    with pytest.raises(TrainingError) as err:
+        total_rewards({"accuracy": 1.0, "tests.test_posttrain:nan_reward": 1.0}, Addition(), [p, p], ["a", "b"])
+    line = str(err.value)
+    assert "\n" not in line and "tests.test_posttrain:nan_reward" in line and "sample 0" in line and "57+68=" in line
+    lines = check_rewards({"accuracy": 1.0, "tests.test_posttrain:nan_reward": 1.0, "nope": 1.0}, Addition(), p)
+    assert len(lines) == 2 and "nan_reward" in lines[0] and "unknown reward 'nope'" in lines[1]
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+def test_sft_rows_from_jsonl_and_malformed_rows(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "1+1=", "completion": "<think></think>2"}) + "\n\n"
+                    + json.dumps({"messages": [{"role": "system", "content": "S:"}, {"role": "user", "content": "2+2="},
+                                               {"role": "assistant", "content": "<think></think>4"}]}) + "\n")
+    assert load_rows(good) == [Row("1+1=", "<think></think>2"), Row("S:2+2=", "<think></think>4")]
+    for text, says in [("{not json", "not valid JSON"), ('["a"]', "JSON object"), ('{"prompt": "a"}', "no string"),
+                       ('{"prompt": "", "completion": "b"}', "empty"),
+                       ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
+                        "end with the one assistant turn"),
+                       ('{"messages": [{"role": "user"}]}', "list of >= 2")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + text + "\n")
+        with pytest.raises(DataError) as err:
+            load_rows(bad)
+        assert f"{bad}:2:" in str(err.value) and says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_collate_targets_the_response_only():
+    batch = collate([Row("ab", "c"), Row("x", "yz")])
+    assert batch.tokens_BT.tolist() == [[97, 98, 99], [120, 121, 122]]
+    assert batch.targets_BT.tolist() == [[98, 99, END], [121, 122, END]]
+    assert batch.mask_BT.tolist() == [[False, True, True], [True, True, True]]
+    short = collate([Row("ab", "c"), Row("x", "y")])  # the second row is padded at the end
+    assert short.tokens_BT[1].tolist() == [120, 121, 0] and short.mask_BT[1].tolist() == [True, True, False]
+    assert collate([Row("ab", "c")], whole=True).mask_BT.tolist() == [[True, True, True]]
+    assert decode(encode("héllo") + [END, 65]) == "héllo"
+
+
+def micro_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(PosttrainConfig().policy)
+
+
+def test_sft_gradients_are_those_of_the_response_targets_only():
+    model = micro_model()
+    rows = [Row("12+34=", "<think>46</think>46"), Row("5+5=", "<think></think>10"), Row("99+1=", "x")]
+    batch = collate(rows)
+    n = float(batch.mask_BT.sum())
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    ours = grads(response_ce(model, batch, n))
+    # The reference: cross-entropy of the response positions only, picked out by hand.
+    logits = model(batch.tokens_BT)
+    picked, wanted = [], []
+    for b, row in enumerate(rows):
+        p, r = len(encode(row.prompt)), len(encode(row.completion)) + 1
+        picked.append(logits[b, p - 1:p - 1 + r])
+        wanted.append(batch.targets_BT[b, p - 1:p - 1 + r])
+    balance = sum(m.aux_loss for m in model.moe_layers())
+    reference = grads(F.cross_entropy(torch.cat(picked), torch.cat(wanted)) + balance)
+    assert calc_diff(ours, reference) < 1e-10
+    # Prompt targets (mask false) are any tokens at all: the gradients do not move a bit.
+    changed = collate(rows)
+    changed.targets_BT = torch.where(changed.mask_BT, changed.targets_BT, torch.randint(0, 256, changed.mask_BT.shape))
+    assert not torch.equal(changed.targets_BT, batch.targets_BT)
+    assert torch.equal(grads(response_ce(model, changed, n)), ours)
+
+
+# --------------------------------------------------------------------------- the GRPO objective
+
+
+def test_group_advantages_by_hand():
+    adv = grpo.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), 4)
+    s1, s2 = math.sqrt(1 / 3), 0.5  # unbiased stds of the two groups
+    want = [0.5 / (s1 + 1e-4), -0.5 / (s1 + 1e-4), -0.5 / (s1 + 1e-4), 0.5 / (s1 + 1e-4),
+            -0.25 / (s2 + 1e-4), -0.25 / (s2 + 1e-4), -0.25 / (s2 + 1e-4), 0.75 / (s2 + 1e-4)]
+    assert adv.tolist() == pytest.approx(want, rel=1e-12)
+    raw = grpo.group_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), 4, std_norm=False)
+    assert raw.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, -0.25, -0.25, -0.25, 0.75])
+    assert grpo.group_advantages(torch.tensor([2.0, 2.0]), 2).tolist() == [0.0, 0.0]
+    assert grpo.informative_groups(torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0]), 4).tolist() == [False, True]
+
+
+def test_clipped_surrogate_and_k3_by_hand():
+    ratios = torch.tensor([[1.3, 1.3, 0.5, 0.5]], dtype=torch.float64)
+    logp, old = ratios.log(), torch.zeros(1, 4, dtype=torch.float64)
+    adv = torch.tensor([1.0])
+    for a, want, clipped in [(1.0, [-1.28, -1.28, -0.5, -0.5], [True, True, False, False]),
+                             (-1.0, [1.3, 1.3, 0.8, 0.8], [False, False, True, True])]:
+        loss, parts = grpo.token_loss(logp, old, None, adv * a, eps=0.2, eps_high=0.28, beta=0.0)
+        assert loss[0].tolist() == pytest.approx(want, rel=1e-12)
+        assert parts["clipped"][0].tolist() == clipped
+    # eps_high = eps: the symmetric PPO clip.
+    loss, _ = grpo.token_loss(logp, old, None, adv, eps=0.2, eps_high=0.2, beta=0.0)
+    assert loss[0].tolist() == pytest.approx([-1.2, -1.2, -0.5, -0.5], rel=1e-12)
+    # k3 with ref/pi = 1/2: 1/2 - log(1/2) - 1.
+    p = torch.tensor([[math.log(0.5)]], dtype=torch.float64)
+    ref = torch.tensor([[math.log(0.25)]], dtype=torch.float64)
+    assert grpo.k3(p, ref).item() == pytest.approx(0.5 + math.log(2) - 1, rel=1e-12)
+    loss, parts = grpo.token_loss(p, p.clone(), ref, torch.tensor([2.0]), 0.2, 0.2, beta=0.1)
+    assert loss.item() == pytest.approx(-2.0 + 0.1 * (0.5 + math.log(2) - 1), rel=1e-12)
+
+
+def test_aggregations_by_hand_and_micro_batches_sum_to_the_batch():
+    loss = torch.tensor([[1.0, 2, 3], [4, 5, 6]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    norm = grpo.Normaliser(sequences=2, tokens=3, max_len=3)
+    assert grpo.aggregate(loss, mask, "grpo", norm).item() == pytest.approx((1.5 + 4) / 2)
+    assert grpo.aggregate(loss, mask, "dapo", norm).item() == pytest.approx(7 / 3)
+    assert grpo.aggregate(loss, mask, "dr_grpo", norm).item() == pytest.approx(7 / 6)
+    for agg in ("grpo", "dapo", "dr_grpo"):  # global normaliser: pieces add up, no mean of means
+        parts = grpo.aggregate(loss[:1], mask[:1], agg, norm) + grpo.aggregate(loss[1:], mask[1:], agg, norm)
+        assert parts.item() == pytest.approx(grpo.aggregate(loss, mask, agg, norm).item(), rel=1e-6)
+
+
+def test_pack_rollouts_pads_to_one_length():
+    r = grpo.pack_rollouts([[1, 2], [3]], [[4, END], [5, 6, END]], [[-0.5, -0.25], [-1.0, -2.0, -3.0]],
+                           torch.tensor([1.0, -1.0]), length=5)
+    assert r.tokens_BT.tolist() == [[1, 2, 4, 0, 0], [3, 5, 6, 0, 0]]
+    assert r.targets_BT.tolist() == [[2, 4, END, 0, 0], [5, 6, END, 0, 0]]
+    assert r.mask_BT.tolist() == [[False, True, True, False, False], [True, True, True, False, False]]
+    assert r.sampler_BT.tolist() == [[0, -0.5, -0.25, 0, 0], [-1, -2, -3, 0, 0]]
+
+
+# --------------------------------------------------------------------------- routing replay
+
+
+def test_routing_replay_forces_the_recorded_experts_with_current_gate_weights():
+    model = micro_model()
+    model.train()
+    tokens = torch.randint(0, 256, (4, 12))
+    moe = model.moe_layers()[0]
+    at_experts = []  # what the experts receive: (ids, gate weights) of every forward
+    hook = moe.experts.register_forward_pre_hook(lambda module, args: at_experts.append((args[1], args[2])))
+    scores = []
+    score_hook = moe.router.register_forward_hook(lambda module, args, out: scores.append(out[2]))
+    with replay.record(model) as routes:
+        model(tokens)
+    rollout_w = at_experts[-1][1]
+    with torch.no_grad():  # the weights change, as after an update
+        moe.router.weight.add_(torch.randn_like(moe.router.weight))
+    with replay.record(model) as fresh:
+        model(tokens)
+    same, total = replay.agreement(routes, fresh)
+    assert same < total  # replay off: the routes moved, and the agreement says by how much
+    assert not torch.equal(at_experts[-1][0], routes[0])
+    with replay.replay(model, routes) as used:
+        model(tokens)
+    hook.remove()
+    score_hook.remove()
+    ids, w = at_experts[-1]
+    assert len(used) == 1 and torch.equal(ids, routes[0])  # exactly the rollout's experts
+    assert not torch.equal(w, rollout_w)  # gate weights from the current scores
+    picked = scores[-1].gather(1, routes[0])  # by hand: sigmoid scores, renormalised, x route_scale
+    assert torch.allclose(w, picked / picked.sum(-1, keepdim=True) * moe.router.route_scale, rtol=1e-6)
+    assert replay.agreement(routes, routes) == (routes[0].numel(), routes[0].numel())
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_posttrain_config_problems_are_one_line_each():
+    assert posttrain_problems(PosttrainConfig()) == []
+    lines = posttrain_problems(PosttrainConfig(group_size=1, loss_agg="ppo", task="chess"))
+    assert len(lines) == 3 and all("\n" not in line for line in lines)
+    assert any("posttrain.group_size=1" in line for line in lines)
