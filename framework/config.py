@@ -86,10 +86,9 @@ class ParallelConfig:
     # the weight-gradient split (zero bubble: backward computes input gradients first).
     layers_per_stage: list[int] = field(default_factory=list)
     wgrad_split: bool = True
-    # DualPipe(V)'s pairs (FB actions): whether duet-plan and the dry run model a pair's forward
-    # and backward as overlapped (DeepSeek-V3's sub-layer interleave). The runtime runs each
-    # pair's forward, then its backward, on one thread (DESIGN.md rule 10) until the interleave
-    # is built, so today this changes predictions only.
+    # DualPipe(V)'s pairs (FB actions): the runtime interleaves a pair's forward and backward
+    # sub-layer steps on one thread (DeepSeek-V3's order, parallel/pipeline/runtime.py), and
+    # duet-plan models the pair as overlapped; false: forward, then backward (same numbers).
     overlap_fb: bool = True
 
 

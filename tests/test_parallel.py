@@ -27,6 +27,7 @@ from parallel.data_parallel import (
     GradReducer,
     _chunk,
     all_reduce_expert_load,
+    min_zero1_bytes,
     reduce_mean_loss,
 )
 from parallel.mesh import Layout, Mesh, build_mesh, init_distributed
@@ -173,11 +174,13 @@ def _counters() -> dict:
 
 
 def _train(rank: int, mesh, zero: bool, steps: int, first_step: int = 0, ckpt_dir: str | None = None,
-           load_dir: str | None = None) -> dict:
-    """The trainer's step order on one rank; returns what the tests compare."""
+           load_dir: str | None = None, linked: bool = False, reduce_dtype: str = "fp32") -> dict:
+    """The trainer's step order on one rank; returns what the tests compare. linked: the reducer
+    reduce-scatters for the ZeRO optimizer (as parallelize() builds them) instead of all-reducing."""
     model = make_model()
-    reducer = GradReducer(model, mesh, bucket_mb=0.004)
-    opt = DataParallelOptimizer(model, OPTIM, mesh, "fp32", zero=zero)
+    reducer = GradReducer(model, mesh, bucket_mb=0.004, zero=zero and linked, reduce_dtype=reduce_dtype)
+    opt = DataParallelOptimizer(model, OPTIM, mesh, "fp32", zero=zero, reducer=reducer if linked else None)
+    comm.reset_comm_stats()
     if load_dir is not None:
         state = {"model": model.state_dict(), "optim": opt.state_dict()}
         dcp.load(state, checkpoint_id=load_dir)
@@ -198,6 +201,9 @@ def _train(rank: int, mesh, zero: bool, steps: int, first_step: int = 0, ckpt_di
         out["loss"].append(reduce_mean_loss(loss.detach(), mesh))
         out["bias"].append(biases(model))
     out["params"] = params(model)
+    out["sent_per_step"] = (reducer.sent_bytes + opt.sent_bytes) / steps
+    out["reduce_scatters"] = comm.comm_stats().get("reduce_scatter", {}).get("calls", 0)
+    out["buckets"] = len(reducer.buckets)
     out["state_numel"] = sum(v.numel() for st in opt.inner.state.values()
                              for k, v in st.items() if k != "step")
     if ckpt_dir is not None:
@@ -240,6 +246,7 @@ def _ep_checks(rank: int, mesh, ckpt_dir: str) -> dict:
     reducer.finish()
     out["grads"] = grads(model)
     out["train"] = {zero: _train(rank, mesh, zero, steps=2) for zero in (False, True)}
+    out["train_rs"] = _train(rank, mesh, True, steps=2, linked=True)  # experts reduce-scattered over edp
     # ZeRO state under EP (experts sharded over edp on dim 1, over ep on dim 0) saved with DCP
     # and loaded back into the unsharded optimizer (experts replicated over edp).
     model = make_model()
@@ -263,6 +270,14 @@ def _four_rank_run(rank: int, world: int, tmp: str) -> dict:
     out = {"coords": tuple(mesh.coords), "comm": _comm_checks(rank, mesh), "grads": _grad_checks(rank, mesh)}
     out["train"] = {zero: _train(rank, mesh, zero, steps=3, ckpt_dir=f"{tmp}/dp4" if zero else None)
                     for zero in (False, True)}
+    # ZeRO-1 by reduce-scatter (the reducer linked to the optimizer), in fp32 and with bf16 reduction.
+    out["rs"] = {dtype: _train(rank, mesh, True, steps=3, linked=True, reduce_dtype=dtype)
+                 for dtype in ("fp32", "bf16")}
+    model = make_model()
+    reducer = GradReducer(model, mesh, bucket_mb=0.004, reduce_dtype="bf16")  # all-reduce in bf16
+    model.loss(*(rows(t, rank, 4) for t in batch(0)))[0].backward()
+    reducer.finish()
+    out["bf16_grads"] = grads(model)
     out["ep"] = _ep_checks(rank, build_mesh(Layout(1, 4, 2)), f"{tmp}/ep")
     return out
 
@@ -535,6 +550,54 @@ def test_zero_checkpoint_reshards_dp4_to_dp2_and_to_one_process(ranks, ref, one_
     assert_close_params(params(model), ref["params3"], 1e-5)
 
 
+def test_zero1_by_reduce_scatter_equals_single_process_at_the_minimum_bytes(ranks, ref):
+    runs = [r["rs"]["fp32"] for r in ranks["four"]]
+    for run in runs:
+        for got, want in zip(run["loss"], ref["loss"][:3], strict=True):
+            assert math.isclose(got, want, rel_tol=1e-6)
+        for got, want in zip(run["norm"], ref["norm"][:3], strict=True):
+            assert math.isclose(got, want, rel_tol=1e-5)
+        for step_bias, want_bias in zip(run["bias"], ref["bias"][:3], strict=True):
+            assert all(torch.equal(b, w) for b, w in zip(step_bias, want_bias, strict=True))
+        assert_close_params(run["params"], ref["params3"], 1e-5)
+        assert run["reduce_scatters"] == 3 * run["buckets"] > 3  # every gradient bucket, every step
+    for run in runs[1:]:
+        assert all(torch.equal(run["params"][n], runs[0]["params"][n]) for n in run["params"])
+    # Every dimension ZeRO cuts divides by 4 here, so nothing is padded: per step each rank sends
+    # (n-1)/n of the fp32 gradients (reduce-scatter) and of the fp32 weights (all-gather), n = 4.
+    numel = sum(p.numel() for p in ref["params"].values())
+    minimum = 2 * 3 / 4 * 4 * numel
+    assert all(run["sent_per_step"] == minimum for run in runs)
+    assert min_zero1_bytes(make_model(), _FakeMesh(4)) == minimum
+    # Before: all-reduce (2(n-1)/n) then all-gather ((n-1)/n), 1.5x the minimum.
+    assert all(r["train"][True]["sent_per_step"] == 1.5 * minimum for r in ranks["four"])
+
+
+def test_bf16_gradient_reduction_is_close_and_halves_gradient_bytes(ranks, ref, one_thread):
+    model = make_model()
+    model.loss(*batch(0))[0].backward()
+    want = grads(model)
+    diffs = [rel_diff(r["bf16_grads"][n], g) for r in ranks["four"] for n, g in want.items()]
+    assert max(diffs) < 1e-4  # bf16 keeps 8 bits: per-element relative error about 2^-9
+    assert max(diffs) > 1e-10  # and it did round (the fp32 path is below 1e-10 everywhere)
+    runs = [r["rs"]["bf16"] for r in ranks["four"]]
+    numel = sum(p.numel() for p in ref["params"].values())
+    for run in runs:
+        for got, want_loss in zip(run["loss"], ref["loss"][:3], strict=True):
+            assert math.isclose(got, want_loss, rel_tol=1e-3)
+        assert_close_params(run["params"], ref["params3"], 1e-2)
+        assert run["sent_per_step"] == 3 / 4 * (2 + 4) * numel  # bf16 gradients, fp32 weights
+    for run in runs[1:]:  # every rank applied the same update
+        assert all(torch.equal(run["params"][n], runs[0]["params"][n]) for n in run["params"])
+
+
+class _FakeMesh:
+    """What min_zero1_bytes reads of a mesh: dp and edp sizes (ep 1)."""
+
+    def __init__(self, dp: int) -> None:
+        self.dp = self.edp = dp
+
+
 # --------------------------------------------------------------------------- ep = 2 inside dp = 4
 
 
@@ -573,6 +636,15 @@ def test_ep2_zero_equals_replicated_and_state_reshards(ranks):
             full = run["plain_state"][name]
             assert torch.equal(full.narrow(dim, start, length), piece), name
             assert piece.numel() < full.numel() or full.numel() <= 1
+
+
+def test_ep2_zero_by_reduce_scatter_equals_replicated(ranks):
+    for run in (ranks["four"][r]["ep"] for r in range(4)):
+        plain, rs = run["train"][False], run["train_rs"]
+        assert rs["reduce_scatters"] == 2 * rs["buckets"]
+        assert_close_params(rs["params"], plain["params"], 1e-6)
+        assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(rs["norm"], plain["norm"], strict=True))
+        assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(rs["loss"], plain["loss"], strict=True))
 
 
 def test_spawn_helper_reports_a_failing_rank():
