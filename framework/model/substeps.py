@@ -53,7 +53,9 @@ from framework.model.moe import MoE
 from framework.model.recompute import recomputed
 from kernels.deferred import WeightGradWork, capture
 
-Trace = Callable[[str, str], None]  # (event "issue" | "compute" | "wait", sub-step name)
+# (event "issue" | "compute" | "wait", sub-step name); issue and compute are noted when the
+# step has run, a wait when it returns (inside the step that needs the result)
+Trace = Callable[[str, str], None]
 
 
 @dataclass
@@ -77,8 +79,9 @@ class Step:
     ctx: StepContext
 
     def run(self) -> None:
-        self.ctx.note(self.kind, self.name)
+        # Noted when done: a wait inside the step (for its inputs) comes before its "compute".
         self.fn()
+        self.ctx.note(self.kind, self.name)
 
 
 def _leaf(t, grad: bool):

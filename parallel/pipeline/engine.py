@@ -99,7 +99,7 @@ class PipelineEngine:
                     self._shared.append((group, names))
         peers = [mesh.layout.rank_of(p, mesh.dp_rank) for p in range(par.pp)]
         self.runner = PipelineRunner(self.stages, self.placement, mesh.pp_rank, peers, mesh.pp_group,
-                                     wgrad_split=par.wgrad_split)
+                                     wgrad_split=par.wgrad_split, interleave=par.overlap_fb)
 
     # --- one step ------------------------------------------------------------------------
     def _args(self, inputs: torch.Tensor, device, autocast) -> tuple:

@@ -6,19 +6,31 @@ boundary tensors with the other pipeline ranks (activations forward, gradients b
     out = runner.step(tokens_mbs, targets_mbs)          # forward + backward of every micro-batch
     out.losses[mb], out.parts[mb]                       # last-stage losses of the micro-batches here
 
+Training actions run as sub-layer steps (framework/model/substeps.py): a forward is a StagePass
+whose steps keep the block boundaries (attention, dispatch, experts, combine), and its backward
+later runs the same boundaries in reverse. An FB pair issues its two passes' steps in DualPipe's
+interleaved order (substeps.interleave: combine(B) attention(F) dispatch(F) experts(B)
+dispatch(B) experts(W) experts(F) combine(F) attention(B) attention(W) per MoE block pair), so
+each expert-parallel all-to-all travels while a computation of the other micro-batch runs; with
+interleave=False (parallel.overlap_fb=false) the forward's steps, then the backward's (the same
+numbers). One thread issues everything (DESIGN.md rule 10).
+
 Communication (through parallel.comm, DESIGN.md rule 9): the rank issues exactly the P2P plan
 of its schedule (`p2p_plan`, parallel/pipeline/p2p.py): before each action, the batches the plan
 puts at that boundary go out as `batch_isend_irecv` calls on the pipeline group, with no tags,
-and are waited before the action computes; the last batches follow the last action. A warm-up
-all-reduce over the group precedes the first batch (PyTorch wants every rank of a group in its
-first call). A stage boundary on one rank (DualPipeV's turn) is handed over locally. An FB pair
-runs its forward and then its backward, on the calling thread (DESIGN.md rule 10); no second
-thread ever issues work.
+in plan order; each batch is waited right before the action's first step that reads one of its
+receives, and every batch still open is waited when the action ends (so sends, and receives a
+later step needs, travel while earlier steps compute); the last batches follow the last action.
+A warm-up all-reduce over the group precedes the first batch (PyTorch wants every rank of a
+group in its first call). A stage boundary on one rank (DualPipeV's turn) is handed over locally.
+The all-to-alls use the ep group's communicator, the P2P the pipeline group's: on NCCL separate
+streams, and every rank of an ep group runs the same schedule, so both keep one order.
 
-Loss scaling: every micro-batch's backward starts from loss / n_micro_batches (and each
-non-last stage adds its MoE balance loss / n_micro_batches), so the accumulated gradients are
-those of the mean loss over the rank's batch, as without a pipeline. Weight gradients of
-split backwards wait in a FIFO for W actions (parallel/pipeline/wgrad.py).
+Loss scaling: every micro-batch's backward starts from loss / n_micro_batches (each MoE layer's
+balance loss is a root of its attention backward with the same scale), so the accumulated
+gradients are those of the mean loss over the rank's batch, as without a pipeline. Weight
+gradients of split backwards (every sub-step's W) wait in a FIFO for W actions
+(parallel/pipeline/wgrad.py); an unsplit backward runs each sub-step's W right after it.
 
 Legend: B micro-batch sequences, T sequence, D model dim.
 """
@@ -90,11 +102,12 @@ class PipelineRunner:
     def __init__(self, stages: list[Stage], placement: Placement, pp_rank: int, peers: list[int],
                  group=None, wgrad_split: bool = True,
                  record: Callable[[str, float, float], None] | None = None,
-                 interleave: bool = True, recompute: str = "none"):
+                 interleave: bool = True):
         self.stages, self.placement = stages, placement
         # interleave: an FB action runs its two passes' sub-steps in DualPipe's order (substeps
-        # .interleave); False: the forward's steps, then the backward's (same numbers).
-        self.interleave, self.recompute = interleave, recompute
+        # .interleave); False: the forward's steps, then the backward's (same numbers). Activation
+        # recompute is each block's own (model.recompute).
+        self.interleave = interleave
         # Trace hook: trace(event, name) for every sub-step and P2P batch, event "issue" |
         # "compute" | "wait", name "<step>@<mb>" or "p2p<boundary>.<batch>" (tests/test_overlap.py).
         self.trace: Callable[[str, str], None] | None = None
@@ -192,7 +205,7 @@ class PipelineRunner:
 
     def _ctx(self, mb: int) -> StepContext:
         trace = None if self.trace is None else (lambda event, name: self.trace(event, f"{name}@{mb}"))
-        return StepContext(self._scale, self._autocast, self.recompute, trace)
+        return StepContext(self._scale, self._autocast, trace)
 
     def _pass(self, phase: int, mb: int) -> StagePass:
         """A training forward of `mb` through this rank's stage of `phase`, not yet run."""
@@ -266,6 +279,7 @@ class PipelineRunner:
     def _weight(self) -> None:
         start = time.perf_counter()
         self._wgrad.popleft().run()
+        self._note("compute", "W")
         self._mark("W", start)
 
     # --- one step ------------------------------------------------------------------------
@@ -295,6 +309,7 @@ class PipelineRunner:
         self._setup(tokens, targets, hidden_shape, dtype, device, autocast)
         self._warm_up()
         for k, action in enumerate(self.actions):
+            self._note("action", str(action))
             self._communicate(k, self._train_plan[k])
             if action.kind == "F":
                 self._train_forward(action.phase, action.mb)
@@ -305,6 +320,7 @@ class PipelineRunner:
             else:
                 self._pair(action)
             self._settle()
+            self._note("done", str(action))
         self._communicate(len(self.actions), self._train_plan[len(self.actions)])
         self._settle()
         return self._finish()

@@ -1,0 +1,263 @@
+"""DualPipe's sub-layer overlap (framework/model/substeps.py, parallel/pipeline/runtime.py) and
+activation recompute (framework/model/recompute.py), all fp32.
+
+- The sub-step cut of a stage against today's plain forward (Stage.loss + autograd): losses
+  torch.equal, gradients calc_diff < 1e-10, router loads torch.equal; each recompute mode too.
+- The interleave's issue order and pairing rule on hand-made step lists.
+- One spawn of 4 ranks: pp=2 x dp=2 x ep=2 DualPipe and pp=4 DualPipeV, the interleaved FB
+  against the sequential one (losses torch.equal, gradients calc_diff < 1e-10), each recompute
+  mode against none, and the timing-free trace: every all-to-all of an interleaved pair is
+  issued before the computation meant to hide it and waited after it; every P2P batch that
+  carries only sends is issued at its action's start and waited after a computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+from framework.model import Transformer
+from framework.model.substeps import StagePass, Step, StepContext, interleave
+from kernels.fp8.reference import calc_diff
+from launch.ranks import run_ranks
+from parallel.pipeline.p2p import p2p_plan
+from parallel.pipeline.runtime import PipelineRunner, hold_stages, holders
+from parallel.pipeline.schedules import Placement
+from parallel.pipeline.wgrad import split_weight_grads
+from tests.test_pipeline import MB, D, T, model_cfg
+
+MODES = ("none", "selective", "full")
+
+
+def make(n_layers: int, recompute: str = "none", split: bool = True) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(model_cfg(n_layers), recompute=recompute))
+    return split_weight_grads(model) if split else model
+
+
+def data(seed: int, n: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 64, (n, MB, T), generator=g)
+    return list(tokens), list(torch.randint(0, 64, (n, MB, T), generator=g))
+
+
+def grads_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def loads_of(model) -> list[torch.Tensor]:
+    return [m.router.expert_load.clone() for m in model.moe_layers()]
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def test_substeps_and_recompute_equal_the_plain_block():
+    (tokens,), (targets,) = data(1)
+    ref_model = make(3, split=False)
+    loss_ref, _ = ref_model.split_stages(1)[0].loss(tokens, targets)
+    (loss_ref * 0.5).backward()
+    ref = grads_of(ref_model)
+    # (recompute, weight-gradient split, cut: the sub-step pass, else the plain forward of pp=1);
+    # tests/test_pipeline.py covers the split sub-step pass without recompute
+    runs = [("none", False, True)] + [(mode, True, cut) for mode in MODES[1:] for cut in (False, True)]
+    for mode, split, cut in runs:
+        model = make(3, mode, split)
+        stage = model.split_stages(1)[0]
+        if cut:
+            pas = StagePass(stage, tokens, targets, StepContext(scale=0.5))
+            for step in pas.forward_steps():
+                step.run()
+            loss, _ = pas.output()
+            for step in pas.backward_steps():
+                step.run()
+        else:
+            loss, _ = stage.loss(tokens, targets)
+            (loss * 0.5).backward()
+        label = (mode, split, cut)
+        assert torch.equal(loss, loss_ref), label
+        loads = zip(loads_of(model), loads_of(ref_model), strict=True)
+        assert all(torch.equal(a, b) for a, b in loads), label  # each token counted once
+        got = grads_of(model)
+        assert set(got) == set(ref), label
+        for n, want in ref.items():
+            assert calc_diff(got[n], want) < 1e-10, (label, n)
+
+
+def _steps(names: list[str]) -> list[Step]:
+    return [Step(n, "compute", lambda: None, StepContext()) for n in names]
+
+
+MOE_F = ["attention.F", "dispatch.F", "experts.F", "combine.F"]
+MOE_B = ["combine.B", "experts.B", "dispatch.B", "experts.W", "attention.B", "attention.W"]
+
+
+def test_interleave_order_and_pairing_rule():
+    # first stage forward (embedding, dense L0, MoE L1 L2) with a last-stage backward (tail, L5)
+    f = ["embed.F", "L0.F"] + [f"L1.{s}" for s in MOE_F] + [f"L2.{s}" for s in MOE_F]
+    b = ["head.B", "head.W"] + [f"L5.{s}" for s in MOE_B]
+    got = [s.name for s in interleave(_steps(f), _steps(b))]
+    assert got == ["embed.F", "L0.F", "head.B", "head.W",
+                   "L5.combine.B", "L1.attention.F", "L1.dispatch.F", "L5.experts.B", "L5.dispatch.B",
+                   "L5.experts.W", "L1.experts.F", "L1.combine.F", "L5.attention.B", "L5.attention.W",
+                   "L2.attention.F", "L2.dispatch.F", "L2.experts.F", "L2.combine.F"]
+    # more MoE blocks on the backward side: the extra ones follow the last pair
+    f = [f"L3.{s}" for s in MOE_F] + ["head.F"]
+    b = [f"L2.{s}" for s in MOE_B] + [f"L1.{s}" for s in MOE_B] + ["L0.B", "L0.W"]
+    got = [s.name for s in interleave(_steps(f), _steps(b))]
+    assert got[:10] == ["L2.combine.B", "L3.attention.F", "L3.dispatch.F", "L2.experts.B", "L2.dispatch.B",
+                        "L2.experts.W", "L3.experts.F", "L3.combine.F", "L2.attention.B", "L2.attention.W"]
+    assert got[10:] == ["head.F"] + [f"L1.{s}" for s in MOE_B] + ["L0.B", "L0.W"]
+    assert sorted(got) == sorted(f + b)
+
+
+# --------------------------------------------------------------------------- spawned ranks
+
+# (label, schedule, pp, chunks, n_layers, layers per stage, recompute, interleave)
+EP_CASES = [("dp", "dualpipe", 2, 4, 3, None, "none", True), ("dp", "dualpipe", 2, 4, 3, None, "none", False),
+            ("dp", "dualpipe", 2, 4, 3, None, "full", True),
+            ("dp", "dualpipe", 2, 4, 3, None, "selective", True),
+            ("dp31", "dualpipe", 2, 4, 4, (3, 1), "none", True),  # stages of 2 and 1 MoE blocks
+            ("dp31", "dualpipe", 2, 4, 4, (3, 1), "none", False)]
+V_CASES = [("v", "dualpipev", 4, 8, 8, None, "none", True), ("v", "dualpipev", 4, 8, 8, None, "none", False),
+           ("v", "dualpipev", 4, 8, 8, None, "full", True)]
+
+
+def _run(case, pp_rank, peers, group, mesh, data_seed):
+    _, name, pp, chunks, n_layers, layers, recompute, inter = case
+    placement = Placement(name, pp, chunks)
+    model = make(n_layers, recompute)
+    if mesh is not None:
+        from parallel.expert_parallel import enable_expert_parallel
+        enable_expert_parallel(model, mesh)
+    stages = model.split_stages(placement.n_stages, list(layers) if layers else None)
+    runner = PipelineRunner(hold_stages(stages, placement, pp_rank), placement, pp_rank, peers, group,
+                            interleave=inter)
+    events = []
+    runner.trace = lambda event, what: events.append((event, what))
+    tokens, targets = data(data_seed, chunks)
+    out = runner.step(tokens, targets, (MB, T, D), torch.float32, torch.device("cpu"), contextlib.nullcontext)
+    held = {n for n, rs in holders(model, stages, placement).items() if pp_rank in rs}
+    return {"losses": out.losses, "aux": out.aux, "events": events, "loads": loads_of(model),
+            "grads": {n: g for n, g in grads_of(model).items() if n in held}}
+
+
+def overlap_worker(rank: int, world: int) -> dict:
+    from parallel.mesh import Layout, build_mesh
+
+    mesh = build_mesh(Layout(pp=2, dp=2, ep=2))
+    peers = [mesh.layout.rank_of(p, mesh.dp_rank) for p in range(2)]
+    out = {c: _run(c, mesh.pp_rank, peers, mesh.pp_group, mesh, 7 + 100 * mesh.dp_rank) for c in EP_CASES}
+    out.update({c: _run(c, rank, list(range(world)), None, None, 7) for c in V_CASES})
+    out["pp_rank"] = mesh.pp_rank
+    return out
+
+
+@pytest.fixture(scope="module")
+def spawned():
+    return run_ranks(overlap_worker, 4, timeout_s=400)
+
+
+def _same(a: dict, b: dict, label) -> None:
+    assert a["losses"].keys() == b["losses"].keys(), label
+    for mb in a["losses"]:
+        assert torch.equal(a["losses"][mb], b["losses"][mb]), (label, mb)
+    assert a["aux"].keys() == b["aux"].keys() and all(torch.equal(a["aux"][k], b["aux"][k]) for k in a["aux"])
+    assert all(torch.equal(x, y) for x, y in zip(a["loads"], b["loads"], strict=True)), label
+    assert a["grads"].keys() == b["grads"].keys() and a["grads"], label
+    for n in a["grads"]:
+        assert calc_diff(a["grads"][n], b["grads"][n]) < 1e-10, (label, n)
+
+
+def test_interleaved_equals_sequential_and_recompute_equals_none(spawned):
+    for cases in (EP_CASES, V_CASES):
+        base = {(c[0], c[6], c[7]): c for c in cases}
+        for c in cases:
+            if c[6] == "none" and c[7]:
+                ref = base[(c[0], "none", False)]  # interleaved vs sequential FB
+            elif c[6] != "none":
+                ref = base[(c[0], "none", True)]  # recompute vs none, both interleaved
+            else:
+                continue
+            for r, per_rank in enumerate(spawned):
+                _same(per_rank[c], per_rank[ref], (c, ref, r))
+            assert sum(len(per_rank[c]["losses"]) for per_rank in spawned) == c[3] * (2 if c[2] == 2 else 1)
+
+
+HIDER = {"combine.B": "attention.F", "dispatch.F": "experts.B", "dispatch.B": "experts.F",
+         "combine.F": "attention.B"}
+
+
+def _fb_spans(events):
+    """(action label, events inside) for every FB action ("F<p>.<mb>+B<p>.<mb>")."""
+    out, current = [], None
+    for event, what in events:
+        if event == "action":
+            current = (what, []) if "+" in what else None
+        elif event == "done":
+            if current is not None:
+                out.append(current)
+            current = None
+        elif current is not None:
+            current[1].append((event, what))
+    return out
+
+
+def _hidden_all_to_alls(inside) -> tuple[int, int]:
+    """(all-to-alls issued with a computation of the other micro-batch between issue and wait,
+    pairs of MoE blocks in this FB)."""
+    hidden = 0
+    for i, (event, what) in enumerate(inside):
+        step, _, mb = what.partition("@")
+        kind = step.split(".", 1)[-1]
+        if event != "issue" or kind not in HIDER:
+            continue
+        waits = [j for j, e in enumerate(inside) if e == ("wait", what) and j > i]
+        assert waits, f"{what} issued and never waited in its FB"
+        between = inside[i + 1:waits[0]]
+        hidden += any(e == "compute" and w.split("@")[0].endswith(HIDER[kind]) and w.split("@")[1] != mb
+                      for e, w in between)
+    moe_f = {w.split(".")[0] for e, w in inside if e == "compute" and ".attention.F@" in w}
+    moe_b = {w.split(".")[0] for e, w in inside if e == "compute" and ".attention.B@" in w}
+    return hidden, min(len(moe_f), len(moe_b))
+
+
+def test_trace_each_all_to_all_and_p2p_batch_is_hidden(spawned):
+    hidden_p2p = 0
+    for cases, pp in ((EP_CASES, 2), (V_CASES, 4)):
+        c = cases[0]
+        assert c[6] == "none" and c[7]
+        pairs_seen = 0
+        for r, per_rank in enumerate(spawned):
+            rank = per_rank["pp_rank"] if pp == 2 else r
+            events = per_rank[c]["events"]
+            for action, inside in _fb_spans(events):
+                hidden, pairs = _hidden_all_to_alls(inside)
+                assert hidden == 4 * pairs, (c, rank, action, hidden, pairs)
+                pairs_seen += pairs
+            for action, inside in _fb_spans(per_rank[cases[1]]["events"]):  # the sequential FB hides less
+                hidden, pairs = _hidden_all_to_alls(inside)
+                assert pairs == 0 or hidden < 4 * pairs, (cases[1], rank, action, hidden, pairs)
+            # P2P batches: issued at their boundary, waited where the action first reads one of
+            # their receives, else when it ends. A batch with no receive in or after it at its
+            # boundary (batches finish in issue order) must travel behind a computation of its
+            # action; which batches those are follows from the plan alone.
+            plan = p2p_plan(c[1], pp, c[3], rank)
+            issued = [w for e, w in events if e == "issue" and w.startswith("p2p")]
+            assert len(issued) == len({op.batch for op in plan}), (c, rank)
+            for before in sorted({op.before for op in plan}):
+                batches = sorted({op.batch for op in plan if op.before == before})
+                sends = [all(op.op == "send" for op in plan if op.batch == b) for b in batches]
+                for i in range(len(batches)):
+                    key = f"p2p{before}.{i}"
+                    issue, wait = events.index(("issue", key)), events.index(("wait", key))
+                    assert issue < wait, (c, rank, key)
+                    assert not any(e in ("action", "done") for e, _ in events[issue:wait]), (c, rank, key)
+                    if all(sends[i:]):
+                        assert any(e == "compute" for e, _ in events[issue:wait]), (c, rank, key)
+                        hidden_p2p += 1
+        assert pairs_seen > 0, c
+    assert hidden_p2p > 0, hidden_p2p
