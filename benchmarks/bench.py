@@ -193,7 +193,9 @@ def sections(quick: bool, cuda: bool) -> list[tuple[str, object]]:
               ("Data-parallel scaling", _module("dp_scaling", ["--steps", "15"])),
               ("Training throughput: tokens/s and MFU", throughput_section),
               ("duet vs transformers' DeepseekV3ForCausalLM (peers)", peers_section),
-              ("Short training run: loss and expert load", training_section)]
+              ("Short training run: loss and expert load", training_section),
+              ("Generation: duet's latent cache vs transformers' generate, MTP speculative decoding",
+               _module("generate", []))]
         if cuda:
             s += [("FP8 GEMM vs BF16 matmul (GPU)", _module("fp8_gemm", []))]
     return s
