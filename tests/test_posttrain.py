@@ -71,11 +71,12 @@ def test_rewards_parse_the_template():
 
 def test_non_finite_reward_names_the_function_and_the_sample():
     p = Problem("57+68=", "125", "125", (57, 68))
+    user = "tests.test_posttrain:nan_reward"
     with pytest.raises(TrainingError) as err:
-        total_rewards({"accuracy": 1.0, "tests.test_posttrain:nan_reward": 1.0}, Addition(), [p, p], ["a", "b"])
+        total_rewards({"accuracy": 1.0, user: 1.0}, Addition(), [p, p], ["a", "b"])
     line = str(err.value)
-    assert "\n" not in line and "tests.test_posttrain:nan_reward" in line and "sample 0" in line and "57+68=" in line
-    lines = check_rewards({"accuracy": 1.0, "tests.test_posttrain:nan_reward": 1.0, "nope": 1.0}, Addition(), p)
+    assert "\n" not in line and user in line and "sample 0" in line and "57+68=" in line
+    lines = check_rewards({"accuracy": 1.0, user: 1.0, "nope": 1.0}, Addition(), p)
     assert len(lines) == 2 and "nan_reward" in lines[0] and "unknown reward 'nope'" in lines[1]
 
 
@@ -85,14 +86,15 @@ def test_non_finite_reward_names_the_function_and_the_sample():
 def test_sft_rows_from_jsonl_and_malformed_rows(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"prompt": "1+1=", "completion": "<think></think>2"}) + "\n\n"
-                    + json.dumps({"messages": [{"role": "system", "content": "S:"}, {"role": "user", "content": "2+2="},
+                    + json.dumps({"messages": [{"role": "system", "content": "S:"},
+                                               {"role": "user", "content": "2+2="},
                                                {"role": "assistant", "content": "<think></think>4"}]}) + "\n")
     assert load_rows(good) == [Row("1+1=", "<think></think>2"), Row("S:2+2=", "<think></think>4")]
-    for text, says in [("{not json", "not valid JSON"), ('["a"]', "JSON object"), ('{"prompt": "a"}', "no string"),
-                       ('{"prompt": "", "completion": "b"}', "empty"),
-                       ('{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}',
-                        "end with the one assistant turn"),
-                       ('{"messages": [{"role": "user"}]}', "list of >= 2")]:
+    flipped = '{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}'
+    cases = [("{not json", "not valid JSON"), ('["a"]', "JSON object"), ('{"prompt": "a"}', "no string"),
+             ('{"prompt": "", "completion": "b"}', "empty"), (flipped, "end with the one assistant turn"),
+             ('{"messages": [{"role": "user"}]}', "list of >= 2")]
+    for text, says in cases:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + text + "\n")
         with pytest.raises(DataError) as err:
@@ -140,7 +142,8 @@ def test_sft_gradients_are_those_of_the_response_targets_only():
     assert calc_diff(ours, reference) < 1e-10
     # Prompt targets (mask false) are any tokens at all: the gradients do not move a bit.
     changed = collate(rows)
-    changed.targets_BT = torch.where(changed.mask_BT, changed.targets_BT, torch.randint(0, 256, changed.mask_BT.shape))
+    noise = torch.randint(0, 256, changed.mask_BT.shape)
+    changed.targets_BT = torch.where(changed.mask_BT, changed.targets_BT, noise)
     assert not torch.equal(changed.targets_BT, batch.targets_BT)
     assert torch.equal(grads(response_ce(model, changed, n)), ours)
 
@@ -243,3 +246,25 @@ def test_posttrain_config_problems_are_one_line_each():
     lines = posttrain_problems(PosttrainConfig(group_size=1, loss_agg="ppo", task="chess"))
     assert len(lines) == 3 and all("\n" not in line for line in lines)
     assert any("posttrain.group_size=1" in line for line in lines)
+
+
+def test_duet_r1_bad_input_is_one_line_and_exit_2_before_training(tmp_path, capsys):
+    from launch.r1 import main
+
+    bad_rows = tmp_path / "rows.jsonl"
+    bad_rows.write_text('{"prompt": "1+1=", "completion": "<think></think>2"}\n{"prompt": 3}\n')
+    long_row = tmp_path / "long.jsonl"
+    long_row.write_text(json.dumps({"prompt": "9" * 70, "completion": "x"}) + "\n")
+    run_dir = tmp_path / "run"
+    cases = [(["group_size=1"], "posttrain.group_size=1"),
+             ([f"sft_data={bad_rows}"], f"{bad_rows}:2:"),
+             ([f"sft_data={long_row}"], "longer than model.max_seq_len=64"),
+             (["max_new_tokens=60"], "exceed posttrain.policy.max_seq_len=64"),
+             (["+rewards.nope=1.0"], "unknown reward 'nope'"),
+             (["grpo_stepz=3"], "grpo_stepz"),
+             (["posttrain=nope"], "unknown posttrain preset 'nope'")]
+    for args, says in cases:
+        assert main(args + [f"run_dir={run_dir}"]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and err[0].startswith("duet-r1: error: "), (args, err)
+    assert not run_dir.exists()  # nothing trained, nothing written

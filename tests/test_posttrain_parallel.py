@@ -22,7 +22,8 @@ B, LR = 8, 1e-3
 
 
 def posttrain_cfg() -> PosttrainConfig:
-    return PosttrainConfig(micro_batches=2, kl_coef=0.05, routing_replay=True, loss_agg="grpo", max_new_tokens=6)
+    return PosttrainConfig(micro_batches=2, kl_coef=0.05, routing_replay=True, loss_agg="grpo",
+                           max_new_tokens=6)
 
 
 def rollouts() -> grpo.Rollouts:

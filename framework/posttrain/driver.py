@@ -1,10 +1,16 @@
 """R1's path on one task, stage by stage, on duet's layout (what `duet-r1` runs).
 
-    pre-train   next-token loss on every token of the task's plain text ("57+68=125")
+    pre-train   next-token loss on every token of the task's text in the template
+                ("57+68=<think>125</think>125"): a base model that can sometimes do the task
     SFT         the think/answer template, loss on response tokens only (sft.py)
     GRPO        rule-based accuracy + format rewards, the objective of grpo.py
     distil      rejection-sampled correct answers of the policy -> SFT of a smaller student
                 (itself pre-trained on the same text first, as R1's students are pre-trained bases)
+
+The micro model learns the task only from text in the template: pre-trained on the bare
+"57+68=125" it reaches ~50% and loses it again when SFT moves the answer 15 tokens further from
+the operands (measured), so the pre-training text is the template's and SFT continues it on
+the response tokens (or on a jsonl of the user's rows).
 
 After every stage: greedy accuracy, mean reward and mean response length on `eval_prompts`
 fixed held-out problems (a seed no training stream uses). `run()` returns every stage's numbers
@@ -62,8 +68,8 @@ def evaluate(learner: Learner, task: Task, problems: list[Problem], c: Posttrain
              template: bool = True) -> dict[str, float]:
     """Greedy accuracy, mean reward and response length (tokens, END included) on `problems`.
     template=False (after pre-training, which saw no template): accuracy of the bare answer."""
-    responses, _ = sample(learner.model, [encode(p.prompt) for p in problems], c.max_new_tokens, 0.0, 0,
-                          same_steps=learner.mesh.ep > 1)
+    responses, _, _ = sample(learner.model, [encode(p.prompt) for p in problems], c.max_new_tokens, 0.0, 0,
+                             learner.ep_group)
     texts = [decode(r) for r in responses]
     rewards, _ = total_rewards(c.rewards, task, problems, texts)
     correct = [accuracy_reward(task, p, t) if template else float(task.verify(p, t))
@@ -80,17 +86,19 @@ def supervised(learner: Learner, rows_of: Callable[[int], list[Row]], steps: int
     for step in range(steps):
         batch = collate(rows_of(step), whole=whole).to(learner.device)
         n_targets = learner.global_sum(batch.mask_BT.sum())
-        rec = learner.update([lambda b=batch: response_ce(learner.model, b, n_targets)], lr_of(step))
+        rec = learner.update([lambda b=batch, n=n_targets: response_ce(learner.model, b, n)], lr_of(step))
         losses.append(rec["loss"])
     return losses
 
 
-def task_rows(task: Task, c: PosttrainConfig, rank: int, dp: int, template: bool) -> Callable[[int], list[Row]]:
+def task_rows(task: Task, c: PosttrainConfig, rank: int, dp: int,
+              template: bool) -> Callable[[int], list[Row]]:
     """This rank's rows of step s, drawn fresh from the task (plain text, or the template)."""
     share = c.batch_size // dp
 
     def rows_of(step: int) -> list[Row]:
-        problems = task.problems(share, seed=(c.seed * 7919 + step * 31 + rank + (1 if template else 2)) % 2**31)
+        seed = (c.seed * 7919 + step * 31 + rank + (1 if template else 2)) % 2**31
+        problems = task.problems(share, seed=seed)
         return [Row(p.prompt, reference_completion(p) if template else p.answer) for p in problems]
 
     return rows_of
@@ -126,8 +134,9 @@ def run(c: PosttrainConfig, mesh: Mesh | None = None, device: torch.device | Non
             f"{numbers['reward']:.3f}  response length {numbers['response_len']:.1f} tokens")
 
     policy = Learner.build(c.policy, cfg, mesh, device, seed=c.seed)
-    supervised(policy, task_rows(task, c, rank, dp, template=False), c.pretrain_steps, c.pretrain_lr, whole=True)
-    report("pre-train", policy, template=False)
+    text = task_rows(task, c, rank, dp, template=True)
+    supervised(policy, text, c.pretrain_steps, c.pretrain_lr, whole=True)
+    report("pre-train", policy)
     sft_rows = (file_rows(load_rows(c.sft_data), c, rank, dp) if c.sft_data
                 else task_rows(task, c, rank, dp, template=True))
     supervised(policy, sft_rows, c.sft_steps, c.sft_lr)
@@ -138,14 +147,13 @@ def run(c: PosttrainConfig, mesh: Mesh | None = None, device: torch.device | Non
 
     if c.distill_steps:
         problems = train_problems(task, c.distill_prompts // dp, c.seed, -1, rank)
-        rows = rejection_sample(policy, task, problems, c, seed=c.seed + 17)
+        rows = rejection_sample(policy, task, problems, c, seed=(c.seed * 100_003 + 99_991 + rank) * 4096)
         result.distilled_rows = int(policy.global_sum(len(rows)))
         say(f"duet-r1: rejection sampling kept {result.distilled_rows} correct answers of "
             f"{c.distill_prompts} prompts")
         if rows:
             student = Learner.build(c.student, cfg, mesh, device, seed=c.seed + 1)
-            supervised(student, task_rows(task, c, rank, dp, template=False), c.pretrain_steps, c.pretrain_lr,
-                       whole=True)
+            supervised(student, text, c.pretrain_steps, c.pretrain_lr, whole=True)
             supervised(student, file_rows(rows, c, 0, 1), c.distill_steps, c.distill_lr)
             report("student", student)
     return result, policy

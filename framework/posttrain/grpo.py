@@ -20,10 +20,12 @@ One step (grpo_step): sample G responses for each prompt from the current weight
 compute advantages (dynamic sampling drops the groups whose rewards are all equal), pad the
 rollouts to one fixed length, take old-policy and reference log-probabilities from a
 forward-only pass on the same layout, then `updates_per_batch` optimizer steps over
-`micro_batches` pieces. MoE: the old-policy pass records every router's choices; with
-routing_replay the training forwards use them (replay.py), otherwise the step reports how many
-decisions agree; it reports the k3 mismatch between the sampler's log-probabilities and the
-training engine's, and the expert loads.
+`micro_batches` pieces. MoE: the sampler returns the experts every rollout position was routed
+to (framework/generate.py on its KV cache); with routing_replay the training forwards use
+exactly those (replay.py), otherwise each update reports the share of routing decisions that
+agree with them. Every step reports the agreement of the old-policy pass with the rollout, the
+k3 mismatch between the sampler's log-probabilities and the training engine's, and the
+expert loads.
 
 Legend: B rollouts (prompts x G), T positions, G group size.
 """
@@ -39,7 +41,7 @@ from framework.posttrain import replay
 from framework.posttrain.learner import Learner
 from framework.posttrain.rewards import total_rewards
 from framework.posttrain.rollout import sample, token_logprobs
-from framework.posttrain.sft import END, decode, encode
+from framework.posttrain.sft import decode, encode
 from framework.posttrain.tasks import Problem, Task
 
 STD_EPS = 1e-4
@@ -117,22 +119,28 @@ class Rollouts:
     mask_BT: torch.Tensor  # bool: the target is a response token (through END)
     sampler_BT: torch.Tensor  # the sampler's log-probabilities at the response targets (0 elsewhere)
     adv_B: torch.Tensor
+    length_B: torch.Tensor  # input positions that hold a real token (prompt + response - 1)
     old_BT: torch.Tensor | None = None
     ref_BT: torch.Tensor | None = None
+    experts: list[torch.Tensor] | None = None  # per row, the sampler's [MoE layers, positions, K] routes
+
+    FIELDS = ("tokens_BT", "targets_BT", "mask_BT", "sampler_BT", "adv_B", "length_B", "old_BT", "ref_BT")
 
     def rows(self, lo: int, hi: int) -> Rollouts:
-        pick = (lambda t: None if t is None else t[lo:hi])
-        return Rollouts(*(pick(getattr(self, f)) for f in ("tokens_BT", "targets_BT", "mask_BT", "sampler_BT",
-                                                          "adv_B", "old_BT", "ref_BT")))
+        def pick(t):
+            return None if t is None else t[lo:hi]
+
+        return Rollouts(*(pick(getattr(self, f)) for f in self.FIELDS), experts=pick(self.experts))
 
     def to(self, device) -> Rollouts:
-        move = (lambda t: None if t is None else t.to(device))
-        return Rollouts(*(move(getattr(self, f)) for f in ("tokens_BT", "targets_BT", "mask_BT", "sampler_BT",
-                                                          "adv_B", "old_BT", "ref_BT")))
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return Rollouts(*(move(getattr(self, f)) for f in self.FIELDS), experts=self.experts)
 
 
 def pack_rollouts(prompts: list[list[int]], responses: list[list[int]], sampler_logps: list[list[float]],
-                  adv_B: torch.Tensor, length: int) -> Rollouts:
+                  adv_B: torch.Tensor, length: int, experts: list[torch.Tensor] | None = None) -> Rollouts:
     """Rows of prompt + response, padded with 0 to `length` positions (fixed per step)."""
     B = len(prompts)
     tokens = torch.zeros(B, length, dtype=torch.int64)
@@ -145,7 +153,24 @@ def pack_rollouts(prompts: list[list[int]], responses: list[list[int]], sampler_
         tokens[b, :n], targets[b, :n] = ids[:-1], ids[1:]
         mask[b, len(p) - 1:n] = True
         sampler[b, len(p) - 1:n] = torch.tensor(lp, dtype=torch.float32)
-    return Rollouts(tokens, targets, mask, sampler, adv_B.float())
+    length_B = torch.tensor([len(p) + len(r) - 1 for p, r in zip(prompts, responses)])
+    return Rollouts(tokens, targets, mask, sampler, adv_B.float(), length_B, experts=experts)
+
+
+def rollout_routes(recorded: list[torch.Tensor], mb: Rollouts) -> list[torch.Tensor]:
+    """The sampler's routes of a micro-batch in the training forward's layout (one [B*T, K] per
+    MoE layer); padding positions, which no sampler saw, keep the training pass's own ids."""
+    if mb.experts is None:
+        return recorded
+    B, T = mb.tokens_BT.shape
+    out = []
+    for layer, ids in enumerate(recorded):
+        ids_BTK = ids.view(B, T, -1).clone()
+        for b in range(B):
+            n = int(mb.length_B[b])
+            ids_BTK[b, :n] = mb.experts[b][layer, :n].to(ids.device)
+        out.append(ids_BTK.view(B * T, -1))
+    return out
 
 
 def micro_slices(B: int, n: int) -> list[tuple[int, int]]:
@@ -183,20 +208,22 @@ def score_pass(learner: Learner, batch: Rollouts, pieces: list[tuple[int, int]],
 def sample_group(learner: Learner, task: Task, problems: list[Problem], c: PosttrainConfig, seed: int):
     """G responses per problem from the current weights; their rewards and texts."""
     prompts = [encode(p.prompt) for p in problems for _ in range(c.group_size)]
-    responses, logps = sample(learner.model, prompts, c.max_new_tokens, c.temperature, seed,
-                              same_steps=learner.mesh.ep > 1)
+    responses, logps, experts = sample(learner.model, prompts, c.max_new_tokens, c.temperature, seed,
+                                       learner.ep_group)
     texts = [decode(r) for r in responses]
     rewards, parts = total_rewards(c.rewards, task, [p for p in problems for _ in range(c.group_size)], texts)
-    return prompts, responses, logps, torch.tensor(rewards, dtype=torch.float64), parts
+    return prompts, responses, logps, experts, torch.tensor(rewards, dtype=torch.float64), parts
 
 
 def grpo_step(learner: Learner, reference: Learner | None, task: Task, problems: list[Problem],
               c: PosttrainConfig, step: int, lr: float) -> dict:
     """One GRPO step on this rank's problems (see the module docstring); returns its record."""
-    prompts, responses, logps, rewards_B, parts = sample_group(learner, task, problems, c, seed=c.seed + step)
-    record = {"step": step, "reward": learner.global_sum(rewards_B.sum()) / learner.global_sum(len(rewards_B)),
+    seed = (c.seed * 100_003 + step * 1_009 + learner.mesh.dp_rank) * 4096  # + b per sequence: no overlap
+    prompts, responses, logps, experts, rewards_B, parts = sample_group(learner, task, problems, c, seed)
+    n = learner.global_sum(len(rewards_B))
+    record = {"step": step, "reward": learner.global_sum(rewards_B.sum()) / n,
               **{f"reward_{k}": v for k, v in parts.items()},
-              "response_len": learner.global_sum(sum(map(len, responses))) / learner.global_sum(len(responses))}
+              "response_len": learner.global_sum(sum(map(len, responses))) / n}
     if c.control == "shuffle":  # the control run: rewards no longer belong to their samples
         rewards_B = rewards_B[torch.randperm(len(rewards_B), generator=torch.Generator().manual_seed(step))]
     adv_B = group_advantages(rewards_B, c.group_size, std_norm=c.loss_agg != "dr_grpo")
@@ -206,43 +233,37 @@ def grpo_step(learner: Learner, reference: Learner | None, task: Task, problems:
         record["kept_groups"] = learner.global_sum(keep_P.sum()) / learner.global_sum(len(keep_P))
         rows = keep_B.nonzero().flatten().tolist()
         prompts, responses, logps = ([x[i] for i in rows] for x in (prompts, responses, logps))
+        experts = None if experts is None else [experts[i] for i in rows]
         adv_B = adv_B[keep_B]
     if learner.global_sum(len(prompts)) == 0:
         return {**record, "skipped": "no group with differing rewards"}
     length = max(len(p) for p in prompts) + c.max_new_tokens - 1
-    batch = pack_rollouts(prompts, responses, logps, adv_B, length)
+    batch = pack_rollouts(prompts, responses, logps, adv_B, length, experts)
     return {**record, **update_on(learner, reference, batch, c, lr)}
 
 
-def update_on(learner: Learner, reference: Learner | None, batch: Rollouts, c: PosttrainConfig, lr: float) -> dict:
+def update_on(learner: Learner, reference: Learner | None, batch: Rollouts, c: PosttrainConfig,
+              lr: float) -> dict:
     """updates_per_batch optimizer steps on one rollout batch (old and reference log-probs first)."""
     B = len(batch.adv_B)
     pieces = micro_slices(B, c.micro_batches) if B else [(0, 0)] * c.micro_batches
-    batch.old_BT, routes = score_pass(learner, batch, pieces, c.temperature, record=True)
+    batch.old_BT, recorded = score_pass(learner, batch, pieces, c.temperature, record=True)
+    routes = [rollout_routes(rec, batch.rows(lo, hi)) for rec, (lo, hi) in zip(recorded, pieces)]
+    rollout_agree = [replay.agreement(a, b) for a, b in zip(routes, recorded)]
     if c.kl_coef and reference is not None:
         batch.ref_BT, _ = score_pass(reference, batch, pieces, c.temperature, record=False)
     norm = Normaliser(learner.global_sum(B), learner.global_sum(batch.mask_BT.sum()), c.max_new_tokens)
     mask = batch.mask_BT
     n_tokens = max(norm.tokens, 1.0)
     out = {"mismatch_k3": learner.global_sum((k3(batch.old_BT, batch.sampler_BT) * mask).sum()) / n_tokens}
+    if any(total for _, total in rollout_agree):
+        out["route_agreement_rollout"] = _mean_agreement(learner, rollout_agree)
     for u in range(c.updates_per_batch):
-        stats, agree = [], []
-
-        def closure(lo: int, hi: int, i: int):
-            def run():
-                mb = batch.rows(lo, hi).to(learner.device)
-                ctx = replay.replay(learner.model, routes[i]) if c.routing_replay else replay.record(learner.model)
-                with ctx as seen:
-                    loss, parts = grpo_loss(learner.model, mb, c, norm)
-                if not c.routing_replay:
-                    agree.append(replay.agreement(routes[i], seen))
-                m = mb.mask_BT
-                kl = (parts["kl"] * m).sum() if "kl" in parts else torch.zeros(())
-                stats.append(((parts["clipped"] & m).sum(), kl))
-                return loss
-            return run
-
-        rec = learner.update([closure(lo, hi, i) for i, (lo, hi) in enumerate(pieces)], lr)
+        stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        agree: list[tuple[float, float]] = []
+        closures = [_closure(learner, batch.rows(lo, hi), routes[i], c, norm, stats, agree)
+                    for i, (lo, hi) in enumerate(pieces)]
+        rec = learner.update(closures, lr)
         clipped = learner.global_sum(sum(s[0] for s in stats)) / n_tokens
         kl = learner.global_sum(sum(s[1] for s in stats)) / n_tokens
         out.update({"loss": rec["loss"], "grad_norm": rec["grad_norm"], "clip_frac": clipped, "kl": kl,
@@ -250,6 +271,25 @@ def update_on(learner: Learner, reference: Learner | None, batch: Rollouts, c: P
         if agree:
             out[f"route_agreement_{u}"] = _mean_agreement(learner, agree)
     return out
+
+
+def _closure(learner: Learner, mb: Rollouts, routes: list[torch.Tensor], c: PosttrainConfig, norm: Normaliser,
+             stats: list, agree: list):
+    """The loss of one micro-batch for Learner.update; appends its clip and KL sums to stats and,
+    without replay, its routing agreement with the rollout to agree."""
+    def run() -> torch.Tensor:
+        local = mb.to(learner.device)
+        model = learner.model
+        with replay.replay(model, routes) if c.routing_replay else replay.record(model) as seen:
+            loss, parts = grpo_loss(model, local, c, norm)
+        if not c.routing_replay:
+            agree.append(replay.agreement(routes, seen))
+        m = local.mask_BT
+        kl = (parts["kl"] * m).sum() if "kl" in parts else torch.zeros(())
+        stats.append(((parts["clipped"] & m).sum(), kl))
+        return loss
+
+    return run
 
 
 def _mean_agreement(learner: Learner, agree: list[tuple[float, float]]) -> float:

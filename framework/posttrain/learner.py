@@ -56,6 +56,11 @@ class Learner:
     def model(self):
         return self.built.model
 
+    @property
+    def ep_group(self):
+        """The group that samples in lock step (every forward is its all-to-all), else None."""
+        return self.mesh.ep_group if self.mesh.ep > 1 else None
+
     def frozen_copy(self, model_cfg: ModelConfig | None = None) -> Learner:
         """A frozen model on the same layout holding this one's current weights (the reference)."""
         other = Learner.build(model_cfg or self.model.cfg, self.cfg, self.mesh, self.device, seed=0,
@@ -70,7 +75,8 @@ class Learner:
 
     def global_sum(self, value: torch.Tensor | float) -> float:
         """Sum over the data-parallel ranks (a count of sequences or tokens)."""
-        t = torch.as_tensor(value, dtype=torch.float64).reshape(1).to(comm.collective_device(self.mesh.dp_group))
+        device = comm.collective_device(self.mesh.dp_group)
+        t = torch.as_tensor(value, dtype=torch.float64).reshape(1).to(device)
         if self.mesh.dp > 1:
             comm.all_reduce(t, "sum", self.mesh.dp_group)
         return float(t.item())

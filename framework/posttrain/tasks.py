@@ -71,7 +71,8 @@ class Sorting(Task):
     def sample(self, rng: random.Random) -> Problem:
         values = [rng.randint(0, 9) for _ in range(self.n)]
         text = "".join(map(str, values))
-        return Problem(f"s:{text}=", "".join(sorted(text)), "".join(sorted(text, reverse=True)), tuple(values))
+        up, down = "".join(sorted(text)), "".join(sorted(text, reverse=True))
+        return Problem(f"s:{text}=", up, down, tuple(values))
 
     def verify(self, problem: Problem, answer: str) -> bool:
         return answer.strip() == "".join(sorted("".join(map(str, problem.data))))
