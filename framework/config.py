@@ -520,18 +520,20 @@ def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
 def _micro_policy() -> ModelConfig:
     """A DeepSeek-shaped micro model for the CPU demo: MLA, one dense block, one MoE block with
     4 routed experts (top-2) and a shared one; byte vocabulary plus the end token."""
-    return ModelConfig(name="r1-micro", vocab_size=257, dim=64, n_layers=2, n_dense_layers=1, dense_inter_dim=128,
-                       max_seq_len=64, n_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
-                       qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_shared_experts=1,
+    return ModelConfig(name="r1-micro", vocab_size=257, dim=64, n_layers=2, n_dense_layers=1,
+                       dense_inter_dim=128, max_seq_len=64, n_heads=2, q_lora_rank=32, kv_lora_rank=32,
+                       qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                       n_shared_experts=1,
                        n_activated_experts=2, moe_inter_dim=64, n_expert_groups=1, n_limited_groups=1,
                        init_std=0.02, mtp_depth=0)
 
 
 def _micro_student() -> ModelConfig:
     """The distillation student: dense (no routed experts), narrower than the policy."""
-    return ModelConfig(name="r1-student", vocab_size=257, dim=48, n_layers=2, n_dense_layers=2, dense_inter_dim=96,
-                       max_seq_len=64, n_heads=2, q_lora_rank=0, kv_lora_rank=24, qk_nope_head_dim=16,
-                       qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_shared_experts=0,
+    return ModelConfig(name="r1-student", vocab_size=257, dim=48, n_layers=2, n_dense_layers=2,
+                       dense_inter_dim=96, max_seq_len=64, n_heads=2, q_lora_rank=0, kv_lora_rank=24,
+                       qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                       n_shared_experts=0,
                        n_activated_experts=2, moe_inter_dim=32, n_expert_groups=1, n_limited_groups=1,
                        init_std=0.02, mtp_depth=0)
 
