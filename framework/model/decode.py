@@ -33,7 +33,9 @@ from torch import nn
 from framework.model.attention import MLA
 from framework.model.moe import MoE
 from framework.model.rope import apply_rope, rope_tables
-from framework.model.transformer import Block, Transformer
+
+# Blocks and the Transformer are typed as nn.Module: importing transformer.py here would close an
+# import cycle (its generate method calls framework.generate, which uses this module).
 
 
 class LatentCache:
@@ -117,7 +119,7 @@ def mla_decode(attn: MLA, x_BTD: torch.Tensor, at: Positions, cache: LatentCache
     return attn.wo(o_BTHV.reshape(B, T, H * V))
 
 
-def block_decode(block: Block, x_BTD: torch.Tensor, at: Positions, cache: LatentCache,
+def block_decode(block: nn.Module, x_BTD: torch.Tensor, at: Positions, cache: LatentCache,
                  layer: int) -> torch.Tensor:
     x_BTD = x_BTD + mla_decode(block.attn, block.attn_norm(x_BTD), at, cache, layer)
     return x_BTD + block.ffn(block.ffn_norm(x_BTD))
@@ -166,7 +168,7 @@ class Decoder:
     Both write their caches at pos (slot = position); call in eval mode, under no_grad.
     """
 
-    def __init__(self, model: Transformer, batch: int, slots: int, record_experts: bool = False):
+    def __init__(self, model: nn.Module, batch: int, slots: int, record_experts: bool = False):
         self.model, self.cfg = model, model.cfg
         self.cache = LatentCache(len(model.blocks), batch, slots)
         self.mtp_cache = LatentCache(1, batch, slots) if len(model.mtp) else None
