@@ -15,8 +15,8 @@ Activations (bytes per token a block keeps for backward, `activation_items`). `r
   Inputs of linear layers are cached as FP8 1x128 tiles (n + 4*ceil(n/128) bytes) under
   precision=fp8, otherwise in the activation dtype (2 bytes; 4 under fp32). The last stage also
   keeps, per token and output head (main + MTP), what the chunked cross-entropy saves: the head's
-  input and an FP32 log-sum-exp (framework/model/loss.py; its chunk of logits, a few tens of MiB,
-  lives only inside the loss and is not counted).
+  input (framework/model/loss.py; its chunk of logits, a few tens of MiB, lives only inside the
+  loss and is not counted).
 Time (roofline, `stage_costs`): GEMM FLOPs at the precision's peak (output head and gate in BF16,
   FP32 as TF32 = BF16/2) times cluster.gemm_efficiency; the causal attention core in BF16 at
   cluster.attention_efficiency; plus cluster.other_overhead for everything that is no GEMM.
@@ -90,8 +90,8 @@ def activation_items(m: ModelConfig, compute: str, recompute: str, moe: bool) ->
 
 def head_bytes_per_token(m: ModelConfig, compute: str) -> int:
     """What the chunked head cross-entropy keeps per token for each output head (main + MTP): the
-    head's input in the activation dtype and the row's FP32 log-sum-exp -- no logits."""
-    return (act_bytes(compute) * m.dim + 4) * (1 + m.mtp_depth)
+    head's input in the activation dtype -- no logits."""
+    return act_bytes(compute) * m.dim * (1 + m.mtp_depth)
 
 
 def _stage_blocks(m: ModelConfig, lo: int, hi: int) -> tuple[int, int]:

@@ -50,8 +50,8 @@ def test_ep_traffic_bytes_fp8_dispatch_bf16_combine():
 def test_activations_hand_computed_full_recompute():
     cfg = compose(["model=tiny", "precision=fp32"])
     m = cfg.model  # dim 128, 3 blocks, 1 MTP depth, vocab 2048, fp32: 4 bytes
-    per_token = 3 * 4 * 128 + (4 * 2 * 128 + 4 * 128) + (4 * 128 + 4) * 2  # blocks, MTP, 2 heads' h + lse
-    assert stage_activation_bytes(m, "fp32", "full", 0, 3, last=True) == per_token == 4_104
+    per_token = 3 * 4 * 128 + (4 * 2 * 128 + 4 * 128) + 4 * 128 * 2  # blocks, MTP, 2 heads' inputs
+    assert stage_activation_bytes(m, "fp32", "full", 0, 3, last=True) == per_token == 4_096
     items = activation_items(m, "fp8", "v3", moe=True)
     # dim 128, top-2, expert inter 64: expert inputs 2 x (128 + 4), SwiGLU inputs 2 x (128 + 4)
     assert items["routed expert inputs"] == 264 and items["routed SwiGLU"] == 264
@@ -67,7 +67,7 @@ def test_memory_and_dp_bytes_hand_computed():
     assert mem["weights"] == pytest.approx(4 * params / GiB) and mem["gradients"] == mem["weights"]
     assert mem["optimizer state"] == pytest.approx(2 * 4 * params / 2 / GiB)  # fp32 moments over dp 2
     tokens = 16 // 2 * 128
-    assert mem["activations (1 live micro-batches)"] == pytest.approx(4_104 * tokens / GiB)  # test above
+    assert mem["activations (1 live micro-batches)"] == pytest.approx(4_096 * tokens / GiB)  # test above
     assert p.ranks[0].dp_bytes == pytest.approx(4 * 3 * 0.5 * params)  # all-reduce + all-gather, ring of 2
 
 
