@@ -46,11 +46,15 @@ def test_chunked_cross_entropy_equals_full_logits_loss_and_gradients():
     t[[3, 77]] = -100  # ignored rows, as F.cross_entropy's default ignore_index
     ref = F.cross_entropy(F.linear(h, w).float(), t)
     ref_h, ref_w = torch.autograd.grad(2.5 * ref, (h, w))
-    for chunk in (64, 150, 1000):  # several chunks with a short last one; one; one larger than N
+    # chunk 16 < D: gradients from recomputed logits in backward; else computed in forward.
+    # Several chunks with a short last one; one; one larger than N.
+    for chunk in (16, 64, 150, 1000):
         loss = head_cross_entropy(h, w, t, chunk=chunk)
         got_h, got_w = torch.autograd.grad(2.5 * loss, (h, w))
         assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item()
         assert rel(got_h, ref_h) < 1e-6 and rel(got_w, ref_w) < 1e-6
+    with torch.no_grad():  # evaluation: the loss alone
+        assert abs(head_cross_entropy(h, w, t, chunk=64).item() - ref.item()) <= 1e-6 * ref.item()
 
 
 def test_model_loss_with_chunked_heads_equals_full_logits_and_saves_no_logits(monkeypatch):
