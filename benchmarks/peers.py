@@ -1,6 +1,6 @@
 """duet against transformers' DeepseekV3ForCausalLM: a full training step on the same model.
 
-    python -m benchmarks.peers [--shapes 1x2048 4x512] [--rounds 3] [--steps 2] [--quick]
+    python -m benchmarks.peers [--shapes 1x2048 4x512] [--rounds 3] [--steps 2] [--threads N] [--quick]
 
 The model is torchtitan's DeepSeek-V3 debug configuration (ANCHORS.md "Peers on this CPU"):
 dim 256, 6 layers (layer 0 dense SwiGLU 1024), 16 heads, vocabulary 2048, MLA q_lora 0 /
@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per contender and round")
     parser.add_argument("--quick", action="store_true", help="1x256, one round, one step, sdpa only")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     variants = [(attn, bf16) for bf16 in (False, True) for attn in ("sdpa", "eager")]
     if args.quick:
         args.shapes, args.rounds, args.steps, variants = ["1x256"], 1, 1, [("sdpa", False), ("sdpa", True)]
