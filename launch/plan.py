@@ -3,7 +3,7 @@ memory, communication, and a roofline time per step, on one CPU in seconds.
 
     duet-plan model=deepseek_v3 parallel=deepseek_v3 cluster=h800 data.seq_len=4096 data.batch_size=15360
     duet-plan model=small parallel.dp=8 parallel.ep=8 cluster=h100 precision=bf16
-    duet-plan ... --recompute=full            # none, v3 (DeepSeek-V3's choices, the default) or full
+    duet-plan ... model.recompute=full        # none, selective (DeepSeek-V3's choices) or full: the run's key
 
 Overrides are duet-train's (the same Hydra tree) plus the `cluster` group (h800, h100, h200).
 Precision defaults to fp8 here (the clusters planned for are Hopper, and fp8 is V3's recipe);
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from launch.planner import RECOMPUTE, Plan, plan
+from launch.planner import Plan, plan
 
 PUBLISHED_V3_GPU_HOURS = 180_000  # H800 GPU-hours per trillion tokens (ANCHORS.md)
 USAGE = __doc__.split("\n\n", 2)[1]
@@ -130,15 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return 0
-    recompute = "v3"
-    for a in [a for a in args if a.startswith("--recompute")]:
-        recompute = a.partition("=")[2]
-        args.remove(a)
-    if recompute not in RECOMPUTE:
-        return _fail(f"--recompute={recompute}: choose one of {', '.join(RECOMPUTE)}")
     if any(a.startswith("-") for a in args):
         return _fail(f"unknown option {next(a for a in args if a.startswith('-'))}; use key=value "
-                     "overrides, --recompute=... or --help")
+                     "overrides (model.recompute=full, ...) or --help")
     if not any(a.startswith(("precision=", "precision.compute=")) for a in args):
         args = ["precision=fp8", *args]
     try:
@@ -154,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with torch.device("meta"):
         model = Transformer(cfg.model)  # one meta build serves the plan and every variant
-    main_plan = plan(cfg, recompute, model)
+    main_plan = plan(cfg, model=model)
     print(report(main_plan))
     other = "bf16" if cfg.precision.compute == "fp8" else "fp8"
     variants = [(f"as planned ({main_plan.schedule})", args)]
@@ -166,14 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     for label, overrides in variants:
         vcfg = compose(overrides) if overrides is not args else cfg
         bad = validate(vcfg)
-        print(_row(label, plan(vcfg, recompute, model)) if not bad else f"{label:<22} invalid: {bad[0]}")
+        print(_row(label, plan(vcfg, model=model)) if not bad else f"{label:<22} invalid: {bad[0]}")
     over = main_plan.largest_over()
     if over is not None:
         rp, item = over
         return _fail(f"pipeline rank {rp.holding.rank} needs {rp.total_gib:.1f} GiB of the "
                      f"{cfg.cluster.name}'s {cfg.cluster.memory_gib:.0f} GiB; its largest item is {item} at "
                      f"{rp.memory[item]:.1f} GiB - add pipeline stages or micro-batches, raise ep, or "
-                     "recompute more (--recompute=full)")
+                     "recompute more (model.recompute=full)")
     return 0
 
 

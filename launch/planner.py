@@ -5,13 +5,19 @@ way the pipeline engine splits it (launch/dry_run.py `rank_holdings`); live micr
 bubbles come from the schedule simulator run on the very action lists the runtime executes.
 Modelled, and said so, where it cannot be:
 
-Activations (bytes per token a block keeps for backward, `activation_items`). `recompute`:
-  none  every intermediate: normed inputs, MLA latents and their norms, q/k/v, attention output
-        and softmax statistics, router scores, each routed copy's expert input, SwiGLU inputs and
-        output and expert output, the shared expert's likewise;
-  v3    DeepSeek-V3's choices: RMSNorms and MLA up-projections recomputed (q/k/v rebuilt from the
-        cached latents), SwiGLU and the expert outputs recomputed from the cached SwiGLU inputs;
-  full  only each block's input; the whole forward runs again in backward.
+Activations (bytes per token a block keeps for backward, `activation_items`), after what duet's
+  sub-layer steps save (framework/model/substeps.py; tests/test_overlap.py holds the sum within
+  25% of the bytes torch.autograd.graph.saved_tensors_hooks see, framework/model/recompute.py
+  SavedBytes). `model.recompute`:
+  none       every intermediate: the RMSNorms' inputs and outputs, MLA latents and their norms,
+             q/k/v as projected, roped, concatenated and padded (v to the q/k head dim: the
+             fused attention core), its output and log-sum-exp, the router's scores, each routed
+             row and its SwiGLU intermediates and output, the shared expert's likewise;
+  selective  DeepSeek-V3's choice: GEMM and attention outputs kept except the MLA up-projections;
+             RMSNorms, up-projections, SwiGLU activations and the rest recomputed;
+  full       each compute sub-step's inputs only: the block input, and (MoE) the normed rows and
+             gate weights the experts step starts from (the all-to-all results are never re-sent).
+  The last stage's tail (final norm, MTP's projection, the heads) is never recomputed.
   Inputs of linear layers are cached as FP8 1x128 tiles (n + 4*ceil(n/128) bytes) under
   precision=fp8, otherwise in the activation dtype (2 bytes; 4 under fp32). The last stage also
   keeps, per token and output head (main + MTP), what the chunked cross-entropy saves: the head's
@@ -39,12 +45,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from framework.config import ModelConfig, TrainConfig
+from framework.config import RECOMPUTE_MODES, ModelConfig, TrainConfig
 from launch.dry_run import GiB, RankHolding, build_stages, rank_holdings
 from parallel.pipeline.schedules import Placement, build
 from parallel.pipeline.simulator import Costs, SimResult, simulate
 
-RECOMPUTE = ("none", "v3", "full")
+RECOMPUTE = RECOMPUTE_MODES  # model.recompute
 
 
 def fp8_row_bytes(n: int) -> int:
@@ -63,28 +69,38 @@ def activation_items(m: ModelConfig, compute: str, recompute: str, moe: bool) ->
     def lin(n: int) -> int:  # a linear layer's cached input
         return fp8_row_bytes(n) if compute == "fp8" else a * n
 
-    D, H, K = m.dim, m.n_heads, m.n_activated_experts
-    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
-    items = {"block input": a * D}
-    if recompute == "full":
-        return items
-    keep = recompute == "none"
-    latents = m.q_lora_rank + m.kv_lora_rank + m.qk_rope_head_dim
-    items["attention normed input"] = lin(D) if keep else 0
-    items["MLA latents"] = a * latents + (lin(m.q_lora_rank + m.kv_lora_rank) if keep else 0)
-    items["q, k, v"] = a * H * (2 * qk + m.v_head_dim) if keep else 0
-    items["attention output"] = lin(H * m.v_head_dim) + 4 * H  # + fp32 softmax statistics
-    items["ffn residual"] = a * D
-    items["ffn normed input"] = lin(D) if keep else 0
+    D, H, K, E = m.dim, m.n_heads, m.n_activated_experts, m.n_routed_experts
+    N, R, V, Q, C = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.q_lora_rank, m.kv_lora_rank
+    qk = N + R
     inter = m.moe_inter_dim if moe else m.dense_inter_dim
-    swiglu = lin(2 * inter) + (lin(inter) + a * D if keep else 0)  # inputs (+ output, w2 output)
+    shared = m.n_shared_experts * m.moe_inter_dim
+    if recompute == "full":
+        items = {"block input": a * D}
+        if moe:
+            items["experts step inputs (normed rows, gate weights)"] = a * D + 4 * K
+        return items
+    core = a * H * qk + 4 * H  # the fused attention core's output (padded v) and fp32 log-sum-exp
+    if recompute == "selective":
+        items = {"MLA latents": a * (Q + C + R), "attention core output": core,
+                 "attention projection output": a * D}
+        if moe:
+            items["router logits"] = 4 * E
+            items["routed SwiGLU GEMM outputs"] = K * a * (2 * inter + D)
+            if shared:
+                items["shared SwiGLU GEMM outputs"] = a * (2 * shared + D)
+        else:
+            items["dense SwiGLU GEMM outputs"] = a * (2 * inter + D)
+        return items
+    items = {"RMSNorm inputs and outputs": 2 * a * D + 2 * lin(D),
+             "MLA latents and their norms": a * (Q + C + R) + lin(Q) + lin(C),
+             "q, k, v": a * (H * qk + H * (N + V) + H * R + R + 3 * H * qk),
+             "attention core output": core, "attention output": lin(H * V)}
     if moe:
-        items["router scores"] = 4 * m.n_routed_experts
-        items["routed expert inputs"] = K * lin(D)
-        items["routed SwiGLU"] = K * swiglu
-        items["shared SwiGLU"] = m.n_shared_experts * (lin(2 * inter) + (lin(inter) if keep else 0))
+        items["router scores"] = 4 * 3 * E
+        items["routed rows and SwiGLU"] = K * (lin(D) + a * D + a * 3 * inter + lin(inter))
+        items["shared SwiGLU"] = a * 3 * shared + lin(shared)
     else:
-        items["dense SwiGLU"] = lin(2 * inter) + (lin(inter) if keep else 0)
+        items["dense SwiGLU"] = a * 3 * inter + lin(inter)
     return items
 
 
@@ -107,9 +123,12 @@ def stage_activation_bytes(m: ModelConfig, compute: str, recompute: str, lo: int
     per = dense * sum(activation_items(m, compute, recompute, False).values())
     per += moe * sum(activation_items(m, compute, recompute, True).values())
     if last:  # MTP: projection input [norm(h); norm(emb)], one MoE block, then the heads
-        mtp = fp8_row_bytes(2 * m.dim) if compute == "fp8" else act_bytes(compute) * 2 * m.dim
-        per += m.mtp_depth * (mtp + sum(activation_items(m, compute, recompute, True).values()))
-        per += head_bytes_per_token(m, compute)
+        a = act_bytes(compute)
+        mtp = fp8_row_bytes(2 * m.dim) if compute == "fp8" else a * 2 * m.dim
+        # RMSNorm inputs (final, MTP's embedding, hidden and output norms) and the normed halves
+        norms = a * 5 * m.dim
+        per += m.mtp_depth * (mtp + norms + sum(activation_items(m, compute, recompute, True).values()))
+        per += a * m.dim + head_bytes_per_token(m, compute)
     return per
 
 
@@ -228,7 +247,7 @@ def stage_costs(cfg: TrainConfig, recompute: str, lo: int, hi: int, first: bool,
     F = (f_gemm + f_head + f_attn) * over
     if recompute == "full":
         extra = F
-    elif recompute == "v3":
+    elif recompute == "selective":
         up = (m.q_lora_rank * H * qk if m.q_lora_rank else 0) \
             + m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim)
         extra = 2 * tokens * (blocks * up + moe_blocks * K * m.moe_inter_dim * D) / gemm_rate * over
@@ -323,8 +342,10 @@ def _live_walk(sim: SimResult, rank: int, per_phase: list[float]) -> tuple[int, 
     return peak, peak_bytes
 
 
-def plan(cfg: TrainConfig, recompute: str = "v3", model=None) -> Plan:
+def plan(cfg: TrainConfig, recompute: str | None = None, model=None) -> Plan:
+    """recompute None: the run's own, cfg.model.recompute (what the runtime does)."""
     par, m, cl = cfg.parallel, cfg.model, cfg.cluster
+    recompute = m.recompute if recompute is None else recompute
     name = par.schedule if par.pp > 1 else "1f1b"
     C = par.micro_batches
     placement = Placement(name, par.pp, C)

@@ -261,3 +261,37 @@ def test_trace_each_all_to_all_and_p2p_batch_is_hidden(spawned):
                         hidden_p2p += 1
         assert pairs_seen > 0, c
     assert hidden_p2p > 0, hidden_p2p
+
+
+def test_planner_activation_memory_within_25_percent_of_saved_bytes():
+    """Bytes one micro-batch's forward leaves for backward on a stage, as saved_tensors_hooks see
+    them (parameters and parameter-shaped weight gradients computed ahead excluded: the plan
+    counts those as gradients), against duet-plan's model, for three stages x three modes."""
+    from framework.config import ModelConfig
+    from framework.model.recompute import SavedBytes
+    from launch.planner import stage_activation_bytes
+
+    cfg, B, T = ModelConfig(), 2, 40  # the tiny preset, fp32; 80 rows: no parameter has that size
+    measured = {}
+    for layout, index in (((2, 2), 0), ((1, 2, 1), 1), ((1, 2, 1), 2)):  # first, middle, last stage
+        for mode in MODES:  # a fresh model each: nothing saved by an earlier pass is alive
+            torch.manual_seed(0)
+            model = Transformer(dataclasses.replace(cfg, n_layers=4, recompute=mode))
+            stage = model.split_stages(len(layout), list(layout))[index]
+            g = torch.Generator().manual_seed(0)
+            x = (torch.randint(0, cfg.vocab_size, (B, T), generator=g) if stage.is_first
+                 else torch.randn(B, T, cfg.dim, generator=g))
+            targets = torch.randint(0, cfg.vocab_size, (B, T), generator=g) if stage.is_last else None
+            with SavedBytes(model.parameters(), gradient_shaped=True) as meter:
+                pas = StagePass(stage, x, targets, StepContext())
+                for step in pas.forward_steps():
+                    step.run()
+                pas.output()
+                meter.sample()
+            lo, hi = stage.layer_range
+            predicted = stage_activation_bytes(cfg, "fp32", mode, lo, hi, stage.is_last) * B * T
+            measured[(layout, index, mode)] = meter.peak
+            assert abs(predicted / meter.peak - 1) <= 0.25, (layout, index, mode, meter.peak, predicted)
+    for layout, index in (((2, 2), 0), ((1, 2, 1), 1), ((1, 2, 1), 2)):
+        assert measured[(layout, index, "full")] < measured[(layout, index, "selective")] \
+            < measured[(layout, index, "none")]

@@ -50,24 +50,28 @@ def test_ep_traffic_bytes_fp8_dispatch_bf16_combine():
 def test_activations_hand_computed_full_recompute():
     cfg = compose(["model=tiny", "precision=fp32"])
     m = cfg.model  # dim 128, 3 blocks, 1 MTP depth, vocab 2048, fp32: 4 bytes
-    per_token = 3 * 4 * 128 + (4 * 2 * 128 + 4 * 128) + 4 * 128 * 2  # blocks, MTP, 2 heads' inputs
-    assert stage_activation_bytes(m, "fp32", "full", 0, 3, last=True) == per_token == 4_096
-    items = activation_items(m, "fp8", "v3", moe=True)
-    # dim 128, top-2, expert inter 64: expert inputs 2 x (128 + 4), SwiGLU inputs 2 x (128 + 4)
-    assert items["routed expert inputs"] == 264 and items["routed SwiGLU"] == 264
-    assert items["q, k, v"] == 0  # rebuilt from the latents under V3's recompute
+    # blocks' inputs (+ the 2 MoE blocks' experts-step inputs: normed rows and 2 fp32 gate weights),
+    # MTP (projection input, 5 norm tensors, its MoE block), final-norm input, 2 heads' h
+    blocks = 3 * 4 * 128 + 2 * (4 * 128 + 4 * 2)
+    mtp = 4 * 2 * 128 + 4 * 5 * 128 + (2 * 4 * 128 + 4 * 2)
+    per_token = blocks + mtp + 4 * 128 + 4 * 128 * 2
+    assert stage_activation_bytes(m, "fp32", "full", 0, 3, last=True) == per_token == 8_728
+    items = activation_items(m, "fp8", "selective", moe=True)
+    # dim 128, top-2, expert inter 64, bf16 outputs: per routed row the w1, w3 and w2 outputs
+    assert items["routed SwiGLU GEMM outputs"] == 2 * 2 * (2 * 64 + 128)
+    assert "q, k, v" not in items  # rebuilt from the latents under V3's recompute
 
 
 def test_memory_and_dp_bytes_hand_computed():
     cfg = compose(["model=tiny", "precision=fp32", "parallel.dp=2", "parallel.zero1=true"])
-    p = plan(cfg, "full")
+    p = plan(cfg, "full")  # the hand count above
     counts = count_params(cfg.model)
     params = counts["total"] + counts["mtp"]
     mem = p.ranks[0].memory
     assert mem["weights"] == pytest.approx(4 * params / GiB) and mem["gradients"] == mem["weights"]
     assert mem["optimizer state"] == pytest.approx(2 * 4 * params / 2 / GiB)  # fp32 moments over dp 2
     tokens = 16 // 2 * 128
-    assert mem["activations (1 live micro-batches)"] == pytest.approx(4_096 * tokens / GiB)  # test above
+    assert mem["activations (1 live micro-batches)"] == pytest.approx(8_728 * tokens / GiB)  # test above
     assert p.ranks[0].dp_bytes == pytest.approx(4 * 3 * 0.5 * params)  # all-reduce + all-gather, ring of 2
 
 
@@ -116,7 +120,7 @@ def test_layout_over_memory_exits_2_with_one_line(capsys):
 
 @pytest.mark.parametrize("args, named", [
     (["parallel.dp=3"], "data.batch_size"), (["cluster=h900"], "cluster"),
-    (["--recompute=some"], "--recompute")])
+    (["model.recompute=some"], "model.recompute")])
 def test_bad_input_exits_2_with_one_line(capsys, args, named):
     assert main(["model=tiny", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
