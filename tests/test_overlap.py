@@ -153,7 +153,32 @@ def overlap_worker(rank: int, world: int) -> dict:
     out = {c: _run(c, mesh.pp_rank, peers, mesh.pp_group, mesh, 7 + 100 * mesh.dp_rank) for c in EP_CASES}
     out.update({c: _run(c, rank, list(range(world)), None, None, 7) for c in V_CASES})
     out["pp_rank"] = mesh.pp_rank
+    out["bf16_p2p_bytes"] = _bf16_p2p_bytes(mesh, peers)
     return out
+
+
+def _bf16_p2p_bytes(mesh, peers) -> int:
+    """P2P bytes one DualPipe step moves under bf16 autocast (sends and receives booked)."""
+    from parallel import comm
+    from parallel.expert_parallel import enable_expert_parallel
+    from parallel.pipeline.runtime import boundary_dtype
+
+    placement = Placement("dualpipe", 2, 4)
+    model = make(3)
+    enable_expert_parallel(model, mesh)
+    stages = model.split_stages(2)
+    runner = PipelineRunner(hold_stages(stages, placement, mesh.pp_rank), placement, mesh.pp_rank, peers,
+                            mesh.pp_group)
+    tokens, targets = data(3 + 100 * mesh.dp_rank, 4)
+
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    dtype = boundary_dtype("cpu", bf16)
+    before = comm.comm_stats().get("batch_p2p", {}).get("bytes", 0)
+    out = runner.step(tokens, targets, (MB, T, D), dtype, torch.device("cpu"), bf16)
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    return comm.comm_stats()["batch_p2p"]["bytes"] - before
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +320,16 @@ def test_planner_activation_memory_within_25_percent_of_saved_bytes():
     for layout, index in (((2, 2), 0), ((1, 2, 1), 1), ((1, 2, 1), 2)):
         assert measured[(layout, index, "full")] < measured[(layout, index, "selective")] \
             < measured[(layout, index, "none")]
+
+
+def test_bf16_boundaries_move_the_bytes_the_planner_counts(spawned):
+    """Under bf16 autocast the stage boundaries travel in bf16; duet-plan's per-rank PP bytes
+    (sends) use the same element size: summed over the ranks, booked sends + receives = 2 x."""
+    from launch.planner import _pp_bytes, act_bytes
+    from parallel.pipeline.runtime import boundary_dtype
+
+    assert boundary_dtype("cpu", lambda: torch.autocast("cpu", dtype=torch.bfloat16)) == torch.bfloat16
+    assert boundary_dtype("cpu", contextlib.nullcontext) == torch.float32
+    placement = Placement("dualpipe", 2, 4)
+    planned = sum(_pp_bytes(placement, r["pp_rank"], MB * T * D * act_bytes("bf16")) for r in spawned)
+    assert sum(r["bf16_p2p_bytes"] for r in spawned) == 2 * planned > 0

@@ -31,7 +31,7 @@ from framework.model.moe import Router
 from framework.model.transformer import Transformer
 from parallel import comm
 from parallel.mesh import Mesh
-from parallel.pipeline.runtime import PipelineRunner, StepOutput, hold_stages, holders, prune
+from parallel.pipeline.runtime import PipelineRunner, StepOutput, boundary_dtype, hold_stages, holders, prune
 from parallel.pipeline.schedules import Placement
 from parallel.pipeline.timeline import Timeline, write_chrome_trace
 from parallel.pipeline.wgrad import split_weight_grads
@@ -106,7 +106,7 @@ class PipelineEngine:
         B, T = inputs.shape
         if B % self.chunks:
             raise ValueError(f"{B} sequences per rank do not split into {self.chunks} micro-batches")
-        return (B // self.chunks, T, self.model.cfg.dim), torch.float32, device, autocast
+        return (B // self.chunks, T, self.model.cfg.dim), boundary_dtype(device, autocast), device, autocast
 
     def train(self, inputs: torch.Tensor, targets: torch.Tensor, device, autocast,
               timeline_dir: Path | None = None) -> StepOutput:

@@ -54,6 +54,15 @@ from parallel.pipeline.schedules import Placement, build
 from parallel.pipeline.wgrad import WeightGradWork
 
 
+def boundary_dtype(device, autocast) -> torch.dtype:
+    """The dtype stage boundaries travel in: the activation dtype, i.e. autocast's (bf16 under
+    bf16 and fp8 runs) where `autocast()` enables it, else float32 (launch/planner.py counts the
+    same bytes: act_bytes)."""
+    kind = torch.device(device).type
+    with autocast():
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+
+
 def hold_stages(all_stages: list[Stage], placement: Placement, pp_rank: int) -> list[Stage]:
     """This rank's stage for each phase."""
     return [all_stages[placement.stage_of(pp_rank, phase)] for phase in range(placement.phases)]
@@ -130,7 +139,9 @@ class PipelineRunner:
         the plan's next batch toward that rank takes it."""
         rank, _ = self.placement.locate(stage, self.placement.direction_of(mb))
         box = self._local if rank == self.pp_rank else self._outbox
-        box[(kind, stage, mb)] = t.detach().contiguous()
+        # In the boundary dtype (the activation dtype: bf16 under bf16 autocast), also when
+        # handed over locally, so every stage sees the same bytes whatever the placement.
+        box[(kind, stage, mb)] = t.detach().to(self._dtype).contiguous()
 
     def _take(self, kind: str, stage: int, mb: int) -> torch.Tensor:
         key = (kind, stage, mb)
