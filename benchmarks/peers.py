@@ -13,7 +13,7 @@ Contenders: duet in its default precision (precision=auto: bf16 autocast on CPUs
 AVX512-BF16 and on GPUs, fp32 elsewhere) against transformers in each of {fp32, bf16 autocast}
 x {sdpa, eager} attention; the ratio is duet over transformers' best. Rounds alternate the
 contenders in one process so machine noise hits them alike; each round times `--steps` steps
-after a warm-up step, and min and median over rounds are reported.
+(the first round after a warm-up step), and min and median over rounds are reported.
 
 Where duet's time goes, each part against its own ceiling measured in the same run and the same
 precision: the attention core (fwd + bwd of the padded-v SDPA, against a score-shaped batched
@@ -119,9 +119,10 @@ def hf_contender(cfg: ModelConfig, device: torch.device, bf16: bool, attn: str):
     return step, n
 
 
-def _time_steps(step, batch, steps: int) -> float:
-    """Seconds per step: one warm-up step, then the mean over `steps`."""
-    step(*batch)
+def _time_steps(step, batch, steps: int, warmup: bool) -> float:
+    """Seconds per step: the mean over `steps`, after one warm-up step when `warmup`."""
+    if warmup:
+        step(*batch)
     _sync()
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -205,7 +206,7 @@ def run_shape(B: int, T: int, rounds: int, steps: int, device: torch.device, com
     for r in range(rounds):
         order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
         for name in order:
-            times[name].append(_time_steps(contenders[name][0], batch, steps))
+            times[name].append(_time_steps(contenders[name][0], batch, steps, warmup=r == 0))
             rate = B * T / times[name][-1]
             print(f"  {B}x{T} round {r + 1}/{rounds} {name}: {rate:,.0f} tok/s", flush=True)
     result = {"shape": f"{B}x{T}", "params": params, "contenders": {}}
