@@ -18,8 +18,10 @@ names, shapes and dtypes stay the same, so a converted model has the same state_
 built before the conversion keeps working, and converting twice changes nothing. The
 model files need no precision code: FP8 lives here and in kernels/fp8.
 
-Weights stay FP32 masters and are quantised (128x128 blocks) on every forward; activations
-and output gradients are quantised per 1x128 tile, wgrad operands per 128x1 tile.
+Weights stay FP32 masters and are quantised (128x128 blocks) on the forward -- once per
+optimizer step when the step runs inside `fp8_weight_cache()` (micro-batches reuse the bytes),
+else on every forward; activations and output gradients are quantised per 1x128 tile, wgrad
+operands per 128x1 tile. The routed experts' weight gradients run as one k-grouped launch.
 
 Legend: M routed rows sorted by expert, P rows of the padded contiguous layout (segments
 of multiples of 128), D model dim, I expert inner dim, E experts, *_fp8 float8_e4m3fn with
@@ -43,14 +45,20 @@ from kernels.fp8 import (
     TILE,
     dequantize_act,
     fp8_linear,
-    gemm_1x128,
     grouped_gemm,
+    k_grouped_gemm_1x128,
     quantize_act,
     quantize_act_transposed,
-    quantize_weight,
+    quantize_weight_once,
+    weight_cache,
 )
+from kernels.fp8.tuning import warming_up
 
 FP8_COMPUTE = "fp8"
+# Around one optimizer step's forward/backward passes: each weight quantised once, not per
+# micro-batch. Around the first step (or a warm-up): the FP8 GEMMs may tune even multi-rank.
+fp8_weight_cache = weight_cache
+fp8_warming_up = warming_up
 
 
 def companion_compute(device: torch.device) -> str:
@@ -98,17 +106,19 @@ class PaddedLayout:
     m_indices [P] int32  expert per padded row, -1 for padding
     dst_rows  [M] int64  padded row of each sorted row
     segments  (expert, first padded row, end row) of each non-empty segment, host ints
+    offsets   [E + 1] first padded row of every expert, then P, host ints
     """
 
     def __init__(self, count_E: torch.Tensor, host_counts: list[int]) -> None:
         E, M = len(host_counts), sum(host_counts)
         padded = [-(-n // TILE) * TILE for n in host_counts]
         self.padded_rows = sum(padded)
-        self.segments, start = [], 0
+        self.segments, self.offsets, start = [], [0], 0
         for e, n in enumerate(padded):
             if n:
                 self.segments.append((e, start, start + n))
             start += n
+            self.offsets.append(start)
         device = count_E.device
         count_E = count_E.long()
         padded_E = (count_E + TILE - 1) // TILE * TILE
@@ -135,16 +145,12 @@ def _transposed(w_fp8: torch.Tensor, w_s: torch.Tensor):
     return w_fp8.transpose(1, 2).contiguous(), w_s.transpose(1, 2).contiguous()
 
 
-def _wgrad(aT_fp8, aT_s, bT_fp8, bT_s, segments, out_EAB: torch.Tensor, backend: str) -> torch.Tensor:
+def _wgrad(aT_fp8, aT_s, bT_fp8, bT_s, layout: PaddedLayout, backend: str) -> torch.Tensor:
     """Per expert e: out[e] = a_e.T @ b_e over its tokens, with a.T [A, P] and b.T [B, P] 128x1-
-    quantised along tokens. Segments start at multiples of 128, so each token tile lies inside
-    one expert and a slice of the whole-layout quantisation is that expert's own quantisation.
-    (A k-grouped kernel would avoid the per-expert launches; fine at this scale.)"""
-    for e, lo, hi in segments:
-        tiles = slice(lo // TILE, hi // TILE)
-        gemm_1x128(aT_fp8[:, lo:hi], aT_s[:, tiles], bT_fp8[:, lo:hi], bT_s[:, tiles],
-                   accumulate_into=out_EAB[e], backend=backend)
-    return out_EAB
+    quantised along tokens; one k-grouped launch for all experts. Segments start at multiples
+    of 128, so each token tile lies inside one expert and a slice of the whole-layout
+    quantisation is that expert's own quantisation."""
+    return k_grouped_gemm_1x128(aT_fp8, aT_s, bT_fp8, bT_s, layout.offsets, backend=backend)
 
 
 def _expert_forward(x_MD, w1, w3, w2, layout: PaddedLayout, backend: str):
@@ -152,7 +158,7 @@ def _expert_forward(x_MD, w1, w3, w2, layout: PaddedLayout, backend: str):
     mi = layout.m_indices
     x_PD = layout.gather(x_MD)  # zero padding rows: they raise no amax and produce zero rows
     x_fp8, x_s = quantize_act(x_PD, backend=backend)
-    weights = [quantize_weight(w, backend=backend) for w in (w1, w3, w2)]
+    weights = [quantize_weight_once(w, backend=backend) for w in (w1, w3, w2)]
     (w1_fp8, w1_s), (w3_fp8, w3_s), (w2_fp8, w2_s) = weights
     # fp32 GEMM outputs: the SwiGLU and its FP8 cache are computed from the unrounded values.
     h1_PI = grouped_gemm(x_fp8, x_s, w1_fp8, w1_s, mi, out_dtype=torch.float32, backend=backend)
@@ -187,7 +193,7 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
         xT_fp8, xT_s, h1_fp8, h1_s, h3_fp8, h3_s, w1_fp8, w1_s, w3_fp8, w3_s, w2_fp8, w2_s = ctx.saved_tensors
         layout, backend = ctx.layout, ctx.backend
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        mi, segments = layout.m_indices, layout.segments  # host ints: no read in backward
+        mi = layout.m_indices  # the offsets are host ints: no read in backward
 
         g_PD = layout.gather(g_MD)
         g_fp8, g_s = quantize_act(g_PD, backend=backend)
@@ -211,8 +217,7 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
             def wgrad2() -> torch.Tensor:
                 gT = quantize_act_transposed(g_PD, backend=backend)
                 aT = quantize_act_transposed(silu_PI * h3_PI, backend=backend)
-                out = g_PD.new_zeros(w2_fp8.shape, dtype=torch.float32)
-                return _wgrad(*gT, *aT, segments, out, backend).to(w_dtype)
+                return _wgrad(*gT, *aT, layout, backend).to(w_dtype)
 
             grad_w2 = defer_or_return(w2, wgrad2)
         if need_x:  # dx [P, D] = dh1 @ w1_e + dh3 @ w3_e
@@ -221,15 +226,14 @@ class FP8GroupedSwiGLU(torch.autograd.Function):
             dx_PD += grouped_gemm(*quantize_act(dh3_PI, backend=backend), *_transposed(w3_fp8, w3_s), mi,
                                   out_dtype=torch.float32, backend=backend)
             grad_x = layout.scatter(dx_PD).to(ctx.x_dtype)
-        def wgrad_up(dh_PI: torch.Tensor, shape) -> torch.Tensor:  # dW_e [I, D] = dh_e.T @ x_e
-            out = g_PD.new_zeros(shape, dtype=torch.float32)
-            return _wgrad(*quantize_act_transposed(dh_PI, backend=backend), xT_fp8, xT_s, segments, out,
+        def wgrad_up(dh_PI: torch.Tensor) -> torch.Tensor:  # dW_e [I, D] = dh_e.T @ x_e
+            return _wgrad(*quantize_act_transposed(dh_PI, backend=backend), xT_fp8, xT_s, layout,
                           backend).to(w_dtype)
 
         if need_w1:
-            grad_w1 = defer_or_return(w1, lambda: wgrad_up(dh1_PI, w1_fp8.shape))
+            grad_w1 = defer_or_return(w1, lambda: wgrad_up(dh1_PI))
         if need_w3:
-            grad_w3 = defer_or_return(w3, lambda: wgrad_up(dh3_PI, w3_fp8.shape))
+            grad_w3 = defer_or_return(w3, lambda: wgrad_up(dh3_PI))
         return grad_x, grad_w1, grad_w3, grad_w2, None, None
 
 

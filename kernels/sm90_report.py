@@ -159,6 +159,14 @@ def all_cases() -> list[Case]:
                 "mi_ptr": "i32"}
         cases += _tuned_cases("kernels.fp8.grouped_gemm", "_grouped_gemm_kernel", gg._grouped_tuned,
                               f"{out} out", ptrs, ints, {"BLOCK_K": q.TILE}, aligned)
+    # The experts' weight gradients: one k-grouped launch, fp32 out, 1x128 b-scales as [Kb, N]
+    # (column stride 1, a constexpr as in gemm_1x128); stride_bsk is N, not assumed aligned.
+    ints = ["M", "N", "stride_am", "stride_asm", "stride_bn", "stride_bsk", "stride_ce", "stride_cm"]
+    ptrs = {"a_ptr": "fp8e4nv", "as_ptr": "fp32", "b_ptr": "fp8e4nv", "bs_ptr": "fp32", "c_ptr": "fp32",
+            "seg_ptr": "i32"}
+    cases += _tuned_cases("kernels.fp8.grouped_gemm", "_k_grouped_kernel", gg._k_grouped_tuned, "fp32 out",
+                          ptrs, ints, {"stride_bsn": 1, "BLOCK_K": q.TILE},
+                          ("M", "N", "stride_am", "stride_bn", "stride_ce", "stride_cm"))
     return cases
 
 

@@ -361,3 +361,44 @@ def test_fp8_weight_gradients_defer_under_the_pipeline_split():
     work.run()
     for n, g in want.items():
         assert torch.equal(params[n].grad, g), n
+
+
+# ----------------------------------------------------------------------------- weight quantisation
+
+
+def test_weights_quantised_once_per_optimizer_step_not_per_micro_batch(monkeypatch):
+    """Inside fp8_weight_cache() three micro-batches quantise each FP8 weight once; an optimizer
+    step (an in-place update: the version counter moves) makes the next forward quantise again;
+    gradients equal those of quantising on every forward, bit for bit."""
+    import importlib
+
+    from framework.fp8 import fp8_weight_cache
+
+    wc = importlib.import_module("kernels.fp8.weight_cache")  # the package re-exports a function of that name
+
+    calls = []
+    real = wc.quantize_weight
+    monkeypatch.setattr(wc, "quantize_weight", lambda w, **kw: calls.append(w.shape) or real(w, **kw))
+    torch.manual_seed(0)
+    cached = apply_fp8(Transformer(CFG))
+    plain, fresh = copy.deepcopy(cached), copy.deepcopy(cached)
+    n_weights = sum(1 for m in cached.modules() if isinstance(m, Float8Linear)) + 3 * sum(
+        1 for m in cached.modules() if isinstance(m, FP8GroupedExperts))
+    opt = build_optimizer(cached, OptimConfig(lr=1e-3))
+    with fp8_weight_cache():
+        for mb in range(3):
+            cached.loss(*tokens(seed=mb))[0].backward()
+        assert len(calls) == n_weights
+        opt.step()
+        cached.loss(*tokens(seed=3))[0].backward()
+        assert len(calls) == 2 * n_weights
+    calls.clear()
+    for mb in range(3):  # outside the context: every forward quantises, as before
+        plain.loss(*tokens(seed=mb))[0].backward()
+    assert len(calls) == 3 * n_weights
+    # The same gradients as quantising every time.
+    with fp8_weight_cache():
+        for mb in range(3):
+            fresh.loss(*tokens(seed=mb))[0].backward()
+    for (name, p), q in zip(plain.named_parameters(), fresh.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name

@@ -31,6 +31,7 @@ SM90_MAX_DYNAMIC_SHARED = 227 * 1024  # shared memory per block on H100/H200 (wi
 
 QUANTISERS = {"_quant_rows_kernel", "_quant_cols_kernel", "_quant_blocks_kernel"}
 GEMMS = {"_gemm_kernel", "_grouped_gemm_kernel"}
+WGRAD_GEMMS = {"_k_grouped_kernel"}  # fp32 out only (weight gradients)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def test_every_kernel_compiles_for_sm90(report):
     assert not errors, "\n".join(errors)
     assert report["returncode"] == 0, report["stderr"][-4000:]
     # Every kernel under kernels/ (the report fails on one it has no launch for) is here.
-    assert {r["kernel"] for r in report["rows"]} == QUANTISERS | GEMMS | {"_cast_kernel", "_dequant_kernel"}
+    assert {r["kernel"] for r in report["rows"]} == (QUANTISERS | GEMMS | WGRAD_GEMMS
+                                                     | {"_cast_kernel", "_dequant_kernel"})
 
 
 def test_no_spills_and_within_sm90_limits(report):
@@ -97,6 +99,11 @@ def test_every_autotune_config_and_runtime_variant_is_compiled(report):
             assert [r for r in rows if r["signature"]["c_ptr"] == f"*{out}"
                     and all(r["constexprs"][k] == v for k, v in cfg.kwargs.items())
                     and r["options"] == {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}], cfg
+    rows = [r for r in report["rows"] if r["kernel"] == "_k_grouped_kernel"]
+    for cfg in grouped._k_grouped_tuned.configs:
+        assert [r for r in rows if all(r["constexprs"][k] == v for k, v in cfg.kwargs.items())
+                and r["options"] == {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}], cfg
+    assert len(rows) == len(grouped._k_grouped_tuned.configs)
     # Quantisers: both POW2 settings for fp32 and bf16 inputs; dequantiser: both scale layouts
     # (1x128, 128x128) for fp32 and bf16 outputs.
     inputs = {"_quant_rows_kernel": "x_ptr", "_quant_cols_kernel": "x_ptr", "_quant_blocks_kernel": "w_ptr"}
@@ -136,6 +143,6 @@ def test_gemm_main_loops_are_pipelined(report):
     # With the loads of later K blocks in flight, the loop waits for "all but N" copy groups,
     # N >= 1. A loop Triton failed to pipeline waits for everything (wait_group 0) each
     # iteration, which would pass the register test (it frees registers) while being slow.
-    for row in compiled(report, GEMMS):
+    for row in compiled(report, GEMMS | WGRAD_GEMMS):
         waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", _ptx(row))]
         assert waits and max(waits) >= 1, f"{label(row)}: not pipelined (cp.async waits {waits})"

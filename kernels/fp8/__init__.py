@@ -5,7 +5,7 @@ tensors and the plain-torch twin (reference.py) elsewhere.
 """
 
 from .gemm import FP8Linear, fp8_linear, gemm, gemm_1x128
-from .grouped_gemm import ContiguousLayout, contiguous_layout, grouped_gemm
+from .grouped_gemm import ContiguousLayout, contiguous_layout, grouped_gemm, k_grouped_gemm_1x128
 from .quantize import (
     dequantize,
     dequantize_act,
@@ -16,11 +16,13 @@ from .quantize import (
     to_fp8_e4m3,
 )
 from .reference import FP8_DTYPE, FP8_MAX, TILE, calc_diff
+from .weight_cache import quantize_weight_once, weight_cache
 
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "TILE", "calc_diff",
     "quantize_act", "quantize_act_transposed", "quantize_weight", "to_fp8_e4m3",
     "dequantize", "dequantize_act", "dequantize_weight",
     "gemm", "gemm_1x128", "FP8Linear", "fp8_linear",
-    "grouped_gemm", "contiguous_layout", "ContiguousLayout",
+    "quantize_weight_once", "weight_cache",
+    "grouped_gemm", "k_grouped_gemm_1x128", "contiguous_layout", "ContiguousLayout",
 ]

@@ -28,10 +28,11 @@ from .quantize import (
     interpreting,
     quantize_act,
     quantize_act_transposed,
-    quantize_weight,
     use_triton,
 )
 from .reference import TILE, cdiv
+from .tuning import ConfigTable, benchmark, launch_options, note_shape
+from .weight_cache import quantize_weight_once
 
 
 @triton.jit
@@ -121,11 +122,12 @@ def tuning_configs():
             for bm, bn, w, s in shapes]
 
 
-# Autotuned entry points for the GPU. The accumulating variant restores c between trials,
-# or every benchmark run during tuning would add into the gradient again.
-_gemm_tuned = triton.autotune(tuning_configs(), key=["M", "N", "K", "B_SCALE_ROWS"])(_gemm_kernel)
-_gemm_acc_tuned = triton.autotune(tuning_configs(), key=["M", "N", "K", "B_SCALE_ROWS"],
-                                  restore_value=["c_ptr"])(_gemm_kernel)
+# Config tables for the GPU (kernels/fp8/tuning.py): M and K bucketed to powers of two (M follows
+# the batch; K, in the weight gradient, is the token count), N exact. The accumulating variant
+# has its own table; tuning benchmarks it on a scratch copy of c, never on the gradient itself.
+_gemm_tuned = ConfigTable("gemm", tuning_configs(), ("M", "N", "K", "B_SCALE_ROWS", "out"), ("M", "K"))
+_gemm_acc_tuned = ConfigTable("gemm_acc", tuning_configs(), ("M", "N", "K", "B_SCALE_ROWS", "out"),
+                              ("M", "K"))
 
 # Under the interpreter each program is numpy work: small tiles keep the tests quick, and
 # 32 (> the 16 minimum of tl.dot) still exercises multi-block M and N with ragged edges.
@@ -157,9 +159,15 @@ def _launch(a_fp8, a_scale, b_fp8, b_scale, c, b_scale_rows: int, accumulate: bo
         _gemm_kernel[grid](*args, B_SCALE_ROWS=b_scale_rows, ACCUMULATE=accumulate, BLOCK_K=TILE,
                            **INTERPRET_BLOCKS)
         return
-    kernel = _gemm_acc_tuned if accumulate else _gemm_tuned
-    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](*args, B_SCALE_ROWS=b_scale_rows, ACCUMULATE=accumulate, BLOCK_K=TILE)
+    table = _gemm_acc_tuned if accumulate else _gemm_tuned
+    fixed = {"B_SCALE_ROWS": b_scale_rows, "ACCUMULATE": accumulate, "BLOCK_K": TILE}
+
+    def run(cfg, out) -> None:
+        grid = (cdiv(M, cfg.kwargs["BLOCK_M"]) * cdiv(N, cfg.kwargs["BLOCK_N"]),)
+        _gemm_kernel[grid](*args[:4], out, *args[5:], **fixed, **launch_options(cfg))
+
+    key = table.key(M=M, N=N, K=K, B_SCALE_ROWS=b_scale_rows, out=str(c.dtype))
+    run(table.pick(key, lambda cfg: benchmark(lambda: run(cfg, c.clone()))), c)
 
 
 def _check(a_fp8, a_scale, b_fp8, b_scale, b_scale_rows: int) -> None:
@@ -175,6 +183,7 @@ def _check(a_fp8, a_scale, b_fp8, b_scale, b_scale_rows: int) -> None:
 def gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype=torch.bfloat16, backend: str = "auto") -> torch.Tensor:
     """c [M, N] = a [M, K] (1x128 scales [M, Kb]) @ b [N, K].T (128x128 scales [Nb, Kb])."""
     _check(a_fp8, a_scale, b_fp8, b_scale, TILE)
+    note_shape("gemm", M=a_fp8.shape[0], N=b_fp8.shape[0], K=a_fp8.shape[1])
     if not use_triton(backend, a_fp8, b_fp8):
         return ref.gemm(a_fp8, a_scale, b_fp8, b_scale, out_dtype)
     c = torch.empty(a_fp8.shape[0], b_fp8.shape[0], dtype=out_dtype, device=a_fp8.device)
@@ -190,6 +199,7 @@ def gemm_1x128(a_fp8, a_scale, b_fp8, b_scale, accumulate_into=None, backend: st
     """
     _check(a_fp8, a_scale, b_fp8, b_scale, 1)
     M, N = a_fp8.shape[0], b_fp8.shape[0]
+    note_shape("gemm_1x128", M=M, N=N, K=a_fp8.shape[1])
     acc = accumulate_into
     if acc is not None and (acc.shape != (M, N) or acc.dtype != torch.float32 or not acc.is_contiguous()):
         raise ValueError("accumulate_into must be a contiguous fp32 tensor of shape [M, N]")
@@ -208,7 +218,7 @@ def _forward(x, weight, backend):
     n_out, n_in = weight.shape
     x_TI = x.reshape(-1, n_in)
     x_fp8, x_scale = quantize_act(x_TI, backend=backend)
-    w_fp8_OI, w_scale = quantize_weight(weight, backend=backend)
+    w_fp8_OI, w_scale = quantize_weight_once(weight, backend=backend)  # once per step in weight_cache()
     y_TO = gemm(x_fp8, x_scale, w_fp8_OI, w_scale, out_dtype=x.dtype, backend=backend)
     return y_TO.view(*x.shape[:-1], n_out), x_TI, w_fp8_OI, w_scale
 

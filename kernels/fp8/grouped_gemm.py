@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 
 from . import reference as ref
-from .gemm import INTERPRET_BLOCKS, tuning_configs
+from .gemm import INTERPRET_BLOCKS, block_scaled_acc, tuning_configs
 from .quantize import cast_out, interpreting, use_triton
 from .reference import TILE, cdiv
+from .tuning import ConfigTable, benchmark, launch_options, note_shape
 
 
 @triton.jit
@@ -96,7 +97,8 @@ def grouped_tuning_configs():
     return configs
 
 
-_grouped_tuned = triton.autotune(grouped_tuning_configs(), key=["M", "N", "K", "E"])(_grouped_gemm_kernel)
+# M (padded expert rows) follows the routing: bucketed to powers of two (kernels/fp8/tuning.py).
+_grouped_tuned = ConfigTable("grouped_gemm", grouped_tuning_configs(), ("M", "N", "K", "E", "out"), ("M",))
 
 
 def grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, m_indices, out_dtype=torch.bfloat16,
@@ -114,6 +116,7 @@ def grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, m_indices, out_dtype=torch.bflo
                          f"b {tuple(b_fp8.shape)} b_scale {tuple(b_scale.shape)}")
     if m_indices.shape != (M,):
         raise ValueError(f"m_indices must have shape ({M},), got {tuple(m_indices.shape)}")
+    note_shape("grouped_gemm", M=M, N=N, K=K, E=E)
     if not use_triton(backend, a_fp8, b_fp8, m_indices):
         return ref.grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, m_indices, out_dtype)
     a_fp8, b_fp8 = a_fp8.contiguous(), b_fp8.contiguous()
@@ -131,8 +134,92 @@ def grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, m_indices, out_dtype=torch.bflo
         grid = (cdiv(M, INTERPRET_BLOCKS["BLOCK_M"]), cdiv(N, INTERPRET_BLOCKS["BLOCK_N"]))
         _grouped_gemm_kernel[grid](*args, BLOCK_K=TILE, **INTERPRET_BLOCKS)
     else:
-        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-        _grouped_tuned[grid](*args, BLOCK_K=TILE)
+        def run(cfg, out) -> None:
+            grid = (cdiv(M, cfg.kwargs["BLOCK_M"]), cdiv(N, cfg.kwargs["BLOCK_N"]))
+            _grouped_gemm_kernel[grid](*args[:4], out, *args[5:], BLOCK_K=TILE, **launch_options(cfg))
+
+        key = _grouped_tuned.key(M=M, N=N, K=K, E=E, out=str(out_dtype))
+        run(_grouped_tuned.pick(key, lambda cfg: benchmark(lambda: run(cfg, torch.empty_like(c)))), c)
+    return c
+
+
+# ----------------------------------------------------------------------------- k-grouped wgrad
+
+
+@triton.jit
+def _k_grouped_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_ptr, M, N,
+                      stride_am, stride_asm, stride_bn, stride_bsn, stride_bsk, stride_ce, stride_cm,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    """c[e] [M, N] fp32 = sum over the tokens of segment e of a[:, t] b[:, t] -- every expert's
+    weight gradient in one launch (axis 1 = expert). Segments start at multiples of 128, so a
+    segment's K loop is gemm_1x128's loop over its own token tiles (same products, same order)."""
+    pid, e = tl.program_id(0), tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    # Say that lo is a multiple of 128: without it the offset operands lose their alignment, the
+    # loads are no longer vectorised and the 128x128 tiles spill on sm90.
+    lo = tl.multiple_of(tl.load(seg_ptr + e), 128)
+    hi = tl.multiple_of(tl.load(seg_ptr + e + 1), 128)
+    kb0 = lo // BLOCK_K
+    # An empty segment runs no K block and stores zeros: every expert's gradient is written.
+    acc = block_scaled_acc(a_ptr + lo, as_ptr + kb0, b_ptr + lo, bs_ptr + kb0 * stride_bsk,
+                           pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, hi - lo,
+                           stride_am, stride_asm, stride_bn, stride_bsn, stride_bsk,
+                           1, BLOCK_M, BLOCK_N, BLOCK_K)
+    rows_M = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_N = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + rows_M.to(tl.int64)[:, None] * stride_cm + cols_N[None, :]
+    tl.store(c_ptrs, acc, mask=(rows_M < M)[:, None] & (cols_N < N)[None, :])
+
+
+# P (tokens of the whole layout) follows the routing: bucketed; the weight shape and E are exact.
+_k_grouped_tuned = ConfigTable("k_grouped_gemm", tuning_configs(), ("P", "M", "N", "E"), ("P",))
+
+
+def k_grouped_gemm_1x128(a_fp8, a_scale, b_fp8, b_scale, offsets: list[int],
+                         backend: str = "auto") -> torch.Tensor:
+    """Weight gradients of all experts at once: c [E, M, N] fp32, c[e] = a[:, lo:hi] @ b[:, lo:hi].T
+    over expert e's tokens lo = offsets[e], hi = offsets[e + 1] (host ints, multiples of 128).
+
+    a_fp8 [M, P], b_fp8 [N, P], both 1x128-scaled along P (scales [M, P/128], [N, P/128]), as
+    quantize_act_transposed gives them for the contiguous layout. Replaces one gemm_1x128 per
+    expert (and the copies around it) with one launch.
+    """
+    M, P = a_fp8.shape
+    N, E = b_fp8.shape[0], len(offsets) - 1
+    if b_fp8.shape[1] != P or offsets[0] != 0 or offsets[-1] != P or any(o % TILE for o in offsets) \
+            or any(hi < lo for lo, hi in zip(offsets, offsets[1:])):
+        raise ValueError(f"k_grouped_gemm_1x128: a {tuple(a_fp8.shape)}, b {tuple(b_fp8.shape)} and offsets "
+                         f"{offsets[:4]}... must share P, rise from 0 to P in multiples of {TILE}")
+    note_shape("k_grouped_gemm_1x128", P=P, M=M, N=N, E=E)
+    if not use_triton(backend, a_fp8, b_fp8):
+        return ref.k_grouped_gemm_1x128(a_fp8, a_scale, b_fp8, b_scale, offsets)
+    c = torch.empty(E, M, N, dtype=torch.float32, device=a_fp8.device)
+    if M == 0 or N == 0 or E == 0:
+        return c
+    a_fp8, b_fp8 = a_fp8.contiguous(), b_fp8.contiguous()
+    a_scale = a_scale.float().contiguous()
+    b_scale = b_scale.float().t().contiguous()  # [Kb, N], as gemm_1x128 passes 1x128 b-scales
+    seg = torch.tensor(offsets, dtype=torch.int32).to(a_fp8.device, non_blocking=True)
+    args = (a_fp8, a_scale, b_fp8, b_scale, c, seg, M, N, a_fp8.stride(0), a_scale.stride(0),
+            b_fp8.stride(0), b_scale.stride(1), b_scale.stride(0), c.stride(0), c.stride(1))
+    if interpreting():
+        grid = (cdiv(M, INTERPRET_BLOCKS["BLOCK_M"]) * cdiv(N, INTERPRET_BLOCKS["BLOCK_N"]), E)
+        _k_grouped_kernel[grid](*args, BLOCK_K=TILE, **INTERPRET_BLOCKS)
+        return c
+
+    def run(cfg, out) -> None:
+        grid = (cdiv(M, cfg.kwargs["BLOCK_M"]) * cdiv(N, cfg.kwargs["BLOCK_N"]), E)
+        _k_grouped_kernel[grid](*args[:4], out, *args[5:], BLOCK_K=TILE, **launch_options(cfg))
+
+    key = _k_grouped_tuned.key(P=P, M=M, N=N, E=E)
+    run(_k_grouped_tuned.pick(key, lambda cfg: benchmark(lambda: run(cfg, torch.empty_like(c)))), c)
     return c
 
 

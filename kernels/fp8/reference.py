@@ -164,3 +164,16 @@ def grouped_gemm(a_fp8, a_scale, b_fp8, b_scale, m_indices, out_dtype=torch.bflo
         b_scale_NKb = b_scale[e].float().repeat_interleave(TILE, dim=0)[:N]
         c_MN[rows] = block_scaled_mm(a_fp8[rows], a_scale[rows].float(), b_fp8[e], b_scale_NKb)
     return c_MN.to(out_dtype)
+
+
+def k_grouped_gemm_1x128(a_fp8, a_scale, b_fp8, b_scale, offsets: list[int]) -> torch.Tensor:
+    """c [E, M, N] fp32: c[e] = gemm_1x128 of expert e's token columns offsets[e]:offsets[e + 1]
+    (multiples of 128, so the scale tiles split with them); an empty segment gives zeros."""
+    M, N, E = a_fp8.shape[0], b_fp8.shape[0], len(offsets) - 1
+    c = torch.zeros(E, M, N, dtype=torch.float32, device=a_fp8.device)
+    for e in range(E):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi > lo:
+            tiles = slice(lo // TILE, hi // TILE)
+            c[e] = gemm_1x128(a_fp8[:, lo:hi], a_scale[:, tiles], b_fp8[:, lo:hi], b_scale[:, tiles])
+    return c
