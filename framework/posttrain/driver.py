@@ -37,6 +37,7 @@ from framework.posttrain.tasks import Problem, Task, build_task
 from parallel.mesh import Mesh
 
 HELDOUT_SEED = 1_000_003  # the held-out problems' seed offset: no training stream uses it
+STOP_EVERY = 25  # steps between the checks of pretrain_until
 
 
 @dataclass
@@ -80,10 +81,13 @@ def evaluate(learner: Learner, task: Task, problems: list[Problem], c: Posttrain
 
 
 def supervised(learner: Learner, rows_of: Callable[[int], list[Row]], steps: int, lr: float,
-               whole: bool = False) -> list[float]:
-    """`steps` optimizer steps; step s trains on rows_of(s) (this rank's share)."""
+               whole: bool = False, stop: Callable[[], bool] | None = None) -> list[float]:
+    """`steps` optimizer steps; step s trains on rows_of(s) (this rank's share). `stop`, asked
+    every STOP_EVERY steps, ends the stage early when it returns True."""
     lr_of, losses = schedule(lr, steps), []
     for step in range(steps):
+        if stop is not None and step and step % STOP_EVERY == 0 and stop():
+            break
         batch = collate(rows_of(step), whole=whole).to(learner.device)
         n_targets = learner.global_sum(batch.mask_BT.sum())
         rec = learner.update([lambda b=batch, n=n_targets: response_ce(learner.model, b, n)], lr_of(step))
@@ -91,13 +95,23 @@ def supervised(learner: Learner, rows_of: Callable[[int], list[Row]], steps: int
     return losses
 
 
-def task_rows(task: Task, c: PosttrainConfig, rank: int, dp: int,
-              template: bool) -> Callable[[int], list[Row]]:
-    """This rank's rows of step s, drawn fresh from the task (plain text, or the template)."""
+def reached(learner: Learner, task: Task, c: PosttrainConfig) -> Callable[[], bool] | None:
+    """pretrain_until's check: greedy accuracy on 256 problems of a stream no stage trains on
+    (not the held-out set, whose numbers the stages report)."""
+    if not c.pretrain_until:
+        return None
+    probe = task.problems(256, seed=c.seed + 2 * HELDOUT_SEED)
+    return lambda: evaluate(learner, task, probe, c)["accuracy"] >= c.pretrain_until
+
+
+def task_rows(task: Task, c: PosttrainConfig, rank: int, dp: int, stream: int,
+              template: bool = True) -> Callable[[int], list[Row]]:
+    """This rank's rows of step s, drawn fresh from the task (in the template, or the bare
+    answer); each stage reads its own `stream` of problems."""
     share = c.batch_size // dp
 
     def rows_of(step: int) -> list[Row]:
-        seed = (c.seed * 7919 + step * 31 + rank + (1 if template else 2)) % 2**31
+        seed = (((c.seed * 7919 + stream) * 1_000_003 + step) * 64 + rank) % 2**31
         problems = task.problems(share, seed=seed)
         return [Row(p.prompt, reference_completion(p) if template else p.answer) for p in problems]
 
@@ -134,11 +148,11 @@ def run(c: PosttrainConfig, mesh: Mesh | None = None, device: torch.device | Non
             f"{numbers['reward']:.3f}  response length {numbers['response_len']:.1f} tokens")
 
     policy = Learner.build(c.policy, cfg, mesh, device, seed=c.seed)
-    text = task_rows(task, c, rank, dp, template=True)
-    supervised(policy, text, c.pretrain_steps, c.pretrain_lr, whole=True)
+    text = task_rows(task, c, rank, dp, stream=1)
+    supervised(policy, text, c.pretrain_steps, c.pretrain_lr, whole=True, stop=reached(policy, task, c))
     report("pre-train", policy)
     sft_rows = (file_rows(load_rows(c.sft_data), c, rank, dp) if c.sft_data
-                else task_rows(task, c, rank, dp, template=True))
+                else task_rows(task, c, rank, dp, stream=2))
     supervised(policy, sft_rows, c.sft_steps, c.sft_lr)
     report("SFT", policy)
 
