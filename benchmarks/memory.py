@@ -62,15 +62,13 @@ def _rank(rank: int, world: int, cfg: TrainConfig) -> dict:
     rows = cfg.data.batch_size // cfg.parallel.dp
     tokens = torch.randint(0, cfg.model.vocab_size, (rows, cfg.data.seq_len + 1), generator=g)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    if built.pipeline is not None:
-        with built.reducer.no_sync():
+    engine = built.engine
+    with engine.accumulate():  # the trainer's step (framework/trainer.py), without its logging
+        if built.pipeline is not None:
             built.pipeline.train(inputs, targets, torch.device("cpu"), contextlib.nullcontext)
-    else:
-        built.model.loss(inputs, targets)[0].backward()
-    built.reducer.finish()
-    if built.pipeline is not None:
-        built.pipeline.sync_shared_grads()
-    built.optimizer.step()
+        else:
+            engine.backward(engine.forward(inputs, targets)[0])
+    engine.step(1.0, loss_finite=True)
     return {"rank": rank, "pp_rank": mesh.pp_rank, "build_kib": after_build - baseline,
             "step_kib": _status_kib("VmHWM") - baseline, "share": share}
 

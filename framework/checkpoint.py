@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,9 +113,29 @@ class Saver:
         self.root = checkpoint_root(run_dir)
         self.async_save = async_save
         self.group = side_group() if async_save else None
-        self.pending: tuple | None = None  # (future, step, tmp, final) of an async save
+        self.pending: tuple | None = None  # (future, step, tmp, final, formats) of an async save
 
     def save(self, step: int, state: dict[str, dict[str, torch.Tensor]]) -> Path:
+        """`state` in DCP's format (asynchronously with async_save)."""
+        tmp, final = self._begin(step)
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group,
+                                    no_dist=_no_dist())
+            self.pending = (future, step, tmp, final, None)
+            return final
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
+        self._commit(step, tmp, final)
+        return final
+
+    def save_files(self, step: int, write: Callable[[Path], None], formats: list[str]) -> Path:
+        """Another engine's files (DeepSpeed's): `write(tmp)` fills the temporary folder on every
+        rank; it is then published like a DCP checkpoint, meta.json naming `formats`."""
+        tmp, final = self._begin(step)
+        write(tmp)
+        self._commit(step, tmp, final, formats)
+        return final
+
+    def _begin(self, step: int) -> tuple[Path, Path]:
         self.wait()
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
@@ -123,29 +144,23 @@ class Saver:
             shutil.rmtree(tmp, ignore_errors=True)
         comm.barrier()
         maybe_fail("save-begin", step, comm.global_rank(), self.run_dir)
-        if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group,
-                                    no_dist=_no_dist())
-            self.pending = (future, step, tmp, final)
-            return final
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
-        self._commit(step, tmp, final)
-        return final
+        return tmp, final
 
     def wait(self) -> None:
         """Finish and commit an async save still in flight."""
         if self.pending is None:
             return
-        future, step, tmp, final = self.pending
+        future, step, tmp, final, formats = self.pending
         self.pending = None
         future.result()
-        self._commit(step, tmp, final)
+        self._commit(step, tmp, final, formats)
 
-    def _commit(self, step: int, tmp: Path, final: Path) -> None:
+    def _commit(self, step: int, tmp: Path, final: Path, formats: list[str] | None = None) -> None:
         maybe_fail("save", step, comm.global_rank(), self.run_dir)
         comm.barrier()  # every rank's shard is on disk before the folder becomes visible
         if comm.global_rank() == 0:
-            publish(tmp, final, {"step": step, "config": self.config}, self.run_dir)
+            meta = {"step": step, "config": self.config, **({"formats": formats} if formats else {})}
+            publish(tmp, final, meta, self.run_dir)
             for old in list_checkpoints(self.root)[:-self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         comm.barrier()

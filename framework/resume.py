@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from framework import checkpoint, integrity
-from framework.config import TrainConfig
+from framework.config import ModelConfig, TrainConfig
 from framework.errors import TrainingError
 from parallel import comm
 from parallel.mesh import Mesh
@@ -52,14 +52,20 @@ def starting_point(cfg: TrainConfig, damaged: list | None = None) -> tuple[Path 
     return resume_from, init_from
 
 
+RUN_ONLY_MODEL_KEYS = {"recompute"}
+
+
 def _check_same_model(path: Path, cfg: TrainConfig) -> None:
     try:
         saved = checkpoint.read_meta(path)["config"]["model"]
     except (OSError, KeyError, ValueError, TypeError):
         raise TrainingError(f"{path}: unreadable checkpoint metadata; move that folder away or start "
                             "a new run_dir") from None
-    current = asdict(cfg.model)
-    diff = [k for k in current if saved.get(k) != current[k]]
+    # A key newer than the checkpoint was added with a default that keeps the old behaviour;
+    # keys that only say how the model runs (not what its weights are) may change on resume.
+    defaults, current = asdict(ModelConfig()), asdict(cfg.model)
+    saved = {**defaults, **saved}
+    diff = [k for k in current if k not in RUN_ONLY_MODEL_KEYS and saved.get(k) != current[k]]
     if diff:
         keys = ", ".join(f"model.{k}={saved.get(k)!r} (this run: {current[k]!r})" for k in diff)
         raise TrainingError(f"checkpoint {path} was saved with a different model: {keys}; use a new "

@@ -14,6 +14,7 @@ expert biases, data position and LR schedule all continue exactly where they sto
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -28,6 +29,9 @@ from framework.config import TrainConfig
 from framework.data import DataError, build_data
 from framework.errors import TrainingError
 from framework.faults import maybe_fail, planned, poison
+from framework.fp8 import fp8_warming_up, fp8_weight_cache
+from framework.generate import SamplingParams, ep_all_done, generate
+from framework.hf import load_duet_checkpoint
 from framework.metrics import (
     MetricsLogger,
     NvmlSampler,
@@ -43,7 +47,7 @@ from framework.precision import autocast, resolve_compute
 from framework.resume import agreed_start, latest_step
 from parallel import comm, watchdog
 from parallel.data_parallel import all_reduce_expert_load, reduce_mean
-from parallel.expert_parallel import ep_record, expert_state_dict, local_state_dict
+from parallel.expert_parallel import ep_record
 from parallel.mesh import Layout, Mesh, build_mesh, init_distributed, shutdown
 from parallel.parallelize import parallelize
 from parallel.pipeline.timeline import read_chrome_trace
@@ -127,31 +131,29 @@ class Trainer:
             comm.barrier()
         torch.manual_seed(cfg.seed)  # the same initial weights and random streams on every rank
         # Built on meta; this rank materialises only its stages and experts (DESIGN.md rule 11).
-        built = parallelize(cfg.model, cfg, self.mesh, self.device, self.compute)
+        # checkpoint.load_from's weights are loaded before the engine exists (ZeRO copies them).
+        weights_from = self.init_from if self.resume_from is None else None
+        built = parallelize(cfg.model, cfg, self.mesh, self.device, self.compute, weights_from=weights_from)
         self.model, self.counts, self.pipeline = built.model, built.counts, built.pipeline
-        self.reducer, self.optimizer = built.reducer, built.optimizer
-        self._setup_optimizer()
+        self.engine = built.engine
+        self.optimizer = self.engine.optimizer
         self.saver = checkpoint.Saver(self.run_dir, asdict(cfg), cfg.checkpoint.keep_last,
                                       cfg.checkpoint.async_save)
         self.step = 0
         if self.resume_from is not None:
             self._load(self.resume_from)
-        elif self.init_from is not None:
-            self._load_weights(self.init_from)
+        self.first_step = self.step
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         m = cfg.model
         self.flops_per_token = flops_per_token(self.counts["activated"], m.n_layers, m.n_heads,
                                                m.qk_nope_head_dim + m.qk_rope_head_dim,
                                                m.v_head_dim, cfg.data.seq_len)
 
-    def _setup_optimizer(self) -> None:
-        """The native engine's reducer and optimizer come from parallelize();
-        parallel/deepspeed_engine.py builds DeepSpeed's engine here instead."""
-
     @property
     def every_rank_generates(self) -> bool:
-        """Under expert parallelism every rank generates: its experts serve the others' tokens."""
-        return self.mesh.ep > 1
+        """Under expert parallelism every rank generates: its experts serve the others' tokens;
+        under ZeRO-3 every forward gathers the weights collectively."""
+        return self.mesh.ep > 1 or self.engine.collective_forward
 
     def say(self, line: str) -> None:
         """Console output comes from rank 0 only (the others' logs are files)."""
@@ -159,41 +161,19 @@ class Trainer:
             print(line, flush=True)
 
     # --- state ---------------------------------------------------------------------------
-    def _state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Everything a resume needs, as tensors: model (with expert biases), optimizer
-        (ZeRO-1 shards as DTensors), and the step and data position."""
-        extra = {"step": self.step, "data_position": self.data.train.state_dict()["position"]}
-        return {"model": self._model_state(), "optim": self.optimizer.state_dict(),
-                "extra": {k: torch.tensor(v, dtype=torch.int64) for k, v in extra.items()}}
-
-    def _model_state(self) -> dict[str, torch.Tensor]:
-        """Under expert parallelism the routed experts are saved by global id (DTensors), so a
-        checkpoint reloads under any ep."""
-        return expert_state_dict(self.model.state_dict(), self.mesh)
+    def _extra(self) -> dict[str, int]:
+        """The counters a checkpoint keeps beside model and optimizer."""
+        return {"step": self.step, "data_position": self.data.train.state_dict()["position"]}
 
     def _load(self, path: Path) -> None:
-        state = self._state()
-        try:
-            checkpoint.load(path, state, verify=False)  # starting_point verified it
-        except checkpoint.CheckpointError as err:
-            raise TrainingError(str(err)) from None
-        self.model.load_state_dict(local_state_dict(state["model"]))  # first: ZeRO masters follow it
-        self.optimizer.load_state_dict(state["optim"])
-        self.step = int(state["extra"]["step"])
+        extra = self.engine.load(path, self._extra())
+        self.step = extra["step"]
         data_state = self.data.train.state_dict()
-        data_state["position"] = int(state["extra"]["data_position"])
+        data_state["position"] = extra["data_position"]
         self.data.train.load_state_dict(data_state)
 
-    def _load_weights(self, path: Path) -> None:
-        state = {"model": self._model_state()}
-        try:
-            checkpoint.load(path, state)
-        except checkpoint.CheckpointError as err:
-            raise TrainingError(str(err)) from None
-        self.model.load_state_dict(local_state_dict(state["model"]))
-
     def save(self) -> Path:
-        return self.saver.save(self.step, self._state())
+        return self.engine.save(self.saver, self.step, self._extra())
 
     # --- one step ----------------------------------------------------------------------------
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, detail: bool = False) -> dict:
@@ -213,35 +193,46 @@ class Trainer:
         saved, so the last checkpoint stays the last good one). The count of skips in a row
         restarts at 0 when a run resumes.
         """
-        cfg = self.cfg
+        cfg, engine = self.cfg, self.engine
         watchdog.set_step(self.step + 1)
         lr = lr_at(self.step, cfg.steps, cfg.optim)
-        self.optimizer.set_lr(lr)
+        engine.set_lr(lr)
         self.model.train()
-        if self.pipeline is not None:
-            loss, parts = self._pipeline_forward_backward(inputs, targets)
-        else:
-            with autocast(self.device, self.compute):
-                loss, parts = self.model.loss(inputs.to(self.device), targets.to(self.device))
-        if (bad := poison("loss", self.step + 1, self.mesh.rank)) is not None:
-            loss = loss * bad  # fault injection (framework/faults.py)
-        if self.pipeline is None:
-            loss.backward()
-        self.reducer.finish()  # dense grads averaged over dp, expert grads over edp
-        if self.pipeline is not None:
-            self.pipeline.sync_shared_grads()  # DualPipe's mirror stages, a tied embedding
+        with self._fp8_step(), engine.accumulate():  # on exit: dense grads averaged over dp, experts over edp
+            if self.pipeline is not None:  # the schedule runs forwards and backwards itself
+                loss, parts = self._pipeline_forward_backward(inputs, targets)
+                loss = self._poisoned(loss)
+            else:
+                with self._autocast():
+                    loss, parts = engine.forward(inputs.to(self.device), targets.to(self.device))
+                loss = self._poisoned(loss)
+                engine.backward(loss)
         if (bad := poison("grad", self.step + 1, self.mesh.rank)) is not None:
             next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = bad
-        grad_norm = self.optimizer.clip_grad_norm(cfg.optim.grad_clip)
-        flags = {"nonfinite_loss": (~torch.isfinite(loss.detach())).float(),
-                 "nonfinite_grad_norm": (~torch.isfinite(grad_norm)).float()}
+        flags = {"nonfinite_loss": (~torch.isfinite(loss.detach())).float()}
         record = reduce_mean({"loss": loss.detach(), **parts, **flags}, self.mesh)
-        bad_parts = [q for q in ("loss", "grad_norm") if record.pop(f"nonfinite_{q}") > 0]
-        if bad_parts:
-            return self._skip_step(record, lr, grad_norm, bad_parts)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        loss_finite = record.pop("nonfinite_loss") == 0
+        grad_norm, applied = engine.step(cfg.optim.grad_clip, loss_finite)
+        if not applied:
+            bad_parts = ["loss"] * (not loss_finite) + ["grad_norm"] * (not math.isfinite(float(grad_norm)))
+            return self._skip_step(record, lr, grad_norm, bad_parts or ["grad_norm"])
         return self._finish_step(record, lr, grad_norm, detail)
+
+    def _fp8_step(self) -> contextlib.ExitStack:
+        """Under fp8: each weight quantised once per optimizer step (micro-batches reuse it), and
+        the FP8 GEMMs' autotuning allowed only in this process's first step (the warm-up), never
+        inside a later multi-rank step."""
+        stack = contextlib.ExitStack()
+        if self.compute == "fp8":
+            stack.enter_context(fp8_weight_cache())
+            if self.step == self.first_step:
+                stack.enter_context(fp8_warming_up())
+        return stack
+
+    def _poisoned(self, loss: torch.Tensor) -> torch.Tensor:
+        """Fault injection (framework/faults.py): this rank's loss times NaN/Inf when planned."""
+        bad = poison("loss", self.step + 1, self.mesh.rank)
+        return loss if bad is None else loss * bad
 
     def _finish_step(self, record: dict, lr: float, grad_norm, detail: bool) -> dict:
         """After the optimizer step: aux-loss-free balancing from the global batch's expert
@@ -262,9 +253,8 @@ class Trainer:
     def _pipeline_forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor):
         """The schedule's forwards and backwards over parallel.micro_batches micro-batches; the
         loss terms come back summed over the pipeline ranks (the same value on each)."""
-        with self.reducer.no_sync():  # gradients accumulate over micro-batches; reduced once after
-            timeline = self.run_dir if self.step + 1 == self.cfg.logging.timeline_step else None
-            out = self.pipeline.train(inputs, targets, self.device, self._autocast, timeline)
+        timeline = self.run_dir if self.step + 1 == self.cfg.logging.timeline_step else None
+        out = self.pipeline.train(inputs, targets, self.device, self._autocast, timeline)
         if timeline is not None and self.mesh.rank == 0:  # the engine gathered the trace there; draw it
             par = self.cfg.parallel
             write_timeline(read_chrome_trace(timeline / "timeline.trace.json"), timeline / "timeline.png",
@@ -274,8 +264,8 @@ class Trainer:
         return loss, terms
 
     def _skip_step(self, record: dict, lr: float, grad_norm: torch.Tensor, bad: list[str]) -> dict:
-        """The rest of a step whose loss or gradient norm was not finite (see train_step)."""
-        self.optimizer.zero_grad()
+        """The rest of a step whose loss or gradient norm was not finite (see train_step); the
+        engine has left weights and optimizer state as they were."""
         self.model.update_expert_bias(0.0)  # rate 0: only drop this batch's expert loads
         self.step += 1
         self.consecutive_skips += 1
@@ -307,16 +297,25 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self, n_tokens: int, prompt: str = SAMPLE_PROMPT) -> str:
-        self.model.eval()
+        """A greedy sample on the latent KV cache (framework/generate.py). Under pp > 1 each rank
+        holds only its stages, so rank 0 reads the final checkpoint into one whole model on the
+        CPU and samples from that; under ep > 1 every rank decodes in lock-step (its experts
+        serve the others' tokens) until all are done."""
         try:
             prompt_ids = self.data.tokenizer.encode(prompt)
         except DataError:  # pre-tokenized .bin corpora have no text tokenizer: prompt from val
             prompt_ids = self.data.val_tokens[:4].tolist()
-        ids = torch.tensor([prompt_ids], device=self.device)
-        with autocast(self.device, self.compute):
-            out = self.model.generate(ids, n_tokens)
-        self.model.train()
-        return self.data.tokenizer.decode(out[0].tolist())
+        params = SamplingParams(max_new_tokens=min(n_tokens, self.cfg.model.max_seq_len - len(prompt_ids)),
+                                temperature=0)
+        model, device, all_done = self.model, self.device, None
+        if self.pipeline is not None:
+            model = load_duet_checkpoint(checkpoint.latest_checkpoint(self.run_dir))[0]
+            device = torch.device("cpu")
+        elif self.mesh.ep > 1:
+            all_done = ep_all_done(self.mesh.ep_group)
+        with autocast(device, self.compute):
+            out = generate(model, [prompt_ids], params, all_done=all_done)
+        return self.data.tokenizer.decode(prompt_ids + out.tokens[0].tolist())
 
     # --- the loop ------------------------------------------------------------------------
     def run(self, until_step: int | None = None) -> TrainResult:
@@ -325,6 +324,10 @@ class Trainer:
         cfg = self.cfg
         last = cfg.steps if until_step is None else min(until_step, cfg.steps)
         result = TrainResult(run_dir=self.run_dir, start_step=self.step)
+        if cfg.engine.convert_to_native:  # engine=deepspeed only (config.py)
+            path = self.engine.convert_to_native(self.resume_from, self._extra())
+            self.say(f"duet: {path} now holds duet's format too; resume it with engine=native")
+            return result
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(_to_yaml(cfg))
         mesh = self.mesh
@@ -390,10 +393,8 @@ class Trainer:
             logger.log({"step": self.step, "val_loss": result.val_loss})
             self.say(f"duet: final validation loss {result.val_loss:.4f} at step {self.step} "
                      f"(checkpoint in {checkpoint.checkpoint_root(self.run_dir)})")
-            if cfg.logging.sample_tokens and self.pipeline is not None:
-                self.say("duet: no greedy sample under pipeline parallelism (each rank holds only its "
-                         "stages); export the checkpoint with duet-hf or sample from a pp=1 run")
-            elif cfg.logging.sample_tokens and (self.is_main or self.every_rank_generates):
+            generates = self.is_main or (self.pipeline is None and self.every_rank_generates)
+            if cfg.logging.sample_tokens and generates:
                 result.sample = self.sample(cfg.logging.sample_tokens)
                 self.say("duet: greedy sample:\n" + result.sample)
         finally:
@@ -414,11 +415,7 @@ def _to_yaml(cfg: TrainConfig) -> str:
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
-    """The trainer of cfg.engine: duet's own, or DeepSpeed's ZeRO (imported only when chosen)."""
-    if cfg.engine.name == "deepspeed":
-        from parallel.deepspeed_engine import DeepSpeedTrainer
-
-        return DeepSpeedTrainer(cfg)
+    """One trainer for every engine: parallelize() builds the one cfg.engine names."""
     return Trainer(cfg)
 
 

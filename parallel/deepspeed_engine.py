@@ -1,4 +1,4 @@
-"""engine=deepspeed: DeepSpeed's ZeRO (stages 1-3) as the optimizer engine of a duet run (pp == 1).
+"""engine=deepspeed: DeepSpeed's ZeRO (stages 1-3) behind the engine protocol (parallel/engine.py), pp == 1.
 
 Only the optimizer side changes. The model, the expert-parallel dispatcher, the data, the
 expert-bias update and the balance loss are the native trainer's; DeepSpeed takes over gradient
@@ -26,20 +26,22 @@ MoE checkpoint writer expects DeepSpeed's layer structure. Checkpoints then take
 path, where every rank saves its ZeRO partitions (experts included) and loading rebuilds each
 rank's parameters from its fp32 partitions.
 
-Run-folder layout: `checkpoints/step_XXXXXXXX/` as for the native engine, written atomically (temp
-folder, rename), with DeepSpeed's files in `deepspeed/` and `meta.json` listing the formats present
-("formats": ["deepspeed"]). `engine.convert_to_native=true` adds duet's DCP files to the newest
+Run-folder layout: `checkpoints/step_XXXXXXXX/` as for the native engine, written and published by
+the same `checkpoint.Saver` (temp folder, meta.json, manifest, rename, prune), with DeepSpeed's
+files in `deepspeed/` and `meta.json` listing the formats present ("formats": ["deepspeed"]).
+`engine.convert_to_native=true` adds duet's DCP files to the newest
 checkpoint folder (format "native"), which the native engine then resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import warnings
-from dataclasses import asdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -48,12 +50,10 @@ from torch import nn
 from framework import checkpoint, integrity
 from framework.config import TrainConfig
 from framework.errors import TrainingError
-from framework.faults import maybe_fail, poison
-from framework.optim import AdamW, lr_at
-from framework.precision import autocast
-from framework.trainer import Trainer
-from parallel import comm, watchdog
-from parallel.data_parallel import DataParallelOptimizer, is_expert, reduce_mean
+from framework.optim import AdamW
+from parallel import comm
+from parallel.data_parallel import DataParallelOptimizer, is_expert
+from parallel.engine import counters
 from parallel.expert_parallel import expert_state_dict
 
 DS_TAG = "deepspeed"  # DeepSpeed's folder inside a checkpoint folder
@@ -214,18 +214,20 @@ class Objective(nn.Module):
         return self.model.loss(inputs, targets)
 
 
-# --------------------------------------------------------------------------- the trainer
+# --------------------------------------------------------------------------- the engine
 
 
-class DeepSpeedTrainer(Trainer):
-    """Trainer with DeepSpeed's engine in place of GradReducer + DataParallelOptimizer."""
+class DeepSpeedEngine:
+    """DeepSpeed's engine behind duet's engine protocol (parallel/engine.py), in place of
+    GradReducer + DataParallelOptimizer. `model` is this rank's share, initialised (or loaded from
+    checkpoint.load_from) already: ZeRO copies (stage 3: partitions) the weights it finds."""
 
-    def _setup_optimizer(self) -> None:
-        cfg, mesh = self.cfg, self.mesh
+    def __init__(self, model: nn.Module, cfg: TrainConfig, mesh, device: torch.device) -> None:
         if mesh.is_single:
             raise TrainingError("engine=deepspeed needs a process group; use parallel.dp >= 2 or "
                                 "engine=native")
-        deepspeed = import_deepspeed(self.device)
+        self.model, self.cfg, self.mesh = model, cfg, mesh
+        deepspeed = import_deepspeed(device)
         from deepspeed import comm as ds_comm
         from deepspeed.accelerator import get_accelerator
         from deepspeed.runtime.config import DeepSpeedConfig
@@ -233,74 +235,63 @@ class DeepSpeedTrainer(Trainer):
         # The process group exists (duet's mesh); this only wraps it in DeepSpeed's comm layer.
         ds_comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                  dist_init_required=False)
-        if self.init_from is not None:  # before ZeRO copies (stage 3: partitions) the weights
-            super()._load_weights(self.init_from)
         group_name = _expert_group_name(mesh)
-        _mark_experts(self.model, group_name, cfg.engine.zero_stage)
-        adamw = AdamW(_param_groups(self.model, cfg.optim.weight_decay, group_name), lr=cfg.optim.lr,
+        _mark_experts(model, group_name, cfg.engine.zero_stage)
+        adamw = AdamW(_param_groups(model, cfg.optim.weight_decay, group_name), lr=cfg.optim.lr,
                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
                       moment_dtype=cfg.precision.moment_dtype)
         self.ds_config = deepspeed_config(cfg)
         deepspeed.zero.partition_parameters.shutdown_init_context()
-        self.engine = _engine_class(deepspeed)(
-            args=None, model=Objective(self.model), optimizer=adamw, config=self.ds_config,
+        self.ds = _engine_class(deepspeed)(
+            args=None, model=Objective(model), optimizer=adamw, config=self.ds_config,
             config_class=DeepSpeedConfig(self.ds_config), dist_init_required=False)
-        self.optimizer = self.engine.optimizer  # ZeRO's wrapper; param_groups are duet's AdamW's
+        self.optimizer = self.ds.optimizer  # ZeRO's wrapper; param_groups are duet's AdamW's
+        self.collective_forward = cfg.engine.zero_stage == 3  # ZeRO-3 gathers weights in every forward
 
-    def _load_weights(self, path: Path) -> None:
-        pass  # done in _setup_optimizer, before the engine exists
-
-    @property
-    def every_rank_generates(self) -> bool:
-        # ZeRO-3 gathers parameters collectively in every forward.
-        return super().every_rank_generates or self.cfg.engine.zero_stage == 3
-
-    # --- one step ----------------------------------------------------------------------------
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, detail: bool = False) -> dict:
-        """The native step with DeepSpeed's backward (reduce / partition) and step (clip, AdamW)."""
-        cfg = self.cfg
-        watchdog.set_step(self.step + 1)
-        lr = lr_at(self.step, cfg.steps, cfg.optim)
-        for group in self.engine.optimizer.param_groups:
+    def set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
-        # Reduce after backward, not from its hooks: the hooks fire in an order that depends on the
-        # routing (EP's all-to-all backward runs between expert and dense gradients), so ranks would
-        # issue ZeRO's reductions and EP's all-to-alls in different orders and deadlock (seen with
-        # ZeRO-3 at ep=2). DeepSpeed's coalesced flush reduces in parameter-group order instead.
-        with self.engine.coalesce_grad_reduction():
-            with autocast(self.device, self.compute):
-                loss, parts = self.engine(inputs.to(self.device), targets.to(self.device))
-            if (bad := poison("loss", self.step + 1, self.mesh.rank)) is not None:
-                loss = loss * bad  # fault injection (framework/faults.py)
-            self.engine.backward(loss)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return self.ds(inputs, targets)
+
+    @contextlib.contextmanager
+    def accumulate(self) -> Iterator[None]:
+        """Reduce after backward, not from its hooks: the hooks fire in an order that depends on
+        the routing (EP's all-to-all backward runs between expert and dense gradients), so ranks
+        would issue ZeRO's reductions and EP's all-to-alls in different orders and deadlock (seen
+        with ZeRO-3 at ep=2). DeepSpeed's coalesced flush, on exit, reduces in parameter-group order."""
+        with self.ds.coalesce_grad_reduction():
+            yield
             self._zero_missing_grads()
-        record = reduce_mean({"loss": loss.detach(), **parts}, self.mesh)
-        # The NaN/Inf guard of the native step (Trainer.train_step). ZeRO finds a non-finite
-        # global gradient norm itself: it then clears its reduced gradients and returns before the
-        # optimizer, which is the native skip. A non-finite loss gives non-finite gradients, so it
-        # must have been caught there too; if ZeRO did step, the weights are no longer trusted.
-        skips_before = self.engine.skipped_steps
-        self.engine.step()
-        grad_norm = self.engine.get_global_grad_norm()
-        bad_parts = [name for name, v in (("loss", record["loss"]), ("grad_norm", grad_norm))
-                     if v is not None and not math.isfinite(v)]
-        if bad_parts:
-            if self.engine.skipped_steps == skips_before:
-                raise TrainingError(f"loss became {record['loss']} at step {self.step + 1} and DeepSpeed "
-                                    "applied the update anyway; stopped without saving: lower optim.lr "
-                                    "or use precision=fp32, then resume from the last checkpoint")
-            return self._skip_step(record, lr, grad_norm, bad_parts)
-        return self._finish_step(record, lr, grad_norm, detail)
+
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        self.ds.backward(loss)  # inside accumulate(): DeepSpeed only accumulates until the flush
+
+    def step(self, max_norm: float, loss_finite: bool) -> tuple[float, bool]:
+        """Clipping is DeepSpeed's (gradient_clipping = optim.grad_clip, so max_norm is already in
+        its config). ZeRO finds a non-finite global gradient norm itself: it then clears its
+        reduced gradients and returns before the optimizer, which is the native skip. A non-finite
+        loss gives non-finite gradients, so it must have been caught there too; if ZeRO did step,
+        the weights are no longer trusted."""
+        skips_before = self.ds.skipped_steps
+        self.ds.step()
+        applied = self.ds.skipped_steps == skips_before
+        if not loss_finite and applied:
+            raise TrainingError("the loss was not finite and DeepSpeed applied the update anyway; stopped "
+                                "without saving: lower optim.lr or use precision=fp32, then resume from "
+                                "the last checkpoint")
+        grad_norm = self.ds.get_global_grad_norm()
+        return (math.nan if grad_norm is None else float(grad_norm)), applied
 
     @torch.no_grad()
     def _zero_missing_grads(self) -> None:
         """A rank whose experts got no token has no gradient for them; the flush would skip the
         parameter there and not on its peers. Zeros keep every rank's reductions the same (the
         native GradReducer does the same)."""
-        opt = self.engine.optimizer
+        opt = self.ds.optimizer
         accum = getattr(opt, "use_grad_accum_attribute", False)  # ZeRO 1/2 may park grads there
-        for p in self.engine.module.parameters():
+        for p in self.ds.module.parameters():
             if not p.requires_grad:
                 continue
             if accum and getattr(p, "grad_accum", None) is None:
@@ -309,45 +300,24 @@ class DeepSpeedTrainer(Trainer):
                 p.grad = torch.zeros(getattr(p, "ds_shape", p.shape), dtype=p.dtype, device=p.device)
 
     # --- checkpoints ---------------------------------------------------------------------------
-    def _extra(self) -> dict[str, int]:
-        return {"step": self.step, "data_position": self.data.train.state_dict()["position"]}
+    def save(self, saver: checkpoint.Saver, step: int, extra: dict[str, int]) -> Path:
+        """DeepSpeed's save_checkpoint into the saver's temporary folder; published like any."""
+        def write(tmp: Path) -> None:
+            self.ds.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"duet": dict(extra)})
 
-    def save(self) -> Path:
-        """DeepSpeed's save_checkpoint into a temporary folder, renamed into place by rank 0."""
-        root = checkpoint.checkpoint_root(self.run_dir)
-        final = root / f"{checkpoint.PREFIX}{self.step:08d}"
-        tmp = root / f"{checkpoint.TMP_PREFIX}{final.name}"
-        if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                _remove(tmp)
-        comm.barrier()
-        self.engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={"duet": self._extra()})
-        maybe_fail("save", self.step, comm.global_rank(), self.run_dir)
-        comm.barrier()  # every rank's partitions are on disk
-        if self.is_main:
-            meta = {"step": self.step, "config": asdict(self.cfg), "formats": [DS_TAG]}
-            checkpoint.publish(tmp, final, meta)
-            for old in checkpoint.list_checkpoints(root)[:-self.cfg.checkpoint.keep_last]:
-                _remove(old)
-        comm.barrier()
-        return final
+        return saver.save_files(step, write, formats=[DS_TAG])
 
-    def _load(self, path: Path) -> None:
+    def load(self, path: Path, extra: dict[str, int]) -> dict[str, int]:
         problem = checkpoint.checkpoint_format_problem(path, "deepspeed")
         if problem:
             raise TrainingError(problem)
-        loaded, client = self.engine.load_checkpoint(str(path), tag=DS_TAG)
+        loaded, client = self.ds.load_checkpoint(str(path), tag=DS_TAG)
         if loaded is None:
             raise TrainingError(f"{path}: DeepSpeed found no checkpoint in {path / DS_TAG}; "
                                 "move that folder away")
         if self.cfg.engine.zero_stage < 3:
             self._params_from_masters()
-        extra = client["duet"]
-        self.step = int(extra["step"])
-        data_state = self.data.train.state_dict()
-        data_state["position"] = int(extra["data_position"])
-        self.data.train.load_state_dict(data_state)
+        return {k: int(client["duet"][k]) for k in extra}
 
     @torch.no_grad()
     def _params_from_masters(self) -> None:
@@ -357,15 +327,17 @@ class DeepSpeedTrainer(Trainer):
         Rebuild every parameter from its masters now (a collective over its dp / edp group)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        for p in self.engine.module.parameters():
+        for p in self.ds.module.parameters():
             p.copy_(safe_get_full_fp32_param(p).to(p.dtype))
 
-    def _full_model_state(self) -> dict[str, torch.Tensor]:
-        """The model's state dict with whole parameters (ZeRO-3 gathers its partitions)."""
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with whole parameters (ZeRO-3 gathers its partitions), experts
+        by global id as the native engine saves them."""
         from deepspeed import zero
 
         with zero.GatheredParameters(list(self.model.parameters()), enabled=self.cfg.engine.zero_stage == 3):
-            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            whole = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return expert_state_dict(whole, self.mesh)
 
     def _native_optimizer_state(self) -> dict[str, torch.Tensor]:
         """duet's optimizer checkpoint entries for DeepSpeed's AdamW state: the full state of each
@@ -373,12 +345,12 @@ class DeepSpeedTrainer(Trainer):
         non-sharded DataParallelOptimizer, which also wraps experts as global-id DTensors."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        base = self.engine.optimizer.optimizer  # duet's AdamW over the flat fp32 partitions
+        base = self.ds.optimizer.optimizer  # duet's AdamW over the flat fp32 partitions
         steps = {float(s["step"]) for s in base.state.values() if "step" in s}
         if len(steps) > 1:
             raise TrainingError(f"DeepSpeed optimizer state holds different step counts {sorted(steps)}")
         step = steps.pop() if steps else 0.0
-        zero = self.engine.optimizer
+        zero = self.ds.optimizer
         if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
             # ZeRO 1/2 link each parameter to its slice of the AdamW state lazily, at the first
             # step; a checkpoint loaded just now has new state tensors, so link them afresh.
@@ -397,19 +369,15 @@ class DeepSpeedTrainer(Trainer):
             native.load_state_dict({k: v for k, v in full.items() if v is not None})
             return native.state_dict()
 
-    def convert_to_native(self) -> Path:
-        """Add duet's DCP format to the newest checkpoint (the one this trainer resumed)."""
-        if self.resume_from is None:
-            raise TrainingError(f"engine.convert_to_native: {self.run_dir} holds no checkpoint to convert")
-        path = self.resume_from
-        model_state = self._full_model_state()
-        state = {"model": expert_state_dict(model_state, self.mesh), "optim": self._native_optimizer_state(),
-                 "extra": {k: torch.tensor(v, dtype=torch.int64) for k, v in self._extra().items()}}
+    def convert_to_native(self, path: Path, extra: dict[str, int]) -> Path:
+        """Add duet's DCP format to the checkpoint at `path` (the one this run resumed)."""
+        state = {"model": self.model_state_dict(), "optim": self._native_optimizer_state(),
+                 "extra": counters(extra)}
         import torch.distributed.checkpoint as dcp
 
         dcp.save(state, checkpoint_id=str(path))
         comm.barrier()
-        if self.is_main:  # meta.json, then the manifest of every file (framework/integrity.py), last
+        if comm.global_rank() == 0:  # meta.json, then the manifest of every file (integrity.py) last
             meta = checkpoint.read_meta(path)
             meta["formats"] = sorted(set(meta.get("formats", [DS_TAG])) | {"native"})
             tmp = path / "meta.json.tmp"
@@ -418,21 +386,6 @@ class DeepSpeedTrainer(Trainer):
             integrity.write_manifest(path, meta)
         comm.barrier()
         return path
-
-    def run(self, until_step: int | None = None):
-        if self.cfg.engine.convert_to_native:
-            path = self.convert_to_native()
-            self.say(f"duet: {path} now holds duet's format too; resume it with engine=native")
-            from framework.trainer import TrainResult
-
-            return TrainResult(run_dir=self.run_dir, start_step=self.step)
-        return super().run(until_step)
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class _whole_params:

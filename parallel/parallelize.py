@@ -4,7 +4,8 @@
     built.model      this rank's share on `device`: pipeline stages pruned, experts sharded
     built.counts     parameter counts of the full model
     built.pipeline   the PipelineEngine (pp > 1), else None
-    built.reducer, built.optimizer   native data parallelism (gradient buckets, ZeRO-1 AdamW)
+    built.engine     gradients, optimizer and checkpoints behind one protocol (parallel/engine.py):
+                     the native engine (bucketed reduction, ZeRO-1 AdamW) or DeepSpeed's ZeRO
 
 The order is fixed and reads top to bottom in `parallelize`:
     1. the whole model on the meta device (no memory); its initial weights are those of
@@ -15,24 +16,24 @@ The order is fixed and reads top to bottom in `parallelize`:
     4. the pipeline split: keep this rank's stages (the weight-gradient split is a class swap)
     5. materialise only what is left, directly on `device`, and initialise it: weights are a
        function of (seed, global name, global expert id) (framework/model/init.py), so every
-       layout starts from the global weights one process would on the same device type
-    6. data parallelism: the native engine's bucketed reducer and ZeRO-1 optimizer
-       (trainable=True and engine=native; engine=deepspeed builds DeepSpeed's engine over the
-       same model in parallel/deepspeed_engine.py)
+       layout starts from the global weights one process would on the same device type; or
+       load them from a checkpoint (`weights_from`, any layout's)
+    6. data parallelism: the engine of cfg.engine.name over this share (trainable=True only)
 A second model of the same layout (a frozen reference, a student) comes from another call with
-trainable=False: steps 1-5, parameters frozen.
+trainable=False: steps 1-5, parameters frozen, no engine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from framework.config import ModelConfig, TrainConfig
 from framework.fp8 import apply_fp8
 from framework.model import Transformer, count_params
-from parallel.data_parallel import DataParallelOptimizer, GradReducer
+from parallel.engine import Engine, NativeEngine, load_weights
 from parallel.expert_parallel import enable_expert_parallel
 from parallel.mesh import Mesh
 from parallel.pipeline.engine import PipelineEngine
@@ -43,12 +44,21 @@ class Parallelized:
     model: Transformer  # this rank's share on its device
     counts: dict[str, int]  # count_params of the full model, before anything was cut
     pipeline: PipelineEngine | None = None
-    reducer: GradReducer | None = None  # native engine only
-    optimizer: DataParallelOptimizer | None = None
+    engine: Engine | None = None  # trainable=True only
+
+
+def build_engine(model: Transformer, cfg: TrainConfig, mesh: Mesh, device: torch.device,
+                 pipeline: PipelineEngine | None) -> Engine:
+    if cfg.engine.name == "deepspeed":  # imported only when chosen (config.py refuses it with pp > 1)
+        from parallel.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, mesh, device)
+    return NativeEngine(model, cfg, mesh, pipeline)
 
 
 def parallelize(model_cfg: ModelConfig, cfg: TrainConfig, mesh: Mesh, device: torch.device, compute: str,
-                trainable: bool = True, init_seed: int | None = None) -> Parallelized:
+                trainable: bool = True, init_seed: int | None = None,
+                weights_from: Path | None = None) -> Parallelized:
     """This rank's share of a `model_cfg` model under cfg's layout (see the module docstring).
     init_seed None: drawn from torch's global generator, as `Transformer(model_cfg)` draws it, so
     after the same torch.manual_seed every rank (and one process) gets the same weights."""
@@ -63,14 +73,11 @@ def parallelize(model_cfg: ModelConfig, cfg: TrainConfig, mesh: Mesh, device: to
     pipeline = PipelineEngine(model, cfg, mesh) if par.pp > 1 else None
     model.to_empty(device=device)
     model.init_weights()
+    if weights_from is not None:
+        load_weights(model, weights_from, mesh)
     built = Parallelized(model, counts, pipeline)
     if not trainable:
         model.requires_grad_(False)
-    elif cfg.engine.name == "native":
-        built.reducer = GradReducer(model, mesh, par.bucket_mb, zero=par.zero1,
-                                    reduce_dtype=par.grad_reduce_dtype)
-        built.optimizer = DataParallelOptimizer(model, cfg.optim, mesh, cfg.precision.moment_dtype,
-                                                zero=par.zero1, bucket_mb=par.bucket_mb,
-                                                pp_copies=pipeline.copies if pipeline else None,
-                                                reducer=built.reducer)
+    else:
+        built.engine = build_engine(model, cfg, mesh, device, pipeline)
     return built

@@ -32,7 +32,7 @@ def _train(argv: list[str]) -> dict:
     result = trainer.run()
     return {"losses": result.losses, "start": result.start_step,
             "biases": [m.router.expert_bias.clone() for m in trainer.model.moe_layers()],
-            "engine": type(trainer).__name__}
+            "engine": type(trainer.engine).__name__}
 
 
 def matrix_worker(rank: int, world: int, corpus: str, root: str, roundtrip_stage: int) -> dict:
@@ -76,7 +76,7 @@ def _check(per_rank: list[dict], world: int) -> None:
         for stage in STAGES:
             for r in per_rank:
                 got = r[stage, ep]
-                assert got["engine"] == "DeepSpeedTrainer" and len(got["losses"]) == STEPS
+                assert got["engine"] == "DeepSpeedEngine" and len(got["losses"]) == STEPS
                 pairs = enumerate(zip(got["losses"], native), 1)
                 rel = [(abs(a - b) / abs(b), step) for step, (a, b) in pairs]
                 worst[stage, ep] = max(rel)
@@ -86,11 +86,11 @@ def _check(per_rank: list[dict], world: int) -> None:
     first = per_rank[0]
     reference = dict(enumerate(first[STAGES[0], 2]["losses"], start=1))
     resumed = first["resumed"]
-    assert resumed["start"] == 10 and resumed["engine"] == "DeepSpeedTrainer"
+    assert resumed["start"] == 10 and resumed["engine"] == "DeepSpeedEngine"
     assert_losses_match(dict(enumerate(resumed["losses"], start=11)), reference, range(11, STEPS + 1), 1e-6)
     assert "holds a DeepSpeed checkpoint only" in first["refused"] and "\n" not in first["refused"]
     native = first["native_resumed"]
-    assert native["start"] == 10 and native["engine"] == "Trainer" and len(native["losses"]) == 1
+    assert native["start"] == 10 and native["engine"] == "NativeEngine" and len(native["losses"]) == 1
     assert_losses_match({11: native["losses"][0]}, reference, [11], 1e-6)
 
 

@@ -15,6 +15,8 @@ import torch
 
 from benchmarks.soak import duet_train, logged_losses
 from framework import checkpoint
+from framework.data import ByteTokenizer
+from framework.hf import load_duet_checkpoint
 from framework.trainer import Trainer
 from launch.ranks import run_ranks
 from launch.run import compose
@@ -162,9 +164,10 @@ def test_failing_rank_traceback_is_shown_once(corpus, tmp_path):
 
 def ep_train_worker(rank: int, world: int, argv: list[str]) -> dict:
     trainer = Trainer(compose(argv))
-    losses = trainer.run().losses
+    result = trainer.run()
+    losses = result.losses
     moes = trainer.model.moe_layers()  # this rank's (its pipeline stages' under pp)
-    return {"losses": losses, "biases": [m.router.expert_bias.clone() for m in moes],
+    return {"losses": losses, "sample": result.sample, "biases": [m.router.expert_bias.clone() for m in moes],
             "expert_rows": moes[0].experts.w1.shape[0] if moes else 0}
 
 
@@ -204,10 +207,19 @@ def test_pipeline_training_equals_single_process(corpus, reference, tmp_path, la
     run_dir = tmp_path / "run"
     argv = args_for(corpus, run_dir, f"steps={steps}", *layout, "checkpoint.interval=5",
                     "logging.timeline_step=3")
+    argv = [a for a in argv if a != "logging.sample_tokens=0"] + ["logging.sample_tokens=6"]
     world = 2 * (2 if "parallel.dp=2" in layout else 1)
     per_rank = run_ranks(ep_train_worker, world, argv, timeout_s=400)
     for r in per_rank:
         assert_losses_match(dict(enumerate(r["losses"], start=1)), reference, range(1, steps + 1), 1e-5)
+    # the end-of-run sample (rank 0, from the final checkpoint read whole): greedy by full forwards
+    model, _ = load_duet_checkpoint(run_dir / "checkpoints" / "step_00000010")
+    ids = ByteTokenizer().encode("def ")
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert per_rank[0]["sample"] == ByteTokenizer().decode(ids)
+    assert all(r["sample"] == "" for r in per_rank[1:])
     # step 3's timeline: every pipeline rank's forwards and backwards of all 4 micro-batches
     assert (run_dir / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = json.loads((run_dir / "timeline.trace.json").read_text())["traceEvents"]

@@ -15,11 +15,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("framework", "parallel", "launch", "kernels")
-# Known and still to be removed (issue 15 part 4: DeepSpeed's engine behind the native engine's
-# protocol instead of subclassing Trainer). The tests fail on any other cycle, and once this one
-# is gone, so that the entry is deleted with it.
-KNOWN_CYCLES = [["framework.trainer", "parallel.deepspeed_engine", "framework.trainer"]]
-KNOWN_TRAINER_IMPORTERS = {"parallel.deepspeed_engine"}
 
 
 def module_files() -> dict[str, Path]:
@@ -137,7 +132,7 @@ def test_framework_parallel_and_launch_import_without_a_cycle():
     found = cycles(graph)
     for cycle in found:
         print("import cycle: " + " -> ".join(cycle))
-    assert found == KNOWN_CYCLES, "import cycles: " + "; ".join(" -> ".join(c) for c in found)
+    assert found == [], "import cycles: " + "; ".join(" -> ".join(c) for c in found)
 
 
 def test_parallel_does_not_import_the_trainer_or_private_checkpoint_functions():
@@ -146,7 +141,7 @@ def test_parallel_does_not_import_the_trainer_or_private_checkpoint_functions():
     for name, targets in graph.items():
         if not name.startswith("parallel"):
             continue
-        assert ("framework.trainer" in targets) == (name in KNOWN_TRAINER_IMPORTERS), name
+        assert "framework.trainer" not in targets, name
         for node in ast.walk(ast.parse(modules[name].read_text())):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
                 assert not (node.value.id == "checkpoint" and node.attr.startswith("_")), (name, node.attr)
