@@ -293,9 +293,6 @@ def _recompute_problems(cfg: TrainConfig) -> list[str]:
     if cfg.engine.name == "deepspeed" and cfg.engine.zero_stage == 3:
         return [f"model.recompute={mode} with engine.zero_stage=3: ZeRO-3 frees the parameters the "
                 "recompute re-reads; use model.recompute=none or engine.zero_stage<=2"]
-    if mode == "selective" and cfg.precision.compute == "fp8":
-        return ["model.recompute=selective with precision.compute=fp8: the selective policy keeps "
-                "bf16/fp32 GEMM outputs and would recompute the FP8 GEMMs; use model.recompute=full or none"]
     return []
 
 

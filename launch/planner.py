@@ -13,8 +13,10 @@ Activations (bytes per token a block keeps for backward, `activation_items`), af
              q/k/v as projected, roped, concatenated and padded (v to the q/k head dim: the
              fused attention core), its output and log-sum-exp, the router's scores, each routed
              row and its SwiGLU intermediates and output, the shared expert's likewise;
-  selective  DeepSeek-V3's choice: GEMM and attention outputs kept except the MLA up-projections;
-             RMSNorms, up-projections, SwiGLU activations and the rest recomputed;
+  selective  DeepSeek-V3's choice: the MLA latents, the attention core's output, the router's
+             logits and the SwiGLU inputs kept (in the activation dtype: duet does not cache them
+             in FP8 as V3 does); RMSNorms, up-projections, SwiGLU, the expert and attention output
+             projections and the rest recomputed;
   full       each compute sub-step's inputs only: the block input, and (MoE) the normed rows and
              gate weights the experts step starts from (the all-to-all results are never re-sent).
   The last stage's tail (final norm, MTP's projection, the heads) is never recomputed.
@@ -74,22 +76,21 @@ def activation_items(m: ModelConfig, compute: str, recompute: str, moe: bool) ->
     qk = N + R
     inter = m.moe_inter_dim if moe else m.dense_inter_dim
     shared = m.n_shared_experts * m.moe_inter_dim
+    inputs = {"block input": a * D}  # each recomputed step keeps its inputs
+    if moe:
+        inputs["experts step inputs (normed rows, gate weights)"] = a * D + 4 * K
     if recompute == "full":
-        items = {"block input": a * D}
-        if moe:
-            items["experts step inputs (normed rows, gate weights)"] = a * D + 4 * K
-        return items
+        return inputs
     core = a * H * qk + 4 * H  # the fused attention core's output (padded v) and fp32 log-sum-exp
     if recompute == "selective":
-        items = {"MLA latents": a * (Q + C + R), "attention core output": core,
-                 "attention projection output": a * D}
+        items = {**inputs, "MLA latents": a * (Q + C + R), "attention core output": core}
         if moe:
             items["router logits"] = 4 * E
-            items["routed SwiGLU GEMM outputs"] = K * a * (2 * inter + D)
+            items["routed SwiGLU inputs"] = K * a * 2 * inter
             if shared:
-                items["shared SwiGLU GEMM outputs"] = a * (2 * shared + D)
+                items["shared SwiGLU inputs"] = a * 2 * shared
         else:
-            items["dense SwiGLU GEMM outputs"] = a * (2 * inter + D)
+            items["dense SwiGLU inputs"] = a * 2 * inter
         return items
     items = {"RMSNorm inputs and outputs": 2 * a * D + 2 * lin(D),
              "MLA latents and their norms": a * (Q + C + R) + lin(Q) + lin(C),

@@ -333,3 +333,19 @@ def test_bf16_boundaries_move_the_bytes_the_planner_counts(spawned):
     placement = Placement("dualpipe", 2, 4)
     planned = sum(_pp_bytes(placement, r["pp_rank"], MB * T * D * act_bytes("bf16")) for r in spawned)
     assert sum(r["bf16_p2p_bytes"] for r in spawned) == 2 * planned > 0
+
+
+def test_validate_refuses_recompute_that_does_not_compose():
+    from framework.config import TrainConfig, validate
+
+    def problems(**changes):
+        cfg = TrainConfig()
+        cfg.model.recompute = changes.pop("recompute")
+        for key, value in changes.items():
+            setattr(cfg.engine, key, value)
+        return [p for p in validate(cfg) if "recompute" in p]
+
+    assert problems(recompute="selective") == [] and problems(recompute="full") == []
+    assert len(problems(recompute="some")) == 1
+    assert len(problems(recompute="full", name="deepspeed", zero_stage=3)) == 1
+    assert problems(recompute="full", name="deepspeed", zero_stage=2) == []

@@ -119,6 +119,13 @@ class Router(nn.Module):
         self.expert_load.zero_()
 
 
+class Recomputed:
+    """depth > 0 while a GEMM whose output selective recompute does not keep runs (the MLA
+    up-projections, the attention's and the experts' output projections: framework/model/
+    recompute.py hooks the modules; the routed experts' w2 GEMM marks itself here)."""
+    depth = 0
+
+
 class _LoadCounting:
     on = True  # off while a recompute re-runs a router: each token is counted once
 
@@ -288,7 +295,11 @@ def grouped_swiglu(x_MD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tenso
         grouped = _grouped_mm_ok(x_MD, w1_EID, w2_EDI)
         h1_MI = _GroupedLinear.apply(x_MD, w1_EID, layout, grouped, weight_grad)
         h3_MI = _GroupedLinear.apply(x_MD, w3_EID, layout, grouped, weight_grad)
-        return _GroupedLinear.apply(F.silu(h1_MI) * h3_MI, w2_EDI, layout, grouped, weight_grad)
+        Recomputed.depth += 1  # the expert outputs: recomputed from the SwiGLU inputs (V3)
+        try:
+            return _GroupedLinear.apply(F.silu(h1_MI) * h3_MI, w2_EDI, layout, grouped, weight_grad)
+        finally:
+            Recomputed.depth -= 1
 
 
 class GroupedExperts(nn.Module):

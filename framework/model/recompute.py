@@ -8,11 +8,12 @@ the plain Block.forward cuts the same way), never around a dispatch or combine, 
 all-to-all results are kept and never communicated again.
     none       autograd keeps what it keeps.
     full       only the step's inputs are kept; the whole step runs again in backward.
-    selective  DeepSeek-V3's choice: the RMSNorms, the MLA up-projections (wq_b, wkv_b) and the
-               SwiGLU activations are recomputed, every other GEMM's output is kept. Realised as a
-               selective checkpoint: GEMM and attention outputs are saved unless they belong to an
-               up-projection; everything else (norms, activations, rope, elementwise) is
-               recomputed from them.
+    selective  DeepSeek-V3's choice: the RMSNorms, the MLA up-projections (wq_b, wkv_b), the
+               SwiGLU activations and the expert outputs are recomputed. Realised as a selective
+               checkpoint: GEMM and attention outputs are kept (the latents, the attention core's
+               output, the SwiGLU inputs, the router's logits) except the up-projections' and the
+               output projections' (attention wo, SwiGLU w2: backward never reads them);
+               everything else (norms, activations, rope, elementwise) is recomputed.
 A recompute re-runs the router on the same tokens: load counting is off inside it
 (framework.model.moe.no_load_counting), so the expert-bias update counts each token once.
 """
@@ -23,43 +24,53 @@ import contextlib
 import functools
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    set_checkpoint_early_stop,
+)
 
 from framework.config import RECOMPUTE_MODES
-from framework.model.moe import no_load_counting
+from framework.model.moe import Recomputed, no_load_counting
 
 _aten = torch.ops.aten
 # Ops whose outputs selective recompute keeps (unless inside an up-projection).
+# A Triton GEMM (the FP8 kernels on GPUs) is no aten op: selective recomputes it (cost, not numbers).
 _SAVED = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten._grouped_mm.default,
+          _aten._scaled_mm.default,
           _aten._scaled_dot_product_flash_attention_for_cpu.default,
           _aten._scaled_dot_product_efficient_attention.default,
           _aten._scaled_dot_product_flash_attention.default,
           _aten._scaled_dot_product_cudnn_attention.default}
 
 
-class _UpProjection:
-    depth = 0  # > 0 while an MLA up-projection runs (forward hooks on wq_b / wkv_b)
-
-
 def _enter(module, args) -> None:
-    _UpProjection.depth += 1
+    Recomputed.depth += 1
 
 
 def _leave(module, args, out) -> None:
-    _UpProjection.depth -= 1
+    Recomputed.depth -= 1
+
+
+# Modules whose GEMM outputs selective recompute does not keep: MLA's up-projections (V3), and
+# the output projections of attention and of the (shared / dense) SwiGLU, which backward never
+# reads (the routed experts' w2 marks itself in framework/model/moe.py).
+_NOT_KEPT = ("wq_b", "wkv_b", "wo", "w2")
 
 
 def mark_up_projections(model: torch.nn.Module) -> None:
-    """Hook the MLA up-projections so the selective policy recomputes them (idempotent)."""
+    """Hook the modules of _NOT_KEPT so the selective policy recomputes them (idempotent)."""
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("wq_b", "wkv_b") and not getattr(module, "_duet_up", False):
+        if name.rsplit(".", 1)[-1] in _NOT_KEPT and isinstance(module, torch.nn.Linear) \
+                and not getattr(module, "_duet_up", False):
             module.register_forward_pre_hook(_enter)
             module.register_forward_hook(_leave)
             module._duet_up = True
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in _SAVED and _UpProjection.depth == 0:
+    if op in _SAVED and Recomputed.depth == 0:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -232,5 +243,7 @@ def recomputed(fn, mode: str):
             return fn(*args)
         if mode == "full":
             return _Full.apply(fn, _autocast_state(args), *args)
-        return checkpoint(fn, *args, use_reentrant=False, context_fn=_selective_contexts)
+        # No early stop: a recompute cut short would skip the hooks' exits (Recomputed.depth).
+        with set_checkpoint_early_stop(False):
+            return checkpoint(fn, *args, use_reentrant=False, context_fn=_selective_contexts)
     return run

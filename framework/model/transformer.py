@@ -41,7 +41,7 @@ class Block(nn.Module):
         # Activation recompute per compute sub-step (framework/model/recompute.py).
         self.recompute = cfg.recompute
         if cfg.recompute == "selective":
-            mark_up_projections(self.attn)
+            mark_up_projections(self)
 
     def whole(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The block without recompute: the plain forward (dense or MoE FFN)."""
