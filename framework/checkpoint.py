@@ -218,10 +218,12 @@ def checkpoint_format_problem(path: Path, engine: str) -> str | None:
             "engine=native, or start a new run_dir with checkpoint.load_from pointing at it")
 
 
-def load(path: str | Path, state: dict[str, dict[str, torch.Tensor]], verify: bool = True) -> None:
+def load(path: str | Path, state: dict[str, dict[str, torch.Tensor]], verify: bool = True,
+         alone: bool = False) -> None:
     """Fill `state` (same layout as saved; any subset of sections) in place from `path`.
     The caller then hands the sections to model/optimizer `load_state_dict`. verify=False
-    skips the checksums (when the caller verified the folder already)."""
+    skips the checksums (when the caller verified the folder already); alone=True reads it in
+    this process only, without the process group's collectives (one rank reading a whole model)."""
     path = Path(path)
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path} is not a complete duet checkpoint (no meta.json)")
@@ -233,17 +235,17 @@ def load(path: str | Path, state: dict[str, dict[str, torch.Tensor]], verify: bo
     except integrity.UnsafeCheckpoint as err:
         raise CheckpointError(f"checkpoint {path} refused: {err}") from None
     try:
-        dcp.load(state, storage_reader=integrity.SafeReader(str(path)), no_dist=_no_dist())
+        dcp.load(state, storage_reader=integrity.SafeReader(str(path)), no_dist=alone or _no_dist())
     except Exception as err:  # DCP raises a wrapped multi-line error on any mismatch
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} does not fit this model/config ({first[:200]}); "
                               "start a new run_dir or restore the config it was saved with") from None
 
 
-def load_model(path: str | Path, model: torch.nn.Module) -> None:
+def load_model(path: str | Path, model: torch.nn.Module, alone: bool = False) -> None:
     """Only the weights (and buffers such as expert biases) of a checkpoint."""
     state = {"model": model.state_dict()}
-    load(path, state)
+    load(path, state, alone=alone)
     model.load_state_dict(state["model"])
 
 

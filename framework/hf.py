@@ -401,7 +401,7 @@ def load_duet_checkpoint(path: Path) -> tuple[Transformer, ModelConfig]:
     model.to_empty(device="cpu")
     for moe in model.moe_layers():
         moe.router.expert_load.zero_()  # not saved (transient counts), so set it here
-    checkpoint.load_model(path, model)
+    checkpoint.load_model(path, model, alone=True)  # one process's read, also inside a process group
     return model, cfg
 
 

@@ -65,14 +65,6 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * sum(matmul_params_per_token(cfg).values()) + attention_flops_per_token(cfg, seq_len)
 
 
-def flops_per_token(activated_params: int, n_layers: int, n_heads: int, qk_head_dim: int,
-                    v_head_dim: int, seq_len: int) -> float:
-    """Deprecated: the trainer's former count (6 per activated parameter, the embedding included
-    and MTP left out). Use train_flops_per_token(cfg.model, seq_len)."""
-    attention = 6 * n_layers * n_heads * (qk_head_dim + v_head_dim) * seq_len / 2
-    return 6 * activated_params + attention
-
-
 def gpu_peak_tflops(compute: str = "bf16", device_index: int = 0) -> float | None:
     """Dense BF16 peak of the GPU, the one MFU convention (PEAK_TFLOPS), whatever `compute` is
     (kept for callers that pass it); None where unknown (CPU runs report no MFU)."""

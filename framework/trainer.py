@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,9 +35,11 @@ from framework.metrics import (
     MetricsLogger,
     NvmlSampler,
     ProgressBar,
+    ThroughputWindow,
     comm_record,
-    flops_per_token,
     gpu_peak_tflops,
+    mfu,
+    train_flops_per_token,
 )
 from framework.model import Transformer
 from framework.optim import lr_at
@@ -144,10 +145,7 @@ class Trainer:
             self._load(self.resume_from)
         self.first_step = self.step
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        m = cfg.model
-        self.flops_per_token = flops_per_token(self.counts["activated"], m.n_layers, m.n_heads,
-                                               m.qk_nope_head_dim + m.qk_rope_head_dim,
-                                               m.v_head_dim, cfg.data.seq_len)
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)  # the one MFU count
 
     @property
     def every_rank_generates(self) -> bool:
@@ -345,14 +343,14 @@ class Trainer:
             self.say(f"duet: weights initialised from {self.init_from}")
         logger = MetricsLogger(self.run_dir, cfg.logging, cfg, resume=self.step > 0, enabled=self.is_main)
         bar = ProgressBar(cfg.steps, self.step, cfg.logging.progress_bar and self.is_main)
-        peak = gpu_peak_tflops(self.compute)
+        peak = gpu_peak_tflops(device_index=self.device.index or 0)  # dense bf16, whatever the precision
         nvml = NvmlSampler(self.device.index or 0 if self.device.type == "cuda" else None)
         comm.reset_comm_stats()
         if not mesh.is_single:  # hang detection: a blocking wait longer than the timeout exits
             watchdog.arm(cfg.launch.collective_timeout_s, mesh.rank, comm.backend())
             if planned("collective"):  # fault injection: stall this rank inside a collective
                 watchdog.on_wait = lambda kind, step: maybe_fail("collective", step, mesh.rank, self.run_dir)
-        window_start, window_steps = time.perf_counter(), 0
+        window = ThroughputWindow()  # evaluation and checkpoint time paused out of tokens/s
         try:
             while self.step < last:
                 inputs, targets = self.data.train.next()
@@ -363,27 +361,27 @@ class Trainer:
                     bar.write(f"step {self.step}: non-finite {record['skipped']}; optimizer step skipped "
                               f"on every rank ({self.consecutive_skips} in a row)")
                 result.losses.append(record["loss"])
-                window_steps += 1
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * self.tokens_per_step / max(elapsed, 1e-9)
+                window.add(self.tokens_per_step)
+                tokens_per_s = window.tokens_per_s()
                 bar.update(self.step, record["loss"], tokens_per_s, record["lr"])
                 if log_now:
                     record.update(step=self.step, tokens_per_s=tokens_per_s, **nvml.read(),
-                                  **comm_record(comm.comm_stats(), elapsed),
-                                  **ep_record(self.model, window_steps))
+                                  **comm_record(comm.comm_stats(), window.seconds()),
+                                  **ep_record(self.model, window.steps))
                     comm.reset_comm_stats()
-                    if peak:
-                        record["mfu"] = tokens_per_s * self.flops_per_token / (peak * self.mesh.world * 1e12)
+                    if (value := mfu(tokens_per_s, self.flops_per_token, self.mesh.world, peak)) is not None:
+                        record["mfu"] = value
                     logger.log(record)
                     if not self.is_main:  # lands in this rank's log file
                         print(f"step {self.step} loss {record['loss']:.4f}", flush=True)
-                    window_start, window_steps = time.perf_counter(), 0
-                if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.steps:
-                    val = self.evaluate()
-                    logger.log({"step": self.step, "val_loss": val})
-                    bar.write(f"step {self.step}: validation loss {val:.4f}")
-                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
-                    self.save()
+                    window.reset()
+                with window.paused():
+                    if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.steps:
+                        val = self.evaluate()
+                        logger.log({"step": self.step, "val_loss": val})
+                        bar.write(f"step {self.step}: validation loss {val:.4f}")
+                    if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                        self.save()
             bar.close()
             self.saver.wait()
             if latest_step(self.run_dir) != self.step:

@@ -10,7 +10,6 @@ from framework.metrics import (
     NvmlSampler,
     ThroughputWindow,
     comm_record,
-    flops_per_token,
     gpu_peak_tflops,
     mfu,
 )
@@ -24,13 +23,6 @@ def test_comm_record_reports_megabytes_seconds_and_wait_share():
     assert record["comm_all_reduce_s"] == 0.5
     assert record["comm_time_share"] == pytest.approx(0.25)
     assert comm_record({}, 1.0) == {}
-
-
-def test_flops_per_token_is_six_per_activated_parameter_plus_attention():
-    no_attention = flops_per_token(1000, n_layers=0, n_heads=1, qk_head_dim=1, v_head_dim=1, seq_len=8)
-    assert no_attention == 6000
-    # one layer, one head, head dims 2+2, T=4: 6 * 4 * 4 / 2 = 48 extra
-    assert flops_per_token(1000, 1, 1, 2, 2, 4) - no_attention == 48
 
 
 def test_peaks_know_hopper_fp8_and_cpu_reports_none():
