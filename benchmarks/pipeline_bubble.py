@@ -81,24 +81,49 @@ class _Sleep(torch.autograd.Function):
         return grad_x, defer_or_return(weight, weight_grad), None, None, None
 
 
+class SleepBlock(nn.Module):
+    """A dense block (framework.model.transformer.Block's interface for the runtime's sub-steps:
+    no MoE, one compute step) that only takes time."""
+
+    ffn = None
+    layer_id = 0
+    recompute = "none"
+
+    def __init__(self, f_s: float, b_s: float, w_s: float) -> None:
+        super().__init__()
+        self.times = (f_s, b_s, w_s)
+        self.weight = nn.Parameter(torch.ones(DIM))
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        return _Sleep.apply(x, self.weight, *self.times)
+
+    forward = whole
+
+
 class SleepStage(nn.Module):
-    """A pipeline stage (framework.model.transformer.Stage's interface) that only takes time."""
+    """A pipeline stage (framework.model.transformer.Stage's interface) of one sleeping block;
+    its embedding is the identity, its loss a squared error."""
 
     def __init__(self, is_first: bool, is_last: bool, f_s: float, b_s: float, w_s: float) -> None:
         super().__init__()
         self.is_first, self.is_last = is_first, is_last
-        self.times = (f_s, b_s, w_s)
-        self.weight = nn.Parameter(torch.ones(DIM))
+        self.blocks = nn.ModuleDict({"0": SleepBlock(f_s, b_s, w_s)})
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Sleep.apply(x, self.weight, *self.times)
+        return self.blocks["0"](x)
+
+    def head_losses(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (h - targets).square().mean(), h.new_zeros(())
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = (self(x) - targets).square().mean()
+        loss = self.head_losses(self(x), targets)[0]
         return loss, {"main": loss.detach()}
 
-    def balance_loss(self) -> torch.Tensor:
-        return self.weight.new_zeros(())
+    def balance_loss(self, mtp_only: bool = False) -> torch.Tensor:
+        return self.blocks["0"].weight.new_zeros(())
 
 
 def stage_costs(name: str, pp: int, chunks: int, f_ms: float) -> Costs:

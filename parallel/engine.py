@@ -35,7 +35,7 @@ from torch import nn
 from framework import checkpoint
 from framework.config import TrainConfig
 from framework.errors import TrainingError
-from parallel.data_parallel import DataParallelOptimizer, GradReducer
+from parallel.data_parallel import DataParallelOptimizer, GradReducer, reduce_mean
 from parallel.expert_parallel import expert_state_dict, local_state_dict
 from parallel.mesh import Mesh
 
@@ -112,8 +112,11 @@ class NativeEngine:
             loss.backward()
 
     def step(self, max_norm: float, loss_finite: bool) -> tuple[torch.Tensor, bool]:
-        grad_norm = self.optimizer.clip_grad_norm(max_norm)  # global: equal on every rank
-        applied = loss_finite and bool(torch.isfinite(grad_norm))
+        grad_norm = self.optimizer.clip_grad_norm(max_norm)
+        # Without ZeRO the norm is this rank's own, and a non-finite gradient that appears after
+        # the reduction is seen by one rank only: the ranks agree on the skip through one flag.
+        nonfinite = reduce_mean({"nonfinite": (~torch.isfinite(grad_norm)).float()}, self.mesh)["nonfinite"]
+        applied = loss_finite and nonfinite == 0
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad()

@@ -39,7 +39,8 @@ def attention_core(q_BHTK: torch.Tensor, k_BHTK: torch.Tensor, v_BHTV: torch.Ten
     """Causal softmax(q k^T * scale) v -> o_BHTV; pad_v=False is the plain call (the reference)."""
     K, V = q_BHTK.shape[-1], v_BHTV.shape[-1]
     dtype, T = v_BHTV.dtype, q_BHTK.shape[-2]
-    if q_BHTK.device.type == "cpu" and dtype != torch.float32 and T < CPU_BF16_ATTENTION_MIN_SEQ:
+    half = dtype in (torch.bfloat16, torch.float16)  # fp64 stays fp64 (exactness checks)
+    if q_BHTK.device.type == "cpu" and half and T < CPU_BF16_ATTENTION_MIN_SEQ:
         with torch.autocast("cpu", enabled=False):  # autocast would send SDPA back to bf16
             o_BHTV = attention_core(q_BHTK.float(), k_BHTK.float(), v_BHTV.float(), scale, pad_v)
         return o_BHTV.to(dtype)

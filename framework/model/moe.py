@@ -76,8 +76,10 @@ class Router(nn.Module):
 
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
         # The gate stays in fp32, also under autocast (V3's recipe: routing is precision-sensitive).
+        # fp64 inputs keep fp64 (exactness checks); everything narrower is raised to fp32.
+        gate_dtype = torch.promote_types(x_TD.dtype, torch.float32)
         with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            logits_TE = F.linear(x_TD.to(gate_dtype), self.weight.to(gate_dtype))
         return logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(-1)
 
     def select(self, s_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
