@@ -49,7 +49,7 @@ def compose(overrides: list[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from framework.config import PosttrainConfig
+    from framework.posttrain.config import PosttrainConfig
 
     preset = "demo"
     rest = []
@@ -81,8 +81,8 @@ def compose(overrides: list[str]):
 
 def input_problems(c) -> list[str]:
     """Everything checkable before training: the config, the SFT rows, prompt lengths, the rewards."""
-    from framework.config import posttrain_problems
     from framework.errors import DataError
+    from framework.posttrain.config import posttrain_problems
     from framework.posttrain.rewards import check_rewards
     from framework.posttrain.sft import encode, length_problems, load_rows
     from framework.posttrain.tasks import build_task

@@ -113,10 +113,13 @@ class NativeEngine:
 
     def step(self, max_norm: float, loss_finite: bool) -> tuple[torch.Tensor, bool]:
         grad_norm = self.optimizer.clip_grad_norm(max_norm)
-        # Without ZeRO the norm is this rank's own, and a non-finite gradient that appears after
-        # the reduction is seen by one rank only: the ranks agree on the skip through one flag.
-        nonfinite = reduce_mean({"nonfinite": (~torch.isfinite(grad_norm)).float()}, self.mesh)["nonfinite"]
-        applied = loss_finite and nonfinite == 0
+        finite = bool(torch.isfinite(grad_norm))
+        if not self.optimizer.zero:
+            # Under ZeRO-1 the norm is reduced over the shards, so every rank sees the same value.
+            # Without it the norm is this rank's own, and a non-finite gradient that appears after
+            # the reduction is seen by one rank only: the ranks agree on the skip through one flag.
+            finite = reduce_mean({"nonfinite": float(not finite)}, self.mesh)["nonfinite"] == 0
+        applied = loss_finite and finite
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad()

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from framework.config import PosttrainConfig, posttrain_problems
 from framework.errors import DataError, TrainingError
 from framework.model import Transformer
 from framework.posttrain import grpo, replay
+from framework.posttrain.config import PosttrainConfig, posttrain_problems
 from framework.posttrain.rewards import accuracy_reward, check_rewards, format_reward, parse, total_rewards
 from framework.posttrain.sft import END, Row, collate, decode, encode, load_rows, response_ce
 from framework.posttrain.tasks import Addition, Countdown, Problem, Sorting

@@ -10,8 +10,8 @@ import dataclasses
 
 import torch
 
-from framework.config import PosttrainConfig
 from framework.posttrain import grpo
+from framework.posttrain.config import PosttrainConfig
 from framework.posttrain.driver import train_config
 from framework.posttrain.learner import Learner
 from framework.posttrain.sft import END

@@ -6,7 +6,7 @@ smaller student on it and compare the two on the same held-out problems.
 
 from __future__ import annotations
 
-from framework.config import PosttrainConfig
+from framework.posttrain.config import PosttrainConfig
 from framework.posttrain.learner import Learner
 from framework.posttrain.rewards import accuracy_reward, format_reward
 from framework.posttrain.rollout import sample

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from framework.config import OptimConfig, PosttrainConfig, TrainConfig
+from framework.config import OptimConfig, TrainConfig
 from framework.optim import lr_at
+from framework.posttrain.config import PosttrainConfig
 from framework.posttrain.distill import rejection_sample
 from framework.posttrain.grpo import grpo_step, train_problems
 from framework.posttrain.learner import Learner

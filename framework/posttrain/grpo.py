@@ -36,8 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from framework.config import PosttrainConfig
 from framework.posttrain import replay
+from framework.posttrain.config import PosttrainConfig
 from framework.posttrain.learner import Learner
 from framework.posttrain.rewards import total_rewards
 from framework.posttrain.rollout import sample, token_logprobs
