@@ -8,7 +8,11 @@ The API (stable; framework/posttrain calls it for rollouts):
 Inputs
     model     a Transformer (any dtype; run under autocast if you want bf16 compute); its
               training flag is restored afterwards. Under expert parallelism every rank of the
-              ep group calls generate with its own prompts and the same params and `all_done`.
+              ep group calls generate with `all_done` and its own prompts and params (prompt
+              lengths, max_new_tokens, stop tokens, temperature and seeds may differ;
+              speculative and return_experts may not: they decide which forwards run). The
+              ranks step in lock-step, a finished rank keeps answering the others' all-to-alls,
+              and each rank's output equals one process decoding its prompts.
     prompts   list of B token-id lists (lengths may differ, each >= 1).
     params    SamplingParams: temperature 0 = greedy; top_k 0 = off; top_p in (0, 1];
               stop_tokens end a sequence (the stop token is kept in its output); seed: sequence b
@@ -22,7 +26,7 @@ Inputs
 Output: Generation with, per sequence b (CPU tensors):
     tokens[b]             LongTensor [n_b]  new tokens (n_b <= max_new_tokens)
     logprobs[b]           FloatTensor [n_b] log-prob of each under the model's distribution at
-                          temperature 1 (no top-k / top-p)
+                          temperature 1 (no top-k / top-p); fp32, fp64 for an fp64 model
     sampling_logprobs[b]  FloatTensor [n_b] log-prob under the distribution it was drawn from
                           (temperature, top-k, top-p applied; 0 for greedy)
     experts[b]            LongTensor [n_moe_layers, len(prompt_b) + n_b, K] (return_experts),
@@ -90,12 +94,18 @@ class Generation:
 # --------------------------------------------------------------------------- distributions
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """fp32 at least: bf16 logits are normalised in fp32, fp64 ones stay fp64 (so an fp64 model's
+    log-probs compare to 1e-10)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def sampling_logprobs(logits_BV: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Log-probabilities [B, V] (fp32, -inf outside the support) of the distribution tokens are
+    """Log-probabilities [B, V] (fp32 or wider, -inf outside the support) of the distribution tokens are
     drawn from: greedy = all mass on the argmax; else softmax(logits / T) cut to the top_k
     tokens (ties at the k-th value kept) and to the smallest prefix of the sorted tokens whose
     mass reaches top_p, renormalised."""
-    z_BV = logits_BV.float()
+    z_BV = _wide(logits_BV)
     if p.temperature == 0:
         out = torch.full_like(z_BV, NEG_INF)
         return out.scatter_(1, z_BV.argmax(-1, keepdim=True), 0.0)
@@ -160,8 +170,9 @@ def ep_all_done(group) -> Callable[[bool], bool]:
     return all_done
 
 
-def _check(model, prompts: list[list[int]], p: SamplingParams, speculative: bool) -> None:
-    cfg = model.cfg
+def check_inputs(cfg, prompts: list[list[int]], p: SamplingParams, speculative: bool = False) -> None:
+    """ValueError naming every problem of these inputs for a model of `cfg` (a ModelConfig);
+    needs no model, so a launcher checks before it spawns ranks."""
     problems = p.problems()
     if not prompts:
         problems.append("no prompts")
@@ -173,7 +184,7 @@ def _check(model, prompts: list[list[int]], p: SamplingParams, speculative: bool
                             f"that exceeds model.max_seq_len={cfg.max_seq_len}: shorten it or ask for fewer")
         elif min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
             problems.append(f"prompt {b} has token ids outside [0, {cfg.vocab_size})")
-    if speculative and not len(model.mtp):
+    if speculative and cfg.mtp_depth < 1:
         problems.append("speculative decoding needs an MTP module (model.mtp_depth >= 1)")
     if problems:
         raise ValueError("; ".join(problems))
@@ -192,7 +203,7 @@ class _Outputs:
 
     def emit(self, b: int, tok: int, logits_V: torch.Tensor, samp_V: torch.Tensor) -> None:
         self.tokens[b].append(tok)
-        self.lp[b].append(float(logits_V.float().log_softmax(-1)[tok]))
+        self.lp[b].append(float(_wide(logits_V).log_softmax(-1)[tok]))
         self.slp[b].append(float(samp_V[tok]))
         if tok in self.stops or len(self.tokens[b]) >= self.p.max_new_tokens:
             self.done[b] = True
@@ -211,17 +222,18 @@ def generate(model, prompts: list[list[int]], params: SamplingParams | None = No
     """Sample continuations of `prompts` (see the module docstring for inputs and outputs)."""
     p = params or SamplingParams()
     prompts = [list(map(int, x)) for x in prompts]
-    _check(model, prompts, p, speculative)
+    check_inputs(model.cfg, prompts, p, speculative)
     was_training = model.training
     model.eval()  # no load counting or balance loss while sampling
     try:
-        return _generate(model, prompts, p, seeds, return_experts, speculative, all_done or (lambda d: d))
+        return _generate(model, prompts, p, seeds, return_experts, speculative, all_done)
     finally:
         model.train(was_training)
 
 
 def _generate(model, prompts, p: SamplingParams, seeds, return_experts, speculative, all_done) -> Generation:
     dev = model.embed.weight.device
+    lockstep, all_done = all_done is not None, all_done or (lambda d: d)
     B, lens = len(prompts), [len(x) for x in prompts]
     seeds = list(seeds) if seeds is not None else [p.seed + b for b in range(B)]
     gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
@@ -236,7 +248,7 @@ def _generate(model, prompts, p: SamplingParams, seeds, return_experts, speculat
         last_B = torch.tensor(lens, device=dev) - 1
         logits_BV = logits_BTV[torch.arange(B, device=dev), last_B]
         loop = _speculative_loop if speculative else _plain_loop
-        stats = loop(dec, out, p, gens, logits_BV, (prompt_BT, h_BTD), all_done)
+        stats = loop(dec, out, p, gens, logits_BV, (prompt_BT, h_BTD), all_done, lockstep)
         experts = None
         if dec.experts is not None:
             # Route each sequence's last token too, so every token has its experts (replay needs them).
@@ -246,13 +258,14 @@ def _generate(model, prompts, p: SamplingParams, seeds, return_experts, speculat
             experts = [ids[b, :, : lens[b] + len(out.tokens[b])] for b in range(B)]
     finally:
         dec.close()
+    lp_dtype = _wide(logits_BV[:0]).dtype  # fp32, or fp64 for an fp64 model
     return Generation(tokens=[torch.tensor(t, dtype=torch.long) for t in out.tokens],
-                      logprobs=[torch.tensor(x, dtype=torch.float32) for x in out.lp],
-                      sampling_logprobs=[torch.tensor(x, dtype=torch.float32) for x in out.slp],
+                      logprobs=[torch.tensor(x, dtype=lp_dtype) for x in out.lp],
+                      sampling_logprobs=[torch.tensor(x, dtype=lp_dtype) for x in out.slp],
                       experts=experts, **stats)
 
 
-def _plain_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, _prefill, all_done) -> dict:
+def _plain_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, _prefill, all_done, _lockstep) -> dict:
     B, dev, steps = len(gens), logits_BV.device, 0
     while True:
         samp_BV = sampling_logprobs(logits_BV, p)
@@ -270,7 +283,7 @@ def _plain_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, _prefill, all_d
         steps += 1
 
 
-def _speculative_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, prefill, all_done) -> dict:
+def _speculative_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, prefill, all_done, lockstep) -> dict:
     """Round: main on [x, d] at (n, n+1) -> keep or redraw d, then a free token after a kept d;
     MTP on (h_n, x_{n+1}), (h_{n+1}, x_{n+2}) at (n, n+1) -> the next draft from the last valid."""
     prompt_BT, h_BTD = prefill
@@ -312,8 +325,8 @@ def _speculative_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, prefill, 
                              else _draw(samp1_BV, gens, [b])[b])
                     out.emit(b, bonus, logits_B2V[b, 1], samp1_BV[b])
                     mtp_next[b][1] = bonus
-        if all(out.done):
-            continue  # the all-done reduction decides; no draft needed
+        if all(out.done) and not lockstep:
+            continue  # no draft needed; in lock-step the MTP block's MoE still answers the others
         mtp_B2V = dec.mtp_step(h_B2D, torch.tensor(mtp_next, device=dev), pos_B2)
         pick_B = torch.tensor([1 if s else 0 for s in use_second], device=dev)
         q_BV = sampling_logprobs(mtp_B2V[torch.arange(B, device=dev), pick_B], p)
@@ -333,5 +346,5 @@ def generate_text(model, tokenizer, prompts: list[str], params: SamplingParams |
     return [tokenizer.decode(x + t.tolist()) for x, t in zip(ids, gen.tokens)]
 
 
-__all__ = ["Generation", "SamplingParams", "accept_distribution", "ep_all_done", "generate", "generate_text",
-           "residual", "sampling_logprobs", "speculative_choice"]
+__all__ = ["Generation", "SamplingParams", "accept_distribution", "check_inputs", "ep_all_done", "generate",
+           "generate_text", "residual", "sampling_logprobs", "speculative_choice"]
