@@ -2,6 +2,11 @@
 rollouts under expert parallelism (ep=2 over dp=2, gloo ranks) and in one process. Both run two
 micro-batches, the KL term to a frozen reference on the same layout, and routing replay; losses
 agree to 1e-6 and the reduced gradients to calc_diff < 1e-10 (every expert compared by global id).
+
+Under pipeline parallelism (pp=2: 1F1B on two ranks, and DualPipe, whose two ranks hold both
+stages) the micro-batches' GRPO losses travel to the last stage as heads on its logits, and the
+old and reference log-probabilities come from the same layout's forward-only pass (routing
+replay is pp=1 only, so these runs and their one-process twin record the routes instead).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import dataclasses
 
 import torch
 
+from framework.model.moe import MoE
 from framework.posttrain import grpo
 from framework.posttrain.config import PosttrainConfig
 from framework.posttrain.driver import train_config
@@ -21,8 +27,8 @@ from parallel.mesh import Mesh
 B, LR = 8, 1e-3
 
 
-def posttrain_cfg() -> PosttrainConfig:
-    return PosttrainConfig(micro_batches=2, kl_coef=0.05, routing_replay=True, loss_agg="grpo",
+def posttrain_cfg(replay: bool = True, micro_batches: int = 2) -> PosttrainConfig:
+    return PosttrainConfig(micro_batches=micro_batches, kl_coef=0.05, routing_replay=replay, loss_agg="grpo",
                            max_new_tokens=6)
 
 
@@ -36,9 +42,11 @@ def rollouts() -> grpo.Rollouts:
     return grpo.pack_rollouts(prompts, responses, logps, adv, length=5 + 6 - 1)
 
 
-def one_update(mesh: Mesh, batch: grpo.Rollouts) -> dict:
-    c = posttrain_cfg()
+def one_update(mesh: Mesh, batch: grpo.Rollouts, c: PosttrainConfig | None = None, parallel=None) -> dict:
+    c = c or posttrain_cfg()
     cfg = train_config(c, mesh)
+    if parallel is not None:
+        cfg.parallel = parallel
     cfg.parallel.zero1 = False  # full gradients on every rank, to compare
     policy = Learner.build(c.policy, cfg, mesh, torch.device("cpu"), seed=3)
     with torch.no_grad():  # a reference that differs from the policy, so the KL term is not 0
@@ -55,7 +63,10 @@ def one_update(mesh: Mesh, batch: grpo.Rollouts) -> dict:
     policy.built.engine.step = capture
     record = grpo.update_on(policy, reference, batch, c, LR)
     firsts = {n: m.first_expert for n, m in policy.model.named_modules() if hasattr(m, "first_expert")}
-    return {"loss": record["loss"], "grads": grads, "firsts": firsts, "load": record["expert_load"]}
+    moes = [n for n, m in policy.model.named_modules() if isinstance(m, MoE)]
+    return {"loss": record["loss"], "grads": grads, "firsts": firsts, "load": record["expert_load"],
+            "loads": dict(zip(moes, record["expert_load"], strict=True)), "kl": record["kl"],
+            "clip_frac": record["clip_frac"]}
 
 
 def worker(rank: int, world: int) -> dict:
@@ -90,3 +101,45 @@ def test_grpo_update_under_ep2_equals_one_process():
             got = ranks[0]["grads"][name]
             assert torch.equal(got, ranks[1]["grads"][name])
         assert calc_diff(got, g) < 1e-10, name
+
+
+PP_RUNS = (("1f1b", 2), ("dualpipe", 4))  # (schedule, micro-batches)
+
+
+def pp_worker(rank: int, world: int) -> list[dict]:
+    """Both schedules in one pair of processes (a spawn costs more than an update)."""
+    from parallel.mesh import Layout, build_mesh
+
+    out = []
+    for schedule, micro in PP_RUNS:
+        c = posttrain_cfg(replay=False, micro_batches=micro)
+        parallel = dataclasses.replace(train_config(c).parallel, pp=2, schedule=schedule, micro_batches=micro)
+        mesh = build_mesh(Layout.from_config(parallel))
+        out.append(one_update(mesh, rollouts(), c, parallel))  # dp=1: both pipeline ranks see the whole batch
+    return out
+
+
+def test_grpo_update_under_pp2_equals_one_process():
+    """1F1B (stage 0: embedding + dense block; stage 1: the MoE block, head and the GRPO loss) and
+    DualPipe (four micro-batches in two directions: both ranks hold both stages and sum their
+    copies' gradients)."""
+    runs = run_ranks(pp_worker, 2)
+    for k, (schedule, micro) in enumerate(PP_RUNS):
+        single = one_update(Mesh.single(), rollouts(), posttrain_cfg(replay=False, micro_batches=micro))
+        assert single["loss"] != 0.0 and single["kl"] > 0
+        ranks = [run[k] for run in runs]
+        held = set()
+        for r in ranks:
+            # every rank reports the global numbers, wherever the heads ran
+            assert abs(r["loss"] - single["loss"]) < 1e-6, schedule
+            assert abs(r["kl"] - single["kl"]) < 1e-9 and r["clip_frac"] == single["clip_frac"]
+            for name, load in r["loads"].items():
+                assert load == single["loads"][name], (schedule, name)
+            for name, g in r["grads"].items():
+                assert calc_diff(g, single["grads"][name]) < 1e-10, (schedule, name)
+            held |= set(r["grads"])
+        assert held == set(single["grads"]), schedule  # every gradient was computed somewhere
+        if schedule == "dualpipe":
+            assert all(set(r["grads"]) == held for r in ranks)
+        else:
+            assert not set(ranks[0]["grads"]) & set(ranks[1]["grads"])

@@ -1,7 +1,8 @@
 """Sub-layer steps: one micro-batch's pass through a pipeline stage, cut where DualPipe's
 forward/backward interleave switches between micro-batches (DESIGN.md rule 10).
 
-    pas = StagePass(stage, x, targets, StepContext(scale, autocast, recompute, trace))
+    pas = StagePass(stage, x, targets, StepContext(scale, autocast, trace))
+    pas = StagePass(stage, x, None, ctx, head=fn)      # last stage: loss = fn(logits_BTV) instead
     for step in pas.forward_steps(): step.run()        # or interleaved with another pass's
     pas.output()                                       # h_BTD (non-last stage) / losses (last)
     pas.set_grad_output(g_BTD)                         # non-last stage: the gradient of h
@@ -28,6 +29,11 @@ second root of the layer's attention backward), attention(W).
 A dense block is one compute step (no dispatch or combine), as are the embedding on the first
 stage and the tail on the last (final norm, head, loss and the MTP block with its own MoE,
 whose all-to-alls run inside that step's autograd: they are not interleaved).
+
+A head (StagePass's `head`, e.g. a GRPO micro-batch's objective on its per-token log-probs)
+replaces the last stage's losses: the tail computes logits = head(norm(h)) and its one root
+fn(logits); no MTP loss, and the balance losses are not roots (StepContext.aux_scale 0), so the
+gradients are those of fn alone, as `fn(model(tokens)).backward()` in one process.
 
 Every compute step runs on detached leaves (its own autograd graph); its weight gradients go
 to the W step after it (run there, or handed to the schedule's later W action when the
@@ -63,6 +69,8 @@ class StepContext:
     scale: float = 1.0  # every root's gradient (loss / micro-batches)
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     trace: Trace | None = None
+    # The balance losses' root gradient (None: scale; 0: the balance losses are not roots).
+    aux_scale: float | None = None
     # A split backward: W steps hand their work here instead of running it.
     deferred: WeightGradWork | None = None
 
@@ -272,7 +280,8 @@ class _MoEBlock(_Unit):
         if self.g_n_shared is not None:
             g_n_TD = g_n_TD + self.g_n_shared
         aux = self.att.values[4]
-        g_aux = torch.full((), self.ctx.scale) if aux is not None else None
+        aux_scale = self.ctx.scale if self.ctx.aux_scale is None else self.ctx.aux_scale
+        g_aux = torch.full((), aux_scale) if aux is not None and aux_scale != 0 else None
         self.g_in = self.att.backward([self.g_a, g_n_TD, g_w_TK, None, g_aux])[0]
         self.g_a = self.g_sum = self.g_n_shared = None
 
@@ -291,12 +300,14 @@ class _MoEBlock(_Unit):
 @dataclass
 class StagePass:
     """One micro-batch's forward and backward through one stage, as sub-steps (module docstring).
-    targets: on the last stage, the loss targets (None: forward only, output() = logits)."""
+    targets: on the last stage, the loss targets; head: instead of them, fn(logits_BTV) -> the
+    loss (module docstring)."""
 
     stage: object  # framework.model.transformer.Stage
     x: object  # tokens_BT / h_BTD, or a callable returning it when first needed
     targets: torch.Tensor | None
     ctx: StepContext
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
     units: list[_Unit] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -310,7 +321,7 @@ class StagePass:
                 self.units.append(_Plain(f"L{block.layer_id}", ctx, lambda h, b=block: (b.whole(h),),
                                          block.recompute))
         if st.is_last:
-            self.units.append(_Plain("head", ctx, self._tail))
+            self.units.append(_Plain("head", ctx, self._tail if self.head is None else self._head))
         for a, b in zip(self.units, self.units[1:], strict=False):
             a.next, b.prev = b, a
         self.units[0].x = self.x
@@ -320,6 +331,10 @@ class StagePass:
         main, mtp = self.stage.head_losses(h_BTD, self.targets)
         return main, mtp, self.stage.balance_loss(mtp_only=True)
 
+    def _head(self, h_BTD):
+        """(head(logits),): the one root of a head pass (balance losses are not roots here)."""
+        return (self.head(self.stage.head(self.stage.norm(h_BTD))),)
+
     def forward_steps(self) -> list[Step]:
         return [s for u in self.units for s in u.forward_steps()]
 
@@ -328,10 +343,13 @@ class StagePass:
 
     def output(self):
         """Non-last stage: h_BTD. Last: (loss, parts) with loss = main + mtp + balance, the
-        stage's balance loss over all its MoE layers (its value; the roots are per step)."""
+        stage's balance loss over all its MoE layers (its value; the roots are per step); with a
+        head: (the head's value, {})."""
         out = self.units[-1].output()
         if not self.stage.is_last:
             return out
+        if self.head is not None:
+            return out, {}
         main, mtp, _ = self.units[-1].c.values
         balance = self.stage.balance_loss().detach().to(main.dtype)
         return main + mtp + balance, {"main_loss": main, "mtp_loss": mtp, "balance_loss": balance}

@@ -32,6 +32,8 @@ Legend: B rollouts (prompts x G), T positions, G group size.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +42,7 @@ from framework.posttrain import replay
 from framework.posttrain.config import PosttrainConfig
 from framework.posttrain.learner import Learner
 from framework.posttrain.rewards import total_rewards
-from framework.posttrain.rollout import sample, token_logprobs
+from framework.posttrain.rollout import sample, target_logprobs
 from framework.posttrain.sft import decode, encode
 from framework.posttrain.tasks import Problem, Task
 
@@ -180,7 +182,13 @@ def micro_slices(B: int, n: int) -> list[tuple[int, int]]:
 
 
 def grpo_loss(model, mb: Rollouts, c: PosttrainConfig, norm: Normaliser) -> tuple[torch.Tensor, dict]:
-    logp_BT = token_logprobs(model, mb.tokens_BT, mb.targets_BT, c.temperature)
+    return logits_loss(model(mb.tokens_BT), mb, c, norm)
+
+
+def logits_loss(logits_BTV: torch.Tensor, mb: Rollouts, c: PosttrainConfig,
+                norm: Normaliser) -> tuple[torch.Tensor, dict]:
+    """The micro-batch's share of the loss from its logits (where a pipeline's last stage runs it)."""
+    logp_BT = target_logprobs(logits_BTV, mb.targets_BT, c.temperature)
     loss_BT, parts = token_loss(logp_BT, mb.old_BT, mb.ref_BT, mb.adv_B, c.epsilon, c.epsilon_high, c.kl_coef)
     return aggregate(loss_BT, mb.mask_BT, c.loss_agg, norm), parts
 
@@ -192,21 +200,29 @@ def grpo_loss(model, mb: Rollouts, c: PosttrainConfig, norm: Normaliser) -> tupl
 def score_pass(learner: Learner, batch: Rollouts, pieces: list[tuple[int, int]], temperature: float,
                record: bool) -> tuple[torch.Tensor, list]:
     """Forward-only log-probabilities of the batch's targets on `learner`'s current weights, micro-
-    batch by micro-batch (the same pieces as training, so recorded routes line up)."""
-    model = learner.model
-    model.eval()
-    out, routes = [], []
-    for lo, hi in pieces:
-        mb = batch.rows(lo, hi).to(learner.device)
-        with replay.record(model) if record else replay.nothing() as seen:
-            out.append(token_logprobs(model, mb.tokens_BT, mb.targets_BT, temperature).cpu())
-        routes.append(seen)
-    model.train()
-    return torch.cat(out), routes
+    batch by micro-batch (the same pieces as training, so recorded routes line up). Under pp > 1
+    through the pipeline, and no routes are recorded (empty lists)."""
+    mbs = [batch.rows(lo, hi).to(learner.device) for lo, hi in pieces]
+    heads = [functools.partial(target_logprobs, targets_BT=mb.targets_BT, temperature=temperature)
+             for mb in mbs]
+    routes: list = [[] for _ in pieces]
+
+    @contextlib.contextmanager
+    def recording(i: int):
+        with replay.record(learner.model) as seen:
+            yield
+        routes[i] = seen
+
+    scope = recording if record and learner.pipeline is None else None
+    out = learner.forward_heads([mb.tokens_BT for mb in mbs], heads, scope)
+    return torch.cat([o.cpu() for o in out]), routes
 
 
 def sample_group(learner: Learner, task: Task, problems: list[Problem], c: PosttrainConfig, seed: int):
     """G responses per problem from the current weights; their rewards and texts."""
+    if learner.pipeline is not None:  # generate() decodes through a whole model
+        raise ValueError("GRPO rollouts need parallel.pp=1 (sampling through the pipeline is not built); "
+                         "under pp > 1 update_on takes given rollouts")
     prompts = [encode(p.prompt) for p in problems for _ in range(c.group_size)]
     responses, logps, experts = sample(learner.model, prompts, c.max_new_tokens, c.temperature, seed,
                                        learner.ep_group)
@@ -245,6 +261,9 @@ def grpo_step(learner: Learner, reference: Learner | None, task: Task, problems:
 def update_on(learner: Learner, reference: Learner | None, batch: Rollouts, c: PosttrainConfig,
               lr: float) -> dict:
     """updates_per_batch optimizer steps on one rollout batch (old and reference log-probs first)."""
+    if c.routing_replay and learner.pipeline is not None:
+        raise ValueError("posttrain.routing_replay needs parallel.pp=1 (under a pipeline the routes are not "
+                         "recorded per micro-batch yet); set posttrain.routing_replay=false")
     B = len(batch.adv_B)
     pieces = micro_slices(B, c.micro_batches) if B else [(0, 0)] * c.micro_batches
     batch.old_BT, recorded = score_pass(learner, batch, pieces, c.temperature, record=True)
@@ -261,11 +280,13 @@ def update_on(learner: Learner, reference: Learner | None, batch: Rollouts, c: P
     for u in range(c.updates_per_batch):
         stats: list[tuple[torch.Tensor, torch.Tensor]] = []
         agree: list[tuple[float, float]] = []
-        closures = [_closure(learner, batch.rows(lo, hi), routes[i], c, norm, stats, agree)
-                    for i, (lo, hi) in enumerate(pieces)]
-        rec = learner.update(closures, lr)
-        clipped = learner.global_sum(sum(s[0] for s in stats)) / n_tokens
-        kl = learner.global_sum(sum(s[1] for s in stats)) / n_tokens
+        mbs = [batch.rows(lo, hi).to(learner.device) for lo, hi in pieces]
+        heads = [_head(mb, c, norm, stats) for mb in mbs]
+        scope = (None if learner.pipeline is not None
+                 else functools.partial(_routing, learner, routes, c, agree))
+        rec = learner.update_heads([mb.tokens_BT for mb in mbs], heads, lr, scope=scope)
+        clipped = learner.head_sum(sum(s[0] for s in stats)) / n_tokens
+        kl = learner.head_sum(sum(s[1] for s in stats)) / n_tokens
         out.update({"loss": rec["loss"], "grad_norm": rec["grad_norm"], "clip_frac": clipped, "kl": kl,
                     "expert_load": rec["expert_load"]})
         if agree:
@@ -273,23 +294,28 @@ def update_on(learner: Learner, reference: Learner | None, batch: Rollouts, c: P
     return out
 
 
-def _closure(learner: Learner, mb: Rollouts, routes: list[torch.Tensor], c: PosttrainConfig, norm: Normaliser,
-             stats: list, agree: list):
-    """The loss of one micro-batch for Learner.update; appends its clip and KL sums to stats and,
-    without replay, its routing agreement with the rollout to agree."""
-    def run() -> torch.Tensor:
-        local = mb.to(learner.device)
-        model = learner.model
-        with replay.replay(model, routes) if c.routing_replay else replay.record(model) as seen:
-            loss, parts = grpo_loss(model, local, c, norm)
-        if not c.routing_replay:
-            agree.append(replay.agreement(routes, seen))
-        m = local.mask_BT
+def _head(mb: Rollouts, c: PosttrainConfig, norm: Normaliser, stats: list):
+    """The loss of one micro-batch from its logits, for Learner.update_heads; appends its clip and
+    KL sums to stats (where it runs: under pp > 1 on the last stage)."""
+    def loss_of(logits_BTV: torch.Tensor) -> torch.Tensor:
+        loss, parts = logits_loss(logits_BTV, mb, c, norm)
+        m = mb.mask_BT
         kl = (parts["kl"] * m).sum() if "kl" in parts else torch.zeros(())
         stats.append(((parts["clipped"] & m).sum(), kl))
         return loss
 
-    return run
+    return loss_of
+
+
+@contextlib.contextmanager
+def _routing(learner: Learner, routes: list, c: PosttrainConfig, agree: list, i: int):
+    """Around micro-batch i's training forward: replay the rollout's routes, or record the
+    forward's and append their agreement with the rollout to agree."""
+    model = learner.model
+    with replay.replay(model, routes[i]) if c.routing_replay else replay.record(model) as seen:
+        yield
+    if not c.routing_replay:
+        agree.append(replay.agreement(routes[i], seen))
 
 
 def _mean_agreement(learner: Learner, agree: list[tuple[float, float]]) -> float:

@@ -4,6 +4,8 @@
     frozen = learner.frozen_copy()                                     # the reference: same layout
     n = learner.global_sum(mask.sum())                                 # a count over every dp rank
     record = learner.update([lambda: loss_of(mb) for mb in micro], lr)  # one optimizer step
+    record = learner.update_heads(tokens_mbs, [head_of(mb) for mb in micro], lr)   # under any pp
+    logp = learner.forward_heads(tokens_mbs, [logp_of(mb) for mb in micro])       # no graph
 
 update() is the trainer's step for losses that are already normalised globally: each closure
 returns its micro-batch's share of the global objective (a sum divided by a global count), the
@@ -11,14 +13,22 @@ backward of all but the last micro-batch only accumulates, and because the
 reducer averages over dp (divides by dp) each share is multiplied by dp before backward, so the
 reduced gradient is that of the global objective, the same as one process on the whole batch.
 
+Heads: a head is fn(logits_BTV) of one micro-batch (its loss share, or per-token values such as
+log-probabilities). update_heads / forward_heads run them on the layout: in one process
+fn(model(tokens)) per micro-batch; under pp > 1 the pipeline runtime carries the heads to the
+last stage, which applies them to its logits (parallel/pipeline/runtime.py: no 1/micro-batches
+on top, root gradient dp as here), and forward_heads' values reach every pipeline rank. The
+micro-batches are then parallel.micro_batches pieces of one shape (rollouts padded to one
+length), and `scope` (a context around one micro-batch's forward, e.g. routing record/replay
+hooks) is pp=1 only: under a pipeline the micro-batches' forwards interleave.
+
 This goes through the engine protocol (parallel/engine.py), as the trainer's step does.
-Pipeline parallelism is not supported here: its runtime would need to carry per-micro-batch loss
-inputs (advantages, masks, old and reference log-probabilities) to the last stage.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,6 +39,9 @@ from parallel import comm
 from parallel.data_parallel import all_reduce_expert_load
 from parallel.mesh import Mesh
 from parallel.parallelize import Parallelized, parallelize
+
+# Around micro-batch i's forward (pp=1 only): scope(i) -> a context manager
+Scope = Callable[[int], contextlib.AbstractContextManager]
 
 
 @dataclass
@@ -44,9 +57,6 @@ class Learner:
               seed: int, trainable: bool = True, bias_rate: float | None = None) -> Learner:
         """This rank's share of a model_cfg model; its weights a function of `seed` (every rank and
         one process agree)."""
-        if cfg.parallel.pp > 1:
-            raise ValueError("post-training runs with parallel.pp=1 (the pipeline runtime carries no "
-                             "per-micro-batch loss inputs yet)")
         torch.manual_seed(seed)
         built = parallelize(model_cfg, cfg, mesh, device, "fp32", trainable=trainable)
         rate = model_cfg.bias_update_rate if bias_rate is None else bias_rate
@@ -55,6 +65,11 @@ class Learner:
     @property
     def model(self):
         return self.built.model
+
+    @property
+    def pipeline(self):
+        """The PipelineEngine under pp > 1, else None."""
+        return self.built.pipeline
 
     @property
     def ep_group(self):
@@ -81,10 +96,23 @@ class Learner:
             comm.all_reduce(t, "sum", self.mesh.dp_group)
         return float(t.item())
 
+    def head_sum(self, value: torch.Tensor | float) -> float:
+        """global_sum of a value the heads produced: under pp > 1 it exists on the ranks of the last
+        stage (the others hold zeros), so it is summed over pp too."""
+        if self.pipeline is None:
+            return self.global_sum(value)
+        t = torch.as_tensor(value, dtype=torch.float64).reshape(1)
+        t = t.to(comm.collective_device(self.mesh.pp_group))
+        return self.global_sum(self.pipeline.sum_over_pp(t))
+
     def update(self, closures: Sequence[Callable[[], torch.Tensor]], lr: float, max_norm: float = 1.0,
                after_forward: Callable[[], None] | None = None) -> dict[str, float]:
         """One optimizer step on the sum of the closures' (globally normalised) losses; returns the
-        global loss, the gradient norm and the expert loads of the step's training forwards."""
+        global loss, the gradient norm and the expert loads of the step's training forwards.
+        pp=1 only (a closure runs the whole model): under a pipeline, update_heads."""
+        if self.pipeline is not None:
+            raise ValueError("Learner.update runs whole-model closures (parallel.pp=1); under pp > 1 use "
+                             "update_heads")
         engine, model, dp = self.built.engine, self.model, self.mesh.dp
         engine.set_lr(lr)
         model.train()
@@ -98,8 +126,59 @@ class Learner:
                         after_forward()
                     engine.backward(loss * dp)
                 total += loss.detach().double().cpu()
+        return self._step(total, max_norm)
+
+    def update_heads(self, tokens_mbs: Sequence[torch.Tensor], heads: Sequence[Callable], lr: float,
+                     max_norm: float = 1.0, scope: Scope | None = None) -> dict[str, float]:
+        """update() on heads: micro-batch i's loss is heads[i](logits of tokens_mbs[i]), a share of
+        a globally normalised objective (module docstring)."""
+        if self.pipeline is None:
+            pieces = enumerate(zip(tokens_mbs, heads, strict=True))
+            return self.update([functools.partial(self._head_loss, i, t, h, scope) for i, (t, h) in pieces],
+                               lr, max_norm)
+        self._no_scope(scope)
+        engine = self.built.engine
+        engine.set_lr(lr)
+        self.model.train()
+        with engine.accumulate():  # the reducer's dp average, undone by scale=dp as in update()
+            total = self.pipeline.train_heads(list(tokens_mbs), list(heads), self.device,
+                                              contextlib.nullcontext, scale=self.mesh.dp)
+        return self._step(total.cpu(), max_norm)
+
+    @torch.no_grad()
+    def forward_heads(self, tokens_mbs: Sequence[torch.Tensor], heads: Sequence[Callable],
+                      scope: Scope | None = None) -> list[torch.Tensor]:
+        """heads[i](logits of tokens_mbs[i]) in eval mode, no graph; per-token values [b, T] (fp32)
+        on every rank of the layout."""
+        model = self.model
+        model.eval()
+        try:
+            if self.pipeline is not None:
+                self._no_scope(scope)
+                return self.pipeline.forward_heads(list(tokens_mbs), list(heads), self.device,
+                                                   contextlib.nullcontext)
+            pieces = enumerate(zip(tokens_mbs, heads, strict=True))
+            return [self._head_loss(i, t, h, scope) for i, (t, h) in pieces]
+        finally:
+            model.train()
+
+    def _head_loss(self, i: int, tokens_BT: torch.Tensor, head: Callable, scope) -> torch.Tensor:
+        with scope(i) if scope is not None else contextlib.nullcontext():
+            return head(self.model(tokens_BT.to(self.device)))
+
+    @staticmethod
+    def _no_scope(scope) -> None:
+        if scope is not None:
+            raise ValueError("a per-micro-batch scope (routing record/replay) needs parallel.pp=1: under "
+                             "a pipeline the micro-batches' forwards interleave")
+
+    def _step(self, total: torch.Tensor, max_norm: float) -> dict[str, float]:
+        """The optimizer step after the backward passes (total: this rank's loss, float64)."""
+        engine, model = self.built.engine, self.model
         finite = bool(torch.isfinite(total))
         grad_norm, applied = engine.step(max_norm, finite)
+        if self.pipeline is not None:  # DualPipe's mirror routers saw different micro-batches
+            self.pipeline.sync_shared_loads()
         all_reduce_expert_load(model, self.mesh)
         loads = [moe.router.expert_load.tolist() for moe in model.moe_layers()]
         model.update_expert_bias(self.bias_rate if applied else 0.0)  # rate 0: counts reset only

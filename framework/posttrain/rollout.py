@@ -38,7 +38,13 @@ def token_logprobs(model, tokens_BT: torch.Tensor, targets_BT: torch.Tensor,
                    temperature: float = 1.0) -> torch.Tensor:
     """log pi(targets[t] | tokens[:t+1]) for every position, fp32 [B, T] (sampling temperature
     applied, as the sampler's distribution was; 0 means 1, the greedy case)."""
-    logits_BTV = model(tokens_BT).float()
+    return target_logprobs(model(tokens_BT), targets_BT, temperature)
+
+
+def target_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """token_logprobs from given logits (a pipeline's last stage computes them)."""
+    logits_BTV = logits_BTV.float()
     if temperature > 0:
         logits_BTV = logits_BTV / temperature
     return F.log_softmax(logits_BTV, -1).gather(2, targets_BT[..., None]).squeeze(2)

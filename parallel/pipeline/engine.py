@@ -6,6 +6,8 @@ executes its schedule, and the reductions that make the stages add up to one mod
     engine.sync_shared_grads()                       # after the dp reduction
     engine.sync_shared_loads()                       # before the expert-bias update
     engine.loss_terms(out)                           # per-rank share of the loss terms, sum over pp
+    losses = engine.train_heads(tokens_mbs, fns, device, autocast, scale)   # loss of mb = fns[mb](logits)
+    values = engine.forward_heads(tokens_mbs, fns, device, autocast)        # fns[mb](logits), every pp rank
 
 Every rank keeps the full model's parameter names for what it holds (parallel.pipeline.runtime
 .prune), so checkpoints and the data-parallel code need no pipeline knowledge, except that a
@@ -136,6 +138,38 @@ class PipelineEngine:
                      for r in range(self.mesh.pp)]
             write_chrome_trace(spans, out_dir / "timeline.trace.json")
             shutil.rmtree(parts, ignore_errors=True)
+
+    def _heads_args(self, tokens_mbs: list[torch.Tensor], heads: list, device, autocast) -> tuple:
+        shapes = {tuple(t.shape) for t in tokens_mbs}
+        if len(tokens_mbs) != self.chunks or len(heads) != self.chunks or len(shapes) != 1:
+            raise ValueError(f"the pipeline runs parallel.micro_batches={self.chunks} micro-batches of one "
+                             f"shape; got {len(tokens_mbs)} of shapes {sorted(shapes)}")
+        b, T = tokens_mbs[0].shape
+        shape = (b, T, self.model.cfg.dim)
+        return [t.to(device) for t in tokens_mbs], shape, boundary_dtype(device, autocast)
+
+    def train_heads(self, tokens_mbs: list[torch.Tensor], heads: list, device, autocast,
+                    scale: float) -> torch.Tensor:
+        """Forward and backward of per-micro-batch losses heads[mb](logits_BTV), each already a
+        share of a globally normalised objective (the runtime's docstring: no 1/micro-batches,
+        root gradient `scale`). Returns the sum of the shares, float64, on every pipeline rank."""
+        tokens, shape, dtype = self._heads_args(tokens_mbs, heads, device, autocast)
+        out = self.runner.step(tokens, None, shape, dtype, device, autocast, heads=heads, scale=scale)
+        total = sum((loss.double() for loss in out.losses.values()), torch.zeros((), dtype=torch.float64))
+        return self.sum_over_pp(total.to(comm.collective_device(self.mesh.pp_group)))
+
+    @torch.no_grad()
+    def forward_heads(self, tokens_mbs: list[torch.Tensor], heads: list, device,
+                      autocast) -> list[torch.Tensor]:
+        """Forward only: heads[mb](logits_BTV) for per-token values (each [b, T], fp32, as the
+        micro-batch's tokens), computed on the last stage and summed over pp (the other ranks
+        add zeros), so every pipeline rank returns them."""
+        tokens, shape, dtype = self._heads_args(tokens_mbs, heads, device, autocast)
+        out = self.runner.forward_only(tokens, None, shape, dtype, device, autocast, heads=heads)
+        where = comm.collective_device(self.mesh.pp_group)
+        flat = torch.stack([out.logits[mb].float() if mb in out.logits else torch.zeros(t.shape)
+                            for mb, t in enumerate(tokens)]).to(where)
+        return list(self.sum_over_pp(flat).unbind())
 
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor, device, autocast) -> torch.Tensor:
         """This rank's share of the main cross-entropy of a batch (sum over pp gives it)."""

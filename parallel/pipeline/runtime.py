@@ -5,6 +5,8 @@ boundary tensors with the other pipeline ranks (activations forward, gradients b
     runner = PipelineRunner(stages, placement, pp_rank, peers, group)   # runs build(...)[pp_rank]
     out = runner.step(tokens_mbs, targets_mbs)          # forward + backward of every micro-batch
     out.losses[mb], out.parts[mb]                       # last-stage losses of the micro-batches here
+    out = runner.step(tokens_mbs, None, ..., heads=fns, scale=dp)   # loss of mb = fns[mb](logits)
+    runner.forward_only(tokens_mbs, None, ..., heads=fns).logits[mb]   # fns[mb](logits), no graph
 
 Training actions run as sub-layer steps (framework/model/substeps.py): a forward is a StagePass
 whose steps keep the block boundaries (attention, dispatch, experts, combine), and its backward
@@ -28,7 +30,13 @@ streams, and every rank of an ep group runs the same schedule, so both keep one 
 
 Loss scaling: every micro-batch's backward starts from loss / n_micro_batches (each MoE layer's
 balance loss is a root of its attention backward with the same scale), so the accumulated
-gradients are those of the mean loss over the rank's batch, as without a pipeline. Weight
+gradients are those of the mean loss over the rank's batch, as without a pipeline.
+Per-micro-batch losses (`heads`, post-training): heads[mb](logits_BTV) is micro-batch mb's
+share of an objective the caller has already normalised globally (e.g. a GRPO token sum over
+the token count of every micro-batch and dp rank), so the runtime adds no 1/n_micro_batches:
+the last stage's root gradient is `scale` (the caller's; Learner passes dp, undoing the
+reducer's dp average), the MTP loss is not computed and the balance losses are not roots; the
+accumulated gradient is that of sum_mb heads[mb], as one process computes it. Weight
 gradients of split backwards (every sub-step's W) wait in a FIFO for W actions
 (parallel/pipeline/wgrad.py); an unsplit backward runs each sub-step's W right after it.
 
@@ -100,7 +108,7 @@ class StepOutput:
     losses: dict[int, torch.Tensor] = field(default_factory=dict)  # mb -> last-stage loss (detached)
     parts: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # mb -> loss terms
     aux: dict[int, torch.Tensor] = field(default_factory=dict)  # mb -> balance loss of the other stages here
-    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # forward-only: mb -> logits
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # forward-only: mb -> logits (or heads[mb])
 
 
 class PipelineRunner:
@@ -209,14 +217,16 @@ class PipelineRunner:
                 loss, parts = stage.loss(x, self._targets[mb])
                 self.out.losses[mb], self.out.parts[mb] = loss.detach(), parts
             elif stage.is_last:
-                self.out.logits[mb] = stage(x).detach()
+                logits_BTV = stage(x)
+                value = logits_BTV if self._heads is None else self._heads[mb](logits_BTV)
+                self.out.logits[mb] = value.detach()
             else:
                 self._put("act", stage_id + 1, mb, stage(x))
         self._mark(f"F{phase}.{mb}", start)
 
     def _ctx(self, mb: int) -> StepContext:
         trace = None if self.trace is None else (lambda event, name: self.trace(event, f"{name}@{mb}"))
-        return StepContext(self._scale, self._autocast, trace)
+        return StepContext(self._scale, self._autocast, trace, aux_scale=self._aux_scale)
 
     def _pass(self, phase: int, mb: int) -> StagePass:
         """A training forward of `mb` through this rank's stage of `phase`, not yet run."""
@@ -226,6 +236,8 @@ class PipelineRunner:
             x = self._tokens[mb]
         else:
             x = functools.partial(self._take, "act", stage_id, mb)  # waited when first read
+        if stage.is_last and self._heads is not None:
+            return StagePass(stage, x, None, self._ctx(mb), head=self._heads[mb])
         return StagePass(stage, x, self._targets[mb] if stage.is_last else None, self._ctx(mb))
 
     def _forward_done(self, phase: int, mb: int, pas: StagePass) -> None:
@@ -235,8 +247,8 @@ class PipelineRunner:
             self.out.losses[mb], self.out.parts[mb] = loss.detach(), parts
         else:
             h_BTD = pas.output()
-            aux = stage.balance_loss()
-            self.out.aux[mb] = self.out.aux.get(mb, 0) + aux.detach()
+            if self._heads is None:  # with heads the balance losses are no part of the objective
+                self.out.aux[mb] = self.out.aux.get(mb, 0) + stage.balance_loss().detach()
             self._put("act", self.placement.stage_of(self.pp_rank, phase) + 1, mb, h_BTD)
         self._live[(phase, mb)] = pas
 
@@ -295,11 +307,15 @@ class PipelineRunner:
 
     # --- one step ------------------------------------------------------------------------
     def _setup(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, hidden_shape,
-               dtype, device, autocast) -> None:
-        self._tokens, self._targets = tokens, targets
+               dtype, device, autocast, heads=None, scale: float = 1.0) -> None:
+        if heads is not None and len(heads) != self.placement.chunks:
+            raise ValueError(f"{len(heads)} heads for {self.placement.chunks} micro-batches")
+        self._tokens, self._targets, self._heads = tokens, targets, heads
         self._shape, self._dtype, self._device = hidden_shape, dtype, device
         self._autocast = autocast
-        self._scale = 1.0 / self.placement.chunks
+        # Heads are normalised by the caller (module docstring): their scale, no balance roots.
+        self._scale = 1.0 / self.placement.chunks if heads is None else scale
+        self._aux_scale = None if heads is None else 0.0
         self._local: dict = {}  # message -> tensor handed over on this rank
         self._outbox: dict = {}  # message -> tensor waiting for its batch
         self._inbox: dict = {}  # message -> received (or receiving) buffer
@@ -313,11 +329,14 @@ class PipelineRunner:
             raise RuntimeError("pipeline step ended with work left: the schedule is inconsistent")
         return self.out
 
-    def step(self, tokens: list[torch.Tensor], targets: list[torch.Tensor], hidden_shape: tuple,
-             dtype: torch.dtype, device: torch.device, autocast) -> StepOutput:
+    def step(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, hidden_shape: tuple,
+             dtype: torch.dtype, device: torch.device, autocast, heads=None,
+             scale: float = 1.0) -> StepOutput:
         """Forward and backward of every micro-batch (lists indexed by global micro-batch id;
-        entries this rank never reads may be anything). Gradients accumulate into .grad."""
-        self._setup(tokens, targets, hidden_shape, dtype, device, autocast)
+        entries this rank never reads may be anything). Gradients accumulate into .grad.
+        heads: per micro-batch, fn(logits_BTV) -> its loss, instead of targets; its root's
+        gradient is `scale` (module docstring)."""
+        self._setup(tokens, targets, hidden_shape, dtype, device, autocast, heads, scale)
         self._warm_up()
         for k, action in enumerate(self.actions):
             self._note("action", str(action))
@@ -338,10 +357,10 @@ class PipelineRunner:
 
     @torch.no_grad()
     def forward_only(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, hidden_shape,
-                     dtype, device, autocast) -> StepOutput:
+                     dtype, device, autocast, heads=None) -> StepOutput:
         """Evaluation: the schedule's forwards in the same order, on their own plan. With
-        targets: losses; without: logits on the last stage."""
-        self._setup(tokens, targets, hidden_shape, dtype, device, autocast)
+        targets: losses; without: logits on the last stage (heads given: heads[mb](logits))."""
+        self._setup(tokens, targets, hidden_shape, dtype, device, autocast, heads)
         self._warm_up()
         for k, action in enumerate(self.eval_actions):
             self._communicate(k, self._eval_plan[k])
