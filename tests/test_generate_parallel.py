@@ -77,7 +77,7 @@ def cases(stop: int) -> dict[str, dict[int, tuple]]:
     }
 
 
-def ep_worker(rank: int, world: int, stop: int) -> dict:
+def ep_worker(rank: int, world: int, stop: int, ckpt: str) -> dict:
     from framework.generate import ep_all_done
     from parallel.mesh import Layout, build_mesh
     from parallel.parallelize import parallelize
@@ -95,22 +95,30 @@ def ep_worker(rank: int, world: int, stop: int) -> dict:
     for name, per_rank in cases(stop).items():
         prompts, params, kw = per_rank[rank]
         out[name] = generate(model, prompts, params, all_done=all_done, **kw)
+    # duet-generate's rank body on a checkpoint, with one prompt for two ranks: rank 1 has none
+    # of its own, decodes a stand-in and must still serve rank 0's all-to-alls.
+    from launch.generate import _rank_generate
+
+    out["cli_rank"] = _rank_generate(rank, world, ckpt, model_cfg(), [PROMPTS[1][0]], [[0], []],
+                                     SamplingParams(max_new_tokens=7, temperature=0), False)
     return out
 
 
 @pytest.fixture(scope="module")
-def decoded():
-    """(one-process model, stop token, each rank's results) from one spawn of 2 ranks."""
+def decoded(tmp_path_factory):
+    """(one-process model, stop token, each rank's results, the checkpoint's model) from one
+    spawn of 2 ranks."""
     single = one_process_model()
     # Rank 1's first sequence stops on a token it emits mid-way (one process's greedy output).
     free = generate(single, PROMPTS[1][:1], SamplingParams(max_new_tokens=10, temperature=0)).tokens[0]
     stop = int(free[4])
-    return single, stop, run_ranks(ep_worker, 2, stop)
+    run, saved = tiny_run(tmp_path_factory.mktemp("ckpt"), ep=2)
+    return single, stop, run_ranks(ep_worker, 2, stop, str(run / "checkpoints" / "step_00000002")), saved
 
 
 @pytest.mark.parametrize("case", ["greedy", "sampled", "speculative", "speculative_sampled"])
 def test_ep2_lockstep_decode_equals_one_process(decoded, case):
-    single, stop, ranks = decoded
+    single, stop, ranks, _ = decoded
     assert [r["held_experts"] for r in ranks] == [4, 4]  # each rank holds only its half
     lengths = {}
     for rank, res in enumerate(ranks):
@@ -134,3 +142,69 @@ def test_ep2_lockstep_decode_equals_one_process(decoded, case):
         assert first[-1] == stop and len(first) < 10  # the stop token ended it early
     if case.startswith("speculative"):
         assert all(r[case].drafted > 0 for r in ranks)
+
+
+# ----------------------------------------------------------------------------- duet-generate as ranks
+
+
+def test_rank_body_loads_its_experts_from_a_checkpoint_and_serves_with_no_prompt(decoded):
+    _, _, ranks, saved = decoded
+    want = generate(saved, [PROMPTS[1][0]], SamplingParams(max_new_tokens=7, temperature=0)).tokens[0]
+    assert ranks[0]["cli_rank"]["tokens"] == [want.tolist()]
+    assert ranks[1]["cli_rank"]["tokens"] == []  # its stand-in's output is dropped
+
+
+def tiny_run(tmp_path, ep: int):
+    """A run folder with one checkpoint of a freshly built model (fp32), saved as a run trained
+    with parallel.ep = `ep` records it."""
+    from framework import checkpoint
+
+    torch.manual_seed(SEED)
+    m = Transformer(model_cfg()).eval()
+    set_biases(m)
+    run = tmp_path / "run"
+    parallel = dataclasses.asdict(dataclasses.replace(ParallelConfig(), dp=ep, ep=ep))
+    checkpoint.save_weights(run / "checkpoints" / "step_00000002", m,
+                            {"model": dataclasses.asdict(model_cfg()), "parallel": parallel})
+    return run, m
+
+
+def test_duet_generate_runs_as_ranks_under_the_runs_ep_and_prints_what_one_process_prints(tmp_path, capsys):
+    from launch.generate import main as gen_main
+
+    run, m = tiny_run(tmp_path, ep=2)
+    prompts = [seq(4, 6), seq(9, 7), seq(2, 8)]  # 3 prompts on 2 ranks: blocks of 1 and 2
+    file = tmp_path / "prompts.txt"
+    file.write_text("".join(" ".join(map(str, p)) + "\n" for p in prompts))
+    argv = [str(run), "--prompts-file", str(file), "--temperature", "0", "--max-new-tokens", "6"]
+    capsys.readouterr()
+    assert gen_main(argv) == 0  # parallel.ep = 2 from the run's config
+    ranks = capsys.readouterr()
+    assert "on 2 ranks (ep 2)" in ranks.err, ranks.err
+    assert gen_main(argv + ["--ep", "1"]) == 0
+    alone = capsys.readouterr()
+    assert "ranks" not in alone.err
+    assert ranks.out == alone.out
+    # ... and both are one process's greedy continuations, in prompt order.
+    want = generate(m, prompts, SamplingParams(max_new_tokens=6, temperature=0)).tokens
+    expected = "".join(f"--- {i}\n" + " ".join(map(str, p + w.tolist())) + "\n"
+                       for i, (p, w) in enumerate(zip(prompts, want)))
+    assert alone.out == expected
+
+
+def test_duet_generate_bad_ep_is_one_line_before_any_rank_starts(tmp_path, capsys, monkeypatch):
+    import launch.ranks
+    from launch.generate import main as gen_main
+
+    def no_spawn(*_a, **_k):
+        raise AssertionError("a rank was spawned")
+
+    monkeypatch.setattr(launch.ranks, "run_ranks", no_spawn)
+    run, _ = tiny_run(tmp_path, ep=3)  # 8 experts do not split over 3 ranks
+    for extra, phrase in [([], "the run's parallel.ep (override with --ep)=3 does not divide"),
+                          (["--ep", "0"], "--ep=0: must be >= 1"),
+                          (["--ep", "2", "--max-new-tokens", "40"], "exceeds the context")]:
+        capsys.readouterr()
+        assert gen_main([str(run), "1 2 3", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("duet-generate: error:") and phrase in err and err.count("\n") == 1, err
