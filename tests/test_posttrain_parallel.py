@@ -3,7 +3,7 @@ rollouts under expert parallelism (ep=2 over dp=2, gloo ranks) and in one proces
 micro-batches, the KL term to a frozen reference on the same layout, and routing replay; losses
 agree to 1e-6 and the reduced gradients to calc_diff < 1e-10 (every expert compared by global id).
 
-Under pipeline parallelism (pp=2: 1F1B on two ranks, and DualPipe, whose two ranks hold both
+Under pipeline parallelism (pp=2 x dp=2: 1F1B, and DualPipe, whose two pipeline ranks hold both
 stages) the micro-batches' GRPO losses travel to the last stage as heads on its logits, and the
 old and reference log-probabilities come from the same layout's forward-only pass (routing
 replay is pp=1 only, so these runs and their one-process twin record the routes instead).
@@ -113,17 +113,20 @@ def pp_worker(rank: int, world: int) -> list[dict]:
     out = []
     for schedule, micro in PP_RUNS:
         c = posttrain_cfg(replay=False, micro_batches=micro)
-        parallel = dataclasses.replace(train_config(c).parallel, pp=2, schedule=schedule, micro_batches=micro)
+        parallel = dataclasses.replace(train_config(c).parallel, pp=2, dp=world // 2, schedule=schedule,
+                                       micro_batches=micro)
         mesh = build_mesh(Layout.from_config(parallel))
-        out.append(one_update(mesh, rollouts(), c, parallel))  # dp=1: both pipeline ranks see the whole batch
+        half = B // mesh.dp  # the pipeline ranks of one dp column see the same rows
+        rows = rollouts().rows(mesh.dp_rank * half, (mesh.dp_rank + 1) * half)
+        out.append(one_update(mesh, rows, c, parallel))
     return out
 
 
 def test_grpo_update_under_pp2_equals_one_process():
-    """1F1B (stage 0: embedding + dense block; stage 1: the MoE block, head and the GRPO loss) and
-    DualPipe (four micro-batches in two directions: both ranks hold both stages and sum their
-    copies' gradients)."""
-    runs = run_ranks(pp_worker, 2)
+    """pp=2 x dp=2 on 4 ranks, each dp column on half the rollouts: 1F1B (stage 0: embedding +
+    dense block; stage 1: the MoE block, head and the GRPO loss) and DualPipe (four micro-batches
+    in two directions: both pipeline ranks hold both stages and sum their copies' gradients)."""
+    runs = run_ranks(pp_worker, 4)
     for k, (schedule, micro) in enumerate(PP_RUNS):
         single = one_update(Mesh.single(), rollouts(), posttrain_cfg(replay=False, micro_batches=micro))
         assert single["loss"] != 0.0 and single["kl"] > 0
@@ -142,4 +145,4 @@ def test_grpo_update_under_pp2_equals_one_process():
         if schedule == "dualpipe":
             assert all(set(r["grads"]) == held for r in ranks)
         else:
-            assert not set(ranks[0]["grads"]) & set(ranks[1]["grads"])
+            assert not set(ranks[0]["grads"]) & set(ranks[-1]["grads"])  # pp rank 0 vs pp rank 1
