@@ -1,10 +1,12 @@
 """Post-training pieces against hand-computed values: tasks and verifiers, rewards, SFT rows and
-masks (gradients on response targets only), the GRPO objective, routing replay, bad input."""
+masks (gradients on response targets only), the GRPO objective, routing replay, rejection
+sampling, bad input."""
 
 from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 from framework.errors import DataError, TrainingError
 from framework.model import Transformer
-from framework.posttrain import grpo, replay
+from framework.posttrain import distill, grpo, replay
 from framework.posttrain.config import PosttrainConfig, posttrain_problems
 from framework.posttrain.rewards import accuracy_reward, check_rewards, format_reward, parse, total_rewards
 from framework.posttrain.sft import END, Row, collate, decode, encode, load_rows, response_ce
@@ -236,6 +238,35 @@ def test_routing_replay_forces_the_recorded_experts_with_current_gate_weights():
     picked = scores[-1].gather(1, routes[0])  # by hand: sigmoid scores, renormalised, x route_scale
     assert torch.allclose(w, picked / picked.sum(-1, keepdim=True) * moe.router.route_scale, rtol=1e-6)
     assert replay.agreement(routes, routes) == (routes[0].numel(), routes[0].numel())
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def test_rejection_sample_keeps_only_verified_correct_answers(monkeypatch):
+    """A stub policy whose samples are known: per problem, the first sample that is both in the
+    template and verified correct is kept, nothing else; a problem never solved adds no row."""
+    task = Addition(2)
+    problems = [Problem("57+68=", "125", "125", (57, 68)), Problem("10+10=", "20", "20", (10, 10)),
+                Problem("99+99=", "198", "198", (99, 99))]
+    answers = {  # G = 4 samples each, in sampling order
+        "57+68=": ["<think>125</think>124", "125", "<think>1</think>125", "<think>125</think>125"],
+        "10+10=": ["<think>20</think>21", "<think>20</think>20</think>", "20", "<think></think>19"],
+        "99+99=": ["<think></think>198", "<think>198</think>198", "x", "<think>0</think>198"],
+    }
+    seen = {}
+
+    def stub_sample(model, prompts, max_new_tokens, temperature, seed, ep_group=None):
+        seen.update(n=len(prompts), temperature=temperature)
+        texts = [answers[decode(p)][i % 4] for i, p in enumerate(prompts)]
+        return [encode(t) + [END] for t in texts], [[0.0] * (len(t) + 1) for t in texts], None
+
+    monkeypatch.setattr(distill, "sample", stub_sample)
+    c = PosttrainConfig(group_size=4, temperature=1.0)
+    rows = distill.rejection_sample(SimpleNamespace(model=None, ep_group=None), task, problems, c, seed=0)
+    assert seen == {"n": 12, "temperature": 1.0}  # G samples per problem at the RL temperature
+    assert rows == [Row("57+68=", "<think>1</think>125"), Row("99+99=", "<think></think>198")]
+    assert all(accuracy_reward(task, p, r.completion) for p, r in zip([problems[0], problems[2]], rows))
 
 
 # --------------------------------------------------------------------------- bad input
