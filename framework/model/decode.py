@@ -28,10 +28,11 @@ L main MoE layers.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from framework.model.attention import MLA
-from framework.model.moe import MoE
+from framework.model.moe import LocalDispatcher, MoE
 from framework.model.rope import apply_rope, rope_tables
 
 # Blocks and the Transformer are typed as nn.Module: importing transformer.py here would close an
@@ -63,18 +64,24 @@ class LatentCache:
 
 
 class Positions:
-    """What every layer of one decode call shares: positions, rope rows and the visible slots.
+    """What every layer of one decode call shares: positions, rope rows and the hidden slots.
 
-    cos/sin at the per-sequence positions, flattened to [B*T, F], are the same fp32 values the
-    training forward's table holds there (rope_tables also refuses a position past
-    max_seq_len). `slots` is read to the host once per call, not once per layer."""
+    cos/sin at the per-sequence positions, flattened to [B*T, F], are rows of the training
+    forward's fp32 table (computed once per decode: the Decoder's). `slots` is read to the host
+    once per call, not once per layer; a position past max_seq_len is refused as rope_tables
+    refuses it."""
 
-    def __init__(self, cfg, pos_BT: torch.Tensor):
+    def __init__(self, cfg, pos_BT: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor):
         self.pos_BT = pos_BT
         self.slots = int(pos_BT.max()) + 1
-        cos_SF, sin_SF = rope_tables(cfg, self.slots, pos_BT.device)
+        if self.slots > cos_SF.shape[0]:
+            rope_tables(cfg, self.slots)  # raises past max_seq_len
+            raise ValueError(f"position {self.slots - 1} is past the decoder's {cos_SF.shape[0]} slots")
         flat = pos_BT.flatten()
         self.cos_MF, self.sin_MF = cos_SF[flat], sin_SF[flat]
+        # Causal per sequence: slot s holds position s, hidden from queries at positions < s.
+        slots_S = torch.arange(self.slots, device=pos_BT.device)
+        self.hidden_BT1S = (slots_S[None, None, :] > pos_BT[:, :, None])[:, :, None, :]
 
 
 def _rope(x_BTHR: torch.Tensor, cos_MF: torch.Tensor, sin_MF: torch.Tensor) -> torch.Tensor:
@@ -83,46 +90,116 @@ def _rope(x_BTHR: torch.Tensor, cos_MF: torch.Tensor, sin_MF: torch.Tensor) -> t
     return apply_rope(x_BTHR.reshape(1, B * T, H, R), cos_MF, sin_MF).view(B, T, H, R)
 
 
-def mla_decode(attn: MLA, x_BTD: torch.Tensor, at: Positions, cache: LatentCache, layer: int) -> torch.Tensor:
+class Absorbed:
+    """wkv_b of one MLA split into the two ends of the absorbed form, as views in the layouts the
+    batched GEMMs read: W_uk [H, N, C] (query side) and W_uv^T [H, C, V] (output side). Cast to
+    the compute dtype once per decode (under autocast that would otherwise be a copy per step)."""
+
+    def __init__(self, attn: MLA):
+        self.attn = attn
+        self._by_dtype: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if dtype not in self._by_dtype:
+            a = self.attn
+            w_HXC = a.wkv_b.weight.view(a.n_heads, a.nope_dim + a.v_dim, a.cfg.kv_lora_rank).to(dtype)
+            self._by_dtype[dtype] = (w_HXC[:, :a.nope_dim], w_HXC[:, a.nope_dim:].transpose(1, 2))
+        return self._by_dtype[dtype]
+
+
+def mla_decode(attn: MLA, x_BTD: torch.Tensor, at: Positions, cache: LatentCache, layer: int,
+               absorbed: Absorbed | None = None) -> torch.Tensor:
     """MLA over the cached latent plus the T new tokens at positions at.pos_BT (written first)."""
     cfg = attn.cfg
     B, T, _ = x_BTD.shape
-    H, N, R, V, C = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, cfg.kv_lora_rank
+    H, N, R, C = attn.n_heads, attn.nope_dim, attn.rope_dim, cfg.kv_lora_rank
     if cfg.q_lora_rank > 0:
         q_BTX = attn.wq_b(attn.q_norm(attn.wq_a(x_BTD)))
     else:
         q_BTX = attn.wq(x_BTD)
+    dtype = q_BTX.dtype
     q_nope_BTHN, q_rope_BTHR = q_BTX.view(B, T, H, N + R).split([N, R], dim=-1)
-    q_rope_BTHR = _rope(q_rope_BTHR, at.cos_MF, at.sin_MF)
-
     c_kv_BTC, k_rope_BTR = attn.wkv_a(x_BTD).split([C, R], dim=-1)
-    k_rope_BTR = _rope(k_rope_BTR.unsqueeze(2), at.cos_MF, at.sin_MF).squeeze(2)
-    new_BTX = torch.cat([attn.kv_norm(c_kv_BTC), k_rope_BTR], dim=-1)
-    pos_BT, S = at.pos_BT, at.slots  # S: the slots any query of this call can see
-    cache_BSX = cache.write(layer, pos_BT, new_BTX)
-    c_BSC, k_rope_BSR = cache_BSX[:, :S].split([C, R], dim=-1)
+    # The query heads and the shared key rotate in one call (rope is per row).
+    roped_BTGR = _rope(torch.cat([q_rope_BTHR, k_rope_BTR[:, :, None].to(dtype)], dim=2), at.cos_MF, at.sin_MF)
+    new_BTX = torch.cat([attn.kv_norm(c_kv_BTC), roped_BTGR[:, :, H]], dim=-1)
+    S = at.slots  # the slots any query of this call can see
+    kv_BSX = cache.write(layer, at.pos_BT, new_BTX)[:, :S].to(dtype)  # [c | k_rope] per slot
 
-    w_HXC = attn.wkv_b.weight.view(H, N + V, C)
-    w_uk_HNC, w_uv_HVC = w_HXC[:, :N].to(q_BTX.dtype), w_HXC[:, N:].to(q_BTX.dtype)
-    q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC)
-    c_BSC, k_rope_BSR = c_BSC.to(q_BTX.dtype), k_rope_BSR.to(q_BTX.dtype)
-    score_BHTS = (torch.einsum("bthc,bsc->bhts", q_lat_BTHC, c_BSC)
-                  + torch.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)) * attn.scale
-    # Causal per sequence: slot s holds position s, visible to queries at positions >= s.
-    slots_S = torch.arange(S, device=x_BTD.device)
-    visible_BTS = slots_S[None, None, :] <= pos_BT[:, :, None]
-    score_BHTS = score_BHTS.masked_fill(~visible_BTS[:, None], float("-inf"))
+    w_uk_HNC, w_uv_HCV = (absorbed or Absorbed(attn)).get(dtype)
+    # q_lat = W_uk^T q_nope per head; with q_rope it scores [c | k_rope] in one product:
+    # q_nope . (W_uk c) + q_rope . k_rope = [q_lat | q_rope] . [c | k_rope].
+    q_lat_HMC = torch.bmm(q_nope_BTHN.reshape(B * T, H, N).transpose(0, 1), w_uk_HNC)
+    q_BQX = torch.cat([q_lat_HMC.transpose(0, 1), roped_BTGR[:, :, :H].reshape(B * T, H, R)], dim=-1)
+    score_BQS = torch.bmm(q_BQX.view(B, T * H, C + R), kv_BSX.transpose(1, 2)).mul_(attn.scale)
+    score_BQS.view(B, T, H, S).masked_fill_(at.hidden_BT1S, float("-inf"))
     # Softmax in fp32 at least (SDPA's math path accumulates it in fp32 too for low-precision inputs).
-    p_BHTS = score_BHTS.to(torch.promote_types(score_BHTS.dtype, torch.float32)).softmax(-1).to(q_BTX.dtype)
-    o_lat_BTHC = torch.einsum("bhts,bsc->bthc", p_BHTS, c_BSC)
-    o_BTHV = torch.einsum("bthc,hvc->bthv", o_lat_BTHC, w_uv_HVC)
-    return attn.wo(o_BTHV.reshape(B, T, H * V))
+    p_BQS = score_BQS.to(torch.promote_types(dtype, torch.float32)).softmax(-1).to(dtype)
+    o_lat_BQC = torch.bmm(p_BQS, kv_BSX[..., :C])
+    o_HMV = torch.bmm(o_lat_BQC.view(B * T, H, C).transpose(0, 1), w_uv_HCV)
+    return attn.wo(o_HMV.transpose(0, 1).reshape(B, T, H * attn.v_dim))
+
+
+# Routed experts of one MoE at few tokens (decode steps): below this many multiply-adds for
+# running every expert on every token, one dense SwiGLU over all experts with the unchosen gates
+# at zero beats sorting (token, expert) pairs for grouped GEMMs; same experts, same weights.
+DENSE_EXPERTS_MACS = 1 << 23
+
+
+class DenseExperts:
+    """All routed experts of one MoE as two plain GEMMs: [w1; w3] stacked [2*E*I, D] and w2
+    laid out [D, E*I] (copies made once per decode, when a step first takes this path). Only for
+    a single-process MoE (LocalDispatcher): under expert parallelism tokens must travel."""
+
+    def __init__(self, moe: MoE):
+        self.moe = moe
+        self.w13_XD: torch.Tensor | None = None
+        self.w2_DX: torch.Tensor | None = None
+
+    def applies(self, n_tokens: int) -> bool:
+        if type(self.moe.dispatcher) is not LocalDispatcher:
+            return False
+        E, I, D = self.moe.experts.w1.shape
+        return n_tokens * E * I * D * 3 <= DENSE_EXPERTS_MACS
+
+    def __call__(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        ex = self.moe.experts
+        E, I, D = ex.w1.shape
+        if self.w13_XD is None:
+            self.w13_XD = torch.cat([ex.w1.reshape(E * I, D), ex.w3.reshape(E * I, D)])
+            self.w2_DX = ex.w2.permute(1, 0, 2).reshape(D, E * I)
+        h_TX = F.linear(x_TD, self.w13_XD)
+        h1_TEI, h3_TEI = h_TX.view(-1, 2, E, I).unbind(1)
+        gate_TE = w_TK.new_zeros(x_TD.shape[0], E).scatter_(1, idx_TK, w_TK)
+        a_TEI = F.silu(h1_TEI) * h3_TEI * gate_TE[..., None].to(h_TX.dtype)
+        return F.linear(a_TEI.reshape(-1, E * I), self.w2_DX)
+
+
+def moe_decode(moe: MoE, dense: DenseExperts | None, x_BTD: torch.Tensor) -> torch.Tensor:
+    B, T, D = x_BTD.shape
+    if dense is None or not dense.applies(B * T):
+        return moe(x_BTD)
+    x_TD, idx_TK, w_TK, _ = moe.route(x_BTD)  # the router module: its hooks (ExpertLog) fire
+    out_TD = dense(x_TD, idx_TK, w_TK)
+    if moe.shared is not None:
+        out_TD = out_TD + moe.shared(x_TD)
+    return out_TD.view(B, T, D)
+
+
+class _BlockFast:
+    """Per block, what decoding computes once instead of every step."""
+
+    def __init__(self, block: nn.Module):
+        self.absorbed = Absorbed(block.attn)
+        self.dense = DenseExperts(block.ffn) if isinstance(block.ffn, MoE) else None
 
 
 def block_decode(block: nn.Module, x_BTD: torch.Tensor, at: Positions, cache: LatentCache,
-                 layer: int) -> torch.Tensor:
-    x_BTD = x_BTD + mla_decode(block.attn, block.attn_norm(x_BTD), at, cache, layer)
-    return x_BTD + block.ffn(block.ffn_norm(x_BTD))
+                 layer: int, fast: _BlockFast | None = None) -> torch.Tensor:
+    fast = fast or _BlockFast(block)
+    x_BTD = x_BTD + mla_decode(block.attn, block.attn_norm(x_BTD), at, cache, layer, fast.absorbed)
+    h_BTD = block.ffn_norm(x_BTD)
+    return x_BTD + (moe_decode(block.ffn, fast.dense, h_BTD) if fast.dense is not None else block.ffn(h_BTD))
 
 
 class ExpertLog:
@@ -173,6 +250,10 @@ class Decoder:
         self.cache = LatentCache(len(model.blocks), batch, slots)
         self.mtp_cache = LatentCache(1, batch, slots) if len(model.mtp) else None
         dev = model.embed.weight.device
+        # Constant over the decode: the rope table for every slot, each block's absorbed weights.
+        self.cos_SF, self.sin_SF = rope_tables(self.cfg, min(slots, self.cfg.max_seq_len), dev)
+        self.fast = [_BlockFast(blk) for blk in model.blocks]
+        self.mtp_fast = _BlockFast(model.mtp[0].block) if len(model.mtp) else None
         main_moes = [m for blk in model.blocks for m in blk.modules() if isinstance(m, MoE)]
         self.experts = (ExpertLog(main_moes, batch, slots, self.cfg.n_activated_experts, dev)
                         if record_experts and main_moes else None)
@@ -180,12 +261,12 @@ class Decoder:
     def step(self, tokens_BT: torch.Tensor, pos_BT: torch.Tensor,
              write_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
-        at = Positions(self.cfg, pos_BT)
+        at = Positions(self.cfg, pos_BT, self.cos_SF, self.sin_SF)
         if self.experts is not None:
             self.experts.expect(pos_BT, write_B)
         h_BTD = m.embed(tokens_BT)
         for i, block in enumerate(m.blocks):
-            h_BTD = block_decode(block, h_BTD, at, self.cache, i)
+            h_BTD = block_decode(block, h_BTD, at, self.cache, i, self.fast[i])
         if self.experts is not None:
             self.experts.expect(None)
         h_BTD = m.norm(h_BTD)
@@ -194,9 +275,9 @@ class Decoder:
     def mtp_step(self, h_BTD: torch.Tensor, next_BT: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
         m = self.model
         mtp = m.mtp[0]
-        at = Positions(self.cfg, pos_BT)
+        at = Positions(self.cfg, pos_BT, self.cos_SF, self.sin_SF)
         x_BTD = mtp.eh_proj(torch.cat([mtp.enorm(m.embed(next_BT)), mtp.hnorm(h_BTD)], dim=-1))
-        x_BTD = block_decode(mtp.block, x_BTD, at, self.mtp_cache, 0)
+        x_BTD = block_decode(mtp.block, x_BTD, at, self.mtp_cache, 0, self.mtp_fast)
         return m.head(mtp.norm(x_BTD))
 
     def close(self) -> None:
