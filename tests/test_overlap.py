@@ -25,8 +25,9 @@ from kernels.fp8.reference import calc_diff
 from launch.ranks import run_ranks
 from parallel.pipeline.p2p import p2p_plan
 from parallel.pipeline.runtime import PipelineRunner, hold_stages, holders
-from parallel.pipeline.schedules import Placement
+from parallel.pipeline.schedules import Placement, build
 from parallel.pipeline.wgrad import split_weight_grads
+from tests.test_p2p_plan import boundary_messages
 from tests.test_pipeline import MB, D, T, model_cfg
 
 MODES = ("none", "selective", "full")
@@ -252,6 +253,7 @@ def _hidden_all_to_alls(inside) -> tuple[int, int]:
 
 def test_trace_each_all_to_all_and_p2p_batch_is_hidden(spawned):
     hidden_p2p = 0
+    early_fb = 0  # receives an FB action reads, issued one boundary early and hidden
     for cases, pp in ((EP_CASES, 2), (V_CASES, 4)):
         c = cases[0]
         assert c[6] == "none" and c[7]
@@ -284,8 +286,25 @@ def test_trace_each_all_to_all_and_p2p_batch_is_hidden(spawned):
                     if all(sends[i:]):
                         assert any(e == "compute" for e, _ in events[issue:wait]), (c, rank, key)
                         hidden_p2p += 1
+            # Receives read only by a later action than the boundary they are issued at (the
+            # plan's early receives, parallel/pipeline/p2p.py): that boundary's action computes
+            # while they travel. Consumers follow from the schedule alone.
+            actions = build(c[1], pp, c[3])[rank]
+            _, consumer = boundary_messages(c[1], pp, c[3], rank)
+            batch_key = {}
+            for before in sorted({op.before for op in plan}):
+                for i, b in enumerate(sorted({op.batch for op in plan if op.before == before})):
+                    batch_key[b] = f"p2p{before}.{i}"
+            for b, key in batch_key.items():
+                recvs = [op for op in plan if op.batch == b and op.op == "recv"]
+                if not recvs or min(consumer[op.message] for op in recvs) <= recvs[0].before:
+                    continue
+                issue, wait = events.index(("issue", key)), events.index(("wait", key))
+                assert any(e == "compute" for e, _ in events[issue:wait]), (c, rank, key)
+                early_fb += sum(actions[consumer[op.message]].kind == "FB" for op in recvs)
         assert pairs_seen > 0, c
     assert hidden_p2p > 0, hidden_p2p
+    assert early_fb > 0, early_fb
 
 
 def test_planner_activation_memory_within_25_percent_of_saved_bytes():

@@ -157,3 +157,24 @@ def test_former_order_fails_the_model():
     for name, pp in (("dualpipe", 8), ("dualpipev", 4)):
         mismatched, _ = verdict(name, pp, 2 * pp)
         assert any("act" in line and "grad" in line for line in mismatched), name
+
+
+def test_early_receives_one_side_per_pair():
+    """The plan posts a boundary's first receives from HIGHER ranks one boundary early
+    (parallel/pipeline/p2p.py). Posting every such receive early, on both sides of a pair, is the
+    control the NCCL model must reject (each side's receive waits on a send queued behind the
+    other's receive); without early receives, no FB action gets a receive ahead of its boundary."""
+    stuck = []
+    for name, pp, chunks in [("dualpipe", 2, 4), ("dualpipe", 4, 8), ("dualpipev", 4, 8)]:
+        programs = [batched_program(p2p_plan(name, pp, chunks, r, early="all")) for r in range(pp)]
+        stuck.append(bool(channels(programs) + simulate(programs)))
+        for early, expect in (("higher", True), ("none", False)):
+            ahead = 0
+            for r in range(pp):
+                actions = build(name, pp, chunks)[r]
+                _, consumer = boundary_messages(name, pp, chunks, r)
+                ahead += sum(op.op == "recv" and op.before < consumer[op.message]
+                             and actions[consumer[op.message]].kind == "FB"
+                             for op in p2p_plan(name, pp, chunks, r, early=early))
+            assert (ahead > 0) == expect, (name, pp, early, ahead)
+    assert all(stuck), stuck

@@ -25,6 +25,19 @@ each message's two operations sit in batches of the same t on their two ranks, s
   which is why no rank waits forever.
 The costs only decide which boundary a message waits at; any positive costs give a correct plan.
 
+Early receives: a batch issued at boundary k is often read by action k's first sub-step (an FB's
+combine(B) or attention(F)), so it would be waited right after its issue. The receives of the
+first batch at a boundary k >= 1 whose peer is a HIGHER pipeline rank therefore go out one
+boundary earlier, as their own batch after boundary k-1's batches (before action k-1 computes, so
+that action hides them); the rest of that batch stays at k. The rank's batch order is unchanged
+(only the first batch of a boundary is split, receives ahead of its sends), so every earlier
+message is still issued before these receives. Only one side of a pair may do this: the peer
+at the same rendezvous time keeps its sends and receives in one batch, so the early receive's
+send is executing when the receive heads the stream; if both sides posted their receives ahead
+of their sends, each would wait on a send queued behind the other's receive (the NCCL model
+finds that deadlock for "every receive early"). So about half of the receives an FB needs at
+its start travel behind the previous action (tests/test_overlap.py's trace test counts them).
+
 A message is named by its kind ("act" forward, "grad" backward), the stage that RECEIVES it and
 the micro-batch, so sender and receiver name it alike. A stage boundary inside one rank
 (DualPipeV's turn on the last rank) is handed over locally and is not in the plan.
@@ -35,6 +48,7 @@ and the forward of each FB, in order).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -78,17 +92,22 @@ def messages(placement: Placement, rank: int, part: tuple[str, int, int], sendin
     return [] if peer == rank else [(peer, ("act" if what == "F" else "grad", to, mb))]
 
 
+EARLY = {"higher": lambda op, rank: op.peer > rank,  # the plan's rule (module docstring)
+         "none": lambda op, rank: False, "all": lambda op, rank: True}  # the tests' controls
+
+
 def p2p_plan(schedule: str, pp: int, micro_batches: int, rank: int, forward_only: bool = False,
-             wgrad_split: bool = True) -> list[P2POp]:
+             wgrad_split: bool = True, early: str = "higher") -> list[P2POp]:
     """The P2P operations pipeline rank `rank` issues for one step, in issue order (see the module
     docstring). wgrad_split: build the schedule with W actions (as the runtime does when
-    parallel.wgrad_split is on); they never communicate but move the boundaries."""
-    return list(_plans(schedule, pp, micro_batches, forward_only, wgrad_split)[rank])
+    parallel.wgrad_split is on); they never communicate but move the boundaries. early: which
+    receives go out one boundary early (EARLY; "none" and "all" exist for the tests)."""
+    return list(_plans(schedule, pp, micro_batches, forward_only, wgrad_split, early)[rank])
 
 
 @functools.lru_cache(maxsize=32)
-def _plans(schedule: str, pp: int, micro_batches: int, forward_only: bool, wgrad_split: bool
-           ) -> tuple[tuple[P2POp, ...], ...]:
+def _plans(schedule: str, pp: int, micro_batches: int, forward_only: bool, wgrad_split: bool,
+           early: str) -> tuple[tuple[P2POp, ...], ...]:
     placement = Placement(schedule, pp, micro_batches)
     actions = build(schedule, pp, micro_batches, wgrad_split=wgrad_split)
     if forward_only:
@@ -123,5 +142,24 @@ def _plans(schedule: str, pp: int, micro_batches: int, forward_only: bool, wgrad
             before = next((k for k, s in enumerate(starts) if s >= t), len(starts))
             op, peer = ("send", dst) if r == src else ("recv", src)
             ops.append(P2POp(batch, before, op, peer, *msg))
-        plans.append(tuple(ops))
+        plans.append(_early_receives(ops, r, EARLY[early]))
     return tuple(plans)
+
+
+def _early_receives(ops: list[P2POp], rank: int, chosen) -> tuple[P2POp, ...]:
+    """The module docstring's early receives: the first batch at each boundary k >= 1 gives its
+    `chosen` receives (from higher ranks) a batch of their own at boundary k - 1; renumbered."""
+    pieces: list[tuple[int, list[P2POp]]] = []  # (boundary, ops) in issue order
+    seen_boundaries = set()
+    for batch in sorted({op.batch for op in ops}):
+        members = [op for op in ops if op.batch == batch]
+        k = members[0].before
+        first, seen_boundaries = k not in seen_boundaries, seen_boundaries | {k}
+        early = [op for op in members if first and k >= 1 and op.op == "recv" and chosen(op, rank)]
+        if early:
+            pieces.append((k - 1, early))
+        rest = [op for op in members if op not in early]
+        if rest:
+            pieces.append((k, rest))
+    return tuple(dataclasses.replace(op, batch=i, before=k) for i, (k, members) in enumerate(pieces)
+                 for op in members)
