@@ -1,5 +1,6 @@
-"""The fast paths equal the plain ones: MLA's padded-v attention core, the chunked head
-cross-entropy (no full logits), precision=auto's pick, and the one FLOP count (hand-counted)."""
+"""The fast paths equal the plain ones: MLA's padded-v attention core, the three-pass rope, the
+chunked head cross-entropy (no full logits), precision=auto's pick, and the one FLOP count
+(hand-counted)."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from framework.model import Transformer
 from framework.model import transformer as transformer_module
 from framework.model.attention import attention_core
 from framework.model.loss import head_cross_entropy
+from framework.model.rope import apply_rope
 from framework.precision import resolve_compute
 from launch.run import compose
 
@@ -35,6 +37,30 @@ def test_padded_v_attention_equals_the_plain_call_values_and_gradients():
     assert rel(outs[0], outs[1]) < 1e-5
     for a, b in zip(*grads):
         assert rel(a, b) < 1e-5
+
+
+def test_rope_equals_the_pairwise_rotation_bit_for_bit_and_a_complex_product():
+    torch.manual_seed(0)
+    B, T, H, F_ = 2, 7, 3, 4
+    angle_TF = torch.rand(T, F_, dtype=torch.float64) * 6.3
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.randn(B, T, H, 2 * F_, dtype=dtype, requires_grad=True)
+        table = torch.float64 if dtype == torch.float64 else torch.float32
+        cos_TF, sin_TF = angle_TF.cos().to(table), angle_TF.sin().to(table)
+        # The plain pairwise formula (x0 cos - x1 sin, x0 sin + x1 cos), in the compute dtype.
+        xc = x.to(table).unflatten(-1, (-1, 2))
+        x0, x1, c, s = xc[..., 0], xc[..., 1], cos_TF[:, None], sin_TF[:, None]
+        plain = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2).to(dtype)
+        got = apply_rope(x, cos_TF, sin_TF)
+        g = torch.randn_like(got)
+        assert torch.equal(got, plain), dtype
+        assert torch.equal(*(torch.autograd.grad(y, x, g)[0] for y in (got, plain))), dtype
+    # And the rotation itself: (x0 + i x1) * e^(i angle), in fp64.
+    x = torch.randn(B, T, H, 2 * F_, dtype=torch.float64)
+    z = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous()) * torch.polar(
+        torch.ones_like(angle_TF), angle_TF)[:, None]
+    assert torch.allclose(apply_rope(x, angle_TF.cos(), angle_TF.sin()), torch.view_as_real(z).flatten(-2),
+                          rtol=0, atol=1e-12)
 
 
 def test_chunked_cross_entropy_equals_full_logits_loss_and_gradients():

@@ -78,9 +78,15 @@ def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tens
 
 def apply_rope(x_BTHR: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of the last dim by the per-position angles (computed in fp32, or in
-    fp64 for fp64 inputs: an fp32 round trip would cap fp64 reference checks at ~1e-7)."""
-    x = x_BTHR.to(torch.promote_types(x_BTHR.dtype, torch.float32)).unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]  # [B, T, H, F]
-    cos, sin = cos_TF[:, None, :], sin_TF[:, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x_BTHR.dtype)
+    fp64 for fp64 inputs: an fp32 round trip would cap fp64 reference checks at ~1e-7).
+
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), written as x * cos2 + swap(x) * sin2 with
+    cos2 = (cos, cos) and sin2 = (-sin, sin) per pair: the same products and sums, so the same
+    bits, in three passes over x instead of nine (no unflatten, stack and flatten)."""
+    dtype = torch.promote_types(x_BTHR.dtype, torch.float32)
+    x = x_BTHR.to(dtype)
+    cos2_T1R = cos_TF.to(dtype).repeat_interleave(2, dim=-1)[:, None, :]
+    sin2_T1R = torch.stack((-sin_TF, sin_TF), dim=-1).flatten(-2).to(dtype)[:, None, :]
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    out = (x * cos2_T1R).add_(swapped.mul_(sin2_T1R))
+    return out.to(x_BTHR.dtype)
