@@ -54,9 +54,11 @@ class PosttrainConfig:
     pretrain_until: float = 0.3
     sft_steps: int = 30
     sft_lr: float = 1e-3
-    # GRPO: prompts_per_step questions, group_size samples each, at `temperature`.
+    # GRPO: prompts_per_step questions, group_size samples each, at `temperature`. lr: on the
+    # micro policy (3-element sorting from 34%, 8 x 8 rollouts, one update each, 30 steps) 1e-3
+    # drove greedy accuracy to 0% within 5 steps, 3e-4 rose noisily, 1e-4 rose 16 points.
     grpo_steps: int = 30
-    grpo_lr: float = 1e-3
+    grpo_lr: float = 1e-4
     prompts_per_step: int = 16
     group_size: int = 8
     temperature: float = 1.0

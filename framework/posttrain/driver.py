@@ -150,13 +150,19 @@ def run(c: PosttrainConfig, mesh: Mesh | None = None, device: torch.device | Non
 
     policy = Learner.build(c.policy, cfg, mesh, device, seed=c.seed)
     text = task_rows(task, c, rank, dp, stream=1)
-    supervised(policy, text, c.pretrain_steps, c.pretrain_lr, whole=True, stop=reached(policy, task, c))
+    pretrained = len(supervised(policy, text, c.pretrain_steps, c.pretrain_lr, whole=True,
+                                stop=reached(policy, task, c)))
     report("pre-train", policy)
     sft_rows = (file_rows(load_rows(c.sft_data), c, rank, dp) if c.sft_data
                 else task_rows(task, c, rank, dp, stream=2))
     supervised(policy, sft_rows, c.sft_steps, c.sft_lr)
     report("SFT", policy)
 
+    # RL starts with a fresh optimizer on the SFT weights (a new stage, as R1's RL is a new run):
+    # SFT's Adam moments would carry its direction, and its gradients' scale, into the first steps.
+    sft_policy, policy = policy, Learner.build(c.policy, cfg, mesh, device, seed=c.seed)
+    policy.load_from(sft_policy)
+    del sft_policy
     grpo(policy, task, heldout, c, result, say)
     report("GRPO", policy)
 
@@ -168,7 +174,8 @@ def run(c: PosttrainConfig, mesh: Mesh | None = None, device: torch.device | Non
             f"{c.distill_prompts} prompts")
         if rows:
             student = Learner.build(c.student, cfg, mesh, device, seed=c.seed + 1)
-            supervised(student, text, c.pretrain_steps, c.pretrain_lr, whole=True)
+            # The student's pre-training gets the teacher's budget (the steps the policy took).
+            supervised(student, text, pretrained, c.pretrain_lr, whole=True)
             supervised(student, file_rows(rows, c, 0, 1), c.distill_steps, c.distill_lr)
             report("student", student)
     return result, policy
