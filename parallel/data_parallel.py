@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -162,6 +163,19 @@ def _narrow(t: torch.Tensor, cut: _Cut, i: int) -> torch.Tensor:
     return t.narrow(cut.dim, *cut.piece(t.shape, i))
 
 
+def _weak_hook(reducer: GradReducer) -> Callable[[torch.Tensor], None]:
+    """The reducer's gradient hook, holding it weakly: a parameter keeps its hooks in autograd's
+    C++ side, which Python's gc cannot traverse, so a strong reference (parameter -> hook ->
+    reducer -> buckets -> parameter) would keep a discarded model alive for good."""
+    ref = weakref.ref(reducer)
+
+    def on_grad(p: torch.Tensor) -> None:
+        if (alive := ref()) is not None:
+            alive._on_grad(p)
+
+    return on_grad
+
+
 class GradReducer:
     """Averages gradients across data-parallel ranks, overlapping the reductions with backward.
 
@@ -227,7 +241,7 @@ class GradReducer:
             self.buckets.append(bucket)
             for p in params:
                 self._bucket_of[id(p)] = bucket
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+                self._hooks.append(p.register_post_accumulate_grad_hook(_weak_hook(self)))
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:

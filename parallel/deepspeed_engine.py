@@ -53,7 +53,7 @@ from framework.errors import TrainingError
 from framework.optim import AdamW
 from parallel import comm
 from parallel.data_parallel import DataParallelOptimizer, is_expert
-from parallel.engine import counters
+from parallel.engine import counters, release_step
 from parallel.expert_parallel import expert_state_dict
 
 DS_TAG = "deepspeed"  # DeepSpeed's folder inside a checkpoint folder
@@ -282,6 +282,7 @@ class DeepSpeedEngine:
                                 "without saving: lower optim.lr or use precision=fp32, then resume from "
                                 "the last checkpoint")
         grad_norm = self.ds.get_global_grad_norm()
+        release_step(self.model)
         return (math.nan if grad_norm is None else float(grad_norm)), applied
 
     @torch.no_grad()

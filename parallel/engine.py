@@ -55,6 +55,15 @@ class Engine(Protocol):
     def load(self, path: Path, extra: dict[str, int]) -> dict[str, int]: ...
 
 
+def release_step(model: nn.Module) -> None:
+    """End of a step: drop what the model kept of its last forward. Each MoE layer keeps its
+    balance loss for the loss to collect, and through it that forward's whole autograd graph
+    (a pipeline stage's received input and its gradient included) until the next forward."""
+    for module in model.modules():
+        if getattr(module, "aux_loss", None) is not None:
+            module.aux_loss = None
+
+
 def counters(extra: dict[str, int]) -> dict[str, torch.Tensor]:
     """Counters as 0-dim int64 tensors: DCP stores only tensors (nothing is unpickled on load)."""
     return {k: torch.tensor(v, dtype=torch.int64) for k, v in extra.items()}
@@ -123,6 +132,7 @@ class NativeEngine:
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad()
+        release_step(self.model)
         return grad_norm, applied
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:

@@ -95,8 +95,14 @@ class _Pending:
         self.handle = _a2a(t.detach(), out_splits, in_splits, group, async_op=True)
 
     def wait(self) -> torch.Tensor:
+        """The received tensor, handed over once. The handle is dropped: the comm Functions keep
+        this object in their ctx for the reverse all-to-all's splits, and a kept handle would hold
+        the received tensor, whose grad_fn holds that ctx: a cycle through autograd's C++ graph
+        that Python's gc cannot see, leaking every step's received rows and graph."""
+        if self.handle is None:
+            raise RuntimeError("an all-to-all's result was taken twice (it is handed over once)")
         began = time.perf_counter()
-        out = self.handle.wait()
+        out, self.handle = self.handle.wait(), None
         if self.on_wait is not None:
             self.on_wait(time.perf_counter() - began)
         return out

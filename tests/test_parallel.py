@@ -545,8 +545,12 @@ def test_zero_checkpoint_reshards_dp4_to_dp2_and_to_one_process(ranks, ref, one_
     state = {"model": model.state_dict(), "optim": opt.state_dict()}
     dcp.load(state, checkpoint_id=f"{ranks['tmp']}/dp4")
     assert state["optim"].keys() == ref["optim3"].keys()
+    # fp32 summation order: dp4's moments average four quarter-batch gradient sums; on the
+    # 16-element norm weights, whose per-token terms cancel, they differ from one process's by
+    # up to 1.6e-5 relative (measured on an Intel AMX host; AMD EPYC stayed under 1e-5). A wrong
+    # shard or a moment of another tensor would be off by O(1).
     for key, want in ref["optim3"].items():
-        assert rel_err(state["optim"][key], want) <= 1e-5, key
+        assert rel_err(state["optim"][key], want) <= 1e-4, key
     assert_close_params(params(model), ref["params3"], 1e-5)
 
 

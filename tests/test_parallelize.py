@@ -5,12 +5,17 @@ single process initialises on the same device type.
 One spawn of 4 gloo ranks builds three layouts in turn (ep=4; pp=2 x ep=2; DualPipeV pp=2 with
 dp=2). Each rank returns its tensors, its experts' global offset, and the bytes it materialised
 off the meta device while building; the test compares them with one process's model and with
-duet-plan's independent per-rank parameter count (launch/dry_run.rank_holdings).
+duet-plan's independent per-rank parameter count (launch/dry_run.rank_holdings). Then each rank
+builds each layout again to train (ZeRO-1) and counts the bytes of every tensor storage alive in
+the process after construction, after the first and the second step, and after the model is
+dropped: what a rank holds follows its share, stays put from step to step, and goes with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -66,6 +71,49 @@ class MaterialisedBytes(TorchDispatchMode):
         return out
 
 
+def held_bytes() -> int:
+    """Bytes of every distinct tensor storage alive in this process off the meta device: whatever
+    holds them (the model, the engine, a forgotten cache), they count."""
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def held_while_training(cfg: TrainConfig, mesh) -> dict[str, int]:
+    """Bytes held beyond the baseline: built, after steps 1 and 2, and once everything is dropped."""
+    from parallel.parallelize import parallelize
+
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero1=True))
+    torch.manual_seed(SEED)
+    base = held_bytes()
+    built = parallelize(cfg.model, cfg, mesh, torch.device("cpu"), "fp32")
+    out = {"built": held_bytes() - base}
+
+    def step() -> None:  # the trainer's step: its locals (loss, graph) go when it returns
+        rows = cfg.data.batch_size // mesh.dp
+        inputs, targets = torch.randint(0, 128, (2, rows, cfg.data.seq_len))
+        engine = built.engine
+        with engine.accumulate():
+            if built.pipeline is not None:
+                built.pipeline.train(inputs, targets, torch.device("cpu"), contextlib.nullcontext)
+            else:
+                engine.backward(engine.forward(inputs, targets)[0])
+        assert engine.step(1.0, True)[1]
+
+    for k in (1, 2):
+        step()
+        out[f"step{k}"] = held_bytes() - base
+    del built
+    out["dropped"] = held_bytes() - base
+    return out
+
+
 def build_worker(rank: int, world: int) -> dict:
     from parallel.mesh import Layout, build_mesh
     from parallel.parallelize import parallelize
@@ -82,6 +130,8 @@ def build_worker(rank: int, world: int) -> dict:
         tensors = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
         out[layout] = {"tensors": tensors, "firsts": firsts, "bytes": counter.bytes,
                        "pp_rank": mesh.pp_rank, "ep": mesh.ep, "counts": built.counts}
+        del built, model
+        out[layout]["held"] = held_while_training(cfg, mesh)
     return out
 
 
@@ -133,3 +183,34 @@ def test_construction_materialises_only_the_rank_share(built):
         assert full_bytes >= 3 * share, (full_bytes, share)
         # the full model's counts, not the share's (MTP counted apart, its shared embedding once)
         assert got["counts"]["total"] + got["counts"]["mtp"] == sum(p.numel() for p in full.parameters())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_training_holds_the_rank_share_step_after_step(built, layout):
+    """ZeRO-1, fp32. Per rank, with D its non-expert and E its expert parameters (duet-plan's
+    count) and n_D = dp, n_E = dp / ep the ranks that share their optimizer state, the design says:
+        weights                      4 (D + E)
+        flat gradient buffers        4 (D + E)     (one per bucket: the reduce-scatter's input)
+        reduce-scatter outputs       4 (D/n_D + E/n_E)
+        AdamW moments (ZeRO-1)       8 (D/n_D + E/n_E)
+    (.grad is freed after each step). Allowed beyond it: the model's buffers (the routers'
+    balancing state, counted from the model on meta) and 2 KiB of step counters and the step's
+    token ids, which the pipeline runtime keeps until the next step."""
+    cfg = train_cfg(layout)
+    holdings = rank_holdings(cfg)
+    with torch.device("meta"):
+        full = Transformer(cfg.model)
+    par = cfg.parallel
+    margin = sum(b.numel() * b.element_size() for b in full.buffers()) + 2048
+    for rank in built:
+        got = rank[layout]
+        row = holdings[got["pp_rank"]]
+        dense, expert = row.dense + row.embed_head + row.mtp, row.expert // par.ep
+        shard = dense / par.dp + expert / (par.dp // par.ep)
+        weights = 4 * (dense + expert)
+        expected = 2 * weights + 4 * shard + 8 * shard
+        held = got["held"]
+        assert expected <= held["step1"] <= expected + margin, (layout, held, expected)
+        assert held["step2"] == held["step1"], (layout, held)  # nothing accumulates from step to step
+        assert held["built"] <= held["step1"], (layout, held)
+        assert held["dropped"] == 0, (layout, held)  # a discarded model (a reference, a student) is gone
