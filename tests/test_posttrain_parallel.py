@@ -6,7 +6,8 @@ agree to 1e-6 and the reduced gradients to calc_diff < 1e-10 (every expert compa
 Under pipeline parallelism (pp=2 x dp=2: 1F1B, and DualPipe, whose two pipeline ranks hold both
 stages) the micro-batches' GRPO losses travel to the last stage as heads on its logits, and the
 old and reference log-probabilities come from the same layout's forward-only pass (routing
-replay is pp=1 only, so these runs and their one-process twin record the routes instead).
+replay is pp=1 only, so these runs and their one-process twin record the routes instead);
+rollouts sampled on the pipeline ranks' gathered copy of the weights equal the one process's.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from framework.posttrain.config import PosttrainConfig
 from framework.posttrain.driver import train_config
 from framework.posttrain.learner import Learner
 from framework.posttrain.sft import END
+from framework.posttrain.tasks import build_task
 from launch.ranks import run_ranks
 from parallel.mesh import Mesh
 
@@ -42,13 +44,23 @@ def rollouts() -> grpo.Rollouts:
     return grpo.pack_rollouts(prompts, responses, logps, adv, length=5 + 6 - 1)
 
 
-def one_update(mesh: Mesh, batch: grpo.Rollouts, c: PosttrainConfig | None = None, parallel=None) -> dict:
+def sampled(policy: Learner, c: PosttrainConfig) -> tuple:
+    """Responses and sampler log-probs of 2 fixed problems x G on the policy's weights (same seed
+    on every rank), before any update."""
+    task = build_task(c.task, c.digits)
+    _, responses, logps, _, rewards, _ = grpo.sample_group(policy, task, task.problems(2, seed=11), c, seed=5)
+    return responses, logps, rewards
+
+
+def one_update(mesh: Mesh, batch: grpo.Rollouts, c: PosttrainConfig | None = None, parallel=None,
+               sample: bool = False) -> dict:
     c = c or posttrain_cfg()
     cfg = train_config(c, mesh)
     if parallel is not None:
         cfg.parallel = parallel
     cfg.parallel.zero1 = False  # full gradients on every rank, to compare
     policy = Learner.build(c.policy, cfg, mesh, torch.device("cpu"), seed=3)
+    rollout = sampled(policy, c) if sample else None
     with torch.no_grad():  # a reference that differs from the policy, so the KL term is not 0
         reference = policy.frozen_copy()
         for p in reference.model.parameters():
@@ -66,7 +78,7 @@ def one_update(mesh: Mesh, batch: grpo.Rollouts, c: PosttrainConfig | None = Non
     moes = [n for n, m in policy.model.named_modules() if isinstance(m, MoE)]
     return {"loss": record["loss"], "grads": grads, "firsts": firsts, "load": record["expert_load"],
             "loads": dict(zip(moes, record["expert_load"], strict=True)), "kl": record["kl"],
-            "clip_frac": record["clip_frac"]}
+            "clip_frac": record["clip_frac"], "sampled": rollout}
 
 
 def worker(rank: int, world: int) -> dict:
@@ -118,7 +130,7 @@ def pp_worker(rank: int, world: int) -> list[dict]:
         mesh = build_mesh(Layout.from_config(parallel))
         half = B // mesh.dp  # the pipeline ranks of one dp column see the same rows
         rows = rollouts().rows(mesh.dp_rank * half, (mesh.dp_rank + 1) * half)
-        out.append(one_update(mesh, rows, c, parallel))
+        out.append(one_update(mesh, rows, c, parallel, sample=schedule == "1f1b"))  # stages on disjoint ranks
     return out
 
 
@@ -128,9 +140,17 @@ def test_grpo_update_under_pp2_equals_one_process():
     in two directions: both pipeline ranks hold both stages and sum their copies' gradients)."""
     runs = run_ranks(pp_worker, 4)
     for k, (schedule, micro) in enumerate(PP_RUNS):
-        single = one_update(Mesh.single(), rollouts(), posttrain_cfg(replay=False, micro_batches=micro))
+        sample = schedule == "1f1b"
+        single = one_update(Mesh.single(), rollouts(), posttrain_cfg(replay=False, micro_batches=micro),
+                            sample=sample)
         assert single["loss"] != 0.0 and single["kl"] > 0
         ranks = [run[k] for run in runs]
+        if sample:  # rollouts on the gathered copy (Learner.sampling_model) are the one process's
+            responses, logps, _ = single["sampled"]
+            assert len({tuple(r) for r in responses}) == len(responses)  # sampled at temperature 1
+            for r in ranks:
+                assert r["sampled"][0] == responses and r["sampled"][1] == logps
+                assert torch.equal(r["sampled"][2], single["sampled"][2])
         held = set()
         for r in ranks:
             # every rank reports the global numbers, wherever the heads ran

@@ -220,12 +220,9 @@ def score_pass(learner: Learner, batch: Rollouts, pieces: list[tuple[int, int]],
 
 def sample_group(learner: Learner, task: Task, problems: list[Problem], c: PosttrainConfig, seed: int):
     """G responses per problem from the current weights; their rewards and texts."""
-    if learner.pipeline is not None:  # generate() decodes through a whole model
-        raise ValueError("GRPO rollouts need parallel.pp=1 (sampling through the pipeline is not built); "
-                         "under pp > 1 update_on takes given rollouts")
     prompts = [encode(p.prompt) for p in problems for _ in range(c.group_size)]
-    responses, logps, experts = sample(learner.model, prompts, c.max_new_tokens, c.temperature, seed,
-                                       learner.ep_group)
+    responses, logps, experts = sample(learner.sampling_model(), prompts, c.max_new_tokens, c.temperature,
+                                       seed, learner.ep_group)
     texts = [decode(r) for r in responses]
     rewards, parts = total_rewards(c.rewards, task, [p for p in problems for _ in range(c.group_size)], texts)
     return prompts, responses, logps, experts, torch.tensor(rewards, dtype=torch.float64), parts

@@ -22,6 +22,13 @@ micro-batches are then parallel.micro_batches pieces of one shape (rollouts padd
 length), and `scope` (a context around one micro-batch's forward, e.g. routing record/replay
 hooks) is pp=1 only: under a pipeline the micro-batches' forwards interleave.
 
+Sampling under pp > 1 (sampling_model): generate() decodes through a whole model, so every
+pipeline rank gathers the current weights into an unpruned copy of its own (every tensor summed
+over pp from its holders, divided by their count: exact, the holders' copies are equal) and
+samples on it; the ranks of a dp column then draw the same rollouts (same weights, same seeds).
+The simplest honest route: it holds the whole model per rank (expert parallelism inside it is
+not built: pp > 1 with ep > 1 is refused there).
+
 This goes through the engine protocol (parallel/engine.py), as the trainer's step does.
 """
 
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from framework.config import ModelConfig, TrainConfig
+from framework.model.transformer import Transformer
 from parallel import comm
 from parallel.data_parallel import all_reduce_expert_load
 from parallel.mesh import Mesh
@@ -65,6 +73,31 @@ class Learner:
     @property
     def model(self):
         return self.built.model
+
+    @torch.no_grad()
+    def sampling_model(self):
+        """The model rollouts are sampled from: this rank's under pp=1, else a gathered whole copy
+        (module docstring) holding the current weights."""
+        if self.pipeline is None:
+            return self.model
+        if self.mesh.ep > 1:
+            raise ValueError("sampling under parallel.pp > 1 gathers a whole model per rank, without expert "
+                             "parallelism: use parallel.ep=1 with pp > 1")
+        whole = Transformer(self.model.cfg, init_seed=self.model.init_seed)
+        own = self.model.state_dict()
+        target = whole.state_dict()
+        where = comm.collective_device(self.mesh.pp_group)
+        zeros = functools.partial(torch.zeros, dtype=torch.float64)
+        flat = torch.cat([own[n].double().reshape(-1) if n in own else zeros(t.numel())
+                          for n, t in target.items()]).to(where)
+        held = torch.tensor([float(n in own) for n in target], dtype=torch.float64, device=where)
+        flat, held = self.pipeline.sum_over_pp(flat), self.pipeline.sum_over_pp(held)
+        offset = 0
+        for t, count in zip(target.values(), held, strict=True):
+            piece = flat[offset:offset + t.numel()] / count
+            t.copy_(piece.view_as(t).to(t.dtype))
+            offset += t.numel()
+        return whole.to(self.device)
 
     @property
     def pipeline(self):
