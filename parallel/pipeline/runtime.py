@@ -23,6 +23,8 @@ puts at that boundary go out as `batch_isend_irecv` calls on the pipeline group,
 in plan order; each batch is waited right before the action's first step that reads one of its
 receives, and every batch still open is waited when the action ends (so sends, and receives a
 later step needs, travel while earlier steps compute); the last batches follow the last action.
+The plan's early receives (a boundary's first receives from higher ranks, issued one boundary
+ahead) are such batches: the previous action computes while they travel, and its end waits them.
 A warm-up all-reduce over the group precedes the first batch (PyTorch wants every rank of a
 group in its first call). A stage boundary on one rank (DualPipeV's turn) is handed over locally.
 The all-to-alls use the ep group's communicator, the P2P the pipeline group's: on NCCL separate
