@@ -15,18 +15,25 @@ The recipe, chosen by reasoning and measured (numbers in the README's R1 section
   1e-4 +16 points, 3e-5 +14; the shuffled control at 1e-4 falls from 34% to 22%.
 
 Both runs start from a fresh optimizer on the same weights; every seed is fixed.
+
+Distillation: a dense student SFT'd from scratch on what rejection sampling keeps from a stub
+policy (half its samples wrong) reaches a measurable greedy accuracy on 2-element sorting
+(measured 0% -> 54% in 150 steps; asserted >= 20%).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from framework.posttrain import driver
+from framework.posttrain import distill, driver
 from framework.posttrain.config import PosttrainConfig
 from framework.posttrain.learner import Learner
+from framework.posttrain.rewards import reference_completion
+from framework.posttrain.sft import END, decode, encode
 from framework.posttrain.tasks import build_task
 from parallel.mesh import Mesh
 
@@ -86,6 +93,30 @@ def test_shuffled_rewards_do_not_raise_it(start):
     after = result.grpo[-1]["accuracy"]
     assert after - before < CONTROL_RISE, (before, after)
     assert any(r["grad_norm"] > 0 for r in result.grpo)  # the control did update the weights
+
+
+def test_student_distilled_from_rejection_samples_gets_measurable_accuracy(one_thread, monkeypatch):
+    c = PosttrainConfig(task="sorting", digits=2, group_size=2, distill_lr=3e-3)
+    task = build_task(c.task, c.digits)
+    problems = {p.prompt: p for p in task.problems(128, seed=5)}
+
+    def stub_sample(model, prompts, max_new_tokens, temperature, seed, ep_group=None):
+        """Per problem: first a wrong answer (the digits reversed), then the right one."""
+        texts = [f"<think></think>{problems[decode(ids)].answer[::-1]}" if i % 2 == 0
+                 else reference_completion(problems[decode(ids)]) for i, ids in enumerate(prompts)]
+        return [encode(t) + [END] for t in texts], [[0.0] * (len(t) + 1) for t in texts], None
+
+    monkeypatch.setattr(distill, "sample", stub_sample)
+    rows = distill.rejection_sample(SimpleNamespace(model=None, ep_group=None), task, list(problems.values()),
+                                    c, seed=0)
+    assert len(rows) == len(problems)  # every problem solved once: one row each, only right answers
+    assert all(task.verify(problems[r.prompt], r.completion.split("</think>")[1]) for r in rows)
+    mesh = Mesh.single()
+    student = Learner.build(c.student, driver.train_config(c, mesh), mesh, torch.device("cpu"), seed=1)
+    held = task.problems(256, seed=c.seed + driver.HELDOUT_SEED)
+    assert driver.evaluate(student, task, held, c)["accuracy"] == 0.0
+    driver.supervised(student, driver.file_rows(rows, c, 0, 1), 150, c.distill_lr)
+    assert driver.evaluate(student, task, held, c)["accuracy"] >= 0.2
 
 
 if __name__ == "__main__":  # robustness outside the test: python tests/test_posttrain_learns.py 1 2 3
