@@ -439,11 +439,17 @@ def _pp_bytes(placement: Placement, rank: int, boundary_bytes: int) -> float:
 
 
 def _dp_bytes(par, nonexpert: int, expert_local: int, edp: int) -> float:
-    """FP32 gradients all-reduced (ring: 2(n-1)/n of the buffer sent) over dp (dense) and edp
-    (experts), then under ZeRO-1 the updated FP32 weights all-gathered ((n-1)/n)."""
-    share = 3 if par.zero1 else 2
-    return 4 * (share * (par.dp - 1) / par.dp * nonexpert + share * (edp - 1) / edp * expert_local) \
-        if par.dp > 1 else 0.0
+    """Bytes a rank sends per step over dp (dense) and edp (experts), ring collectives (what
+    GradReducer and DataParallelOptimizer do): without ZeRO-1 the gradients are all-reduced
+    (2(n-1)/n of the buffer); under ZeRO-1 they are reduce-scattered ((n-1)/n) and the updated
+    FP32 weights all-gathered ((n-1)/n). Gradients travel in parallel.grad_reduce_dtype."""
+    grad = 2 if par.grad_reduce_dtype == "bf16" else 4
+
+    def sent(n: int, count: int) -> float:
+        share = (grad + 4) * (n - 1) / n if par.zero1 else 2 * grad * (n - 1) / n
+        return share * count
+
+    return sent(par.dp, nonexpert) + sent(edp, expert_local) if par.dp > 1 else 0.0
 
 
 def _compute_seconds(actions, c: StageCost) -> float:

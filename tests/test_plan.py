@@ -72,7 +72,13 @@ def test_memory_and_dp_bytes_hand_computed():
     assert mem["optimizer state"] == pytest.approx(2 * 4 * params / 2 / GiB)  # fp32 moments over dp 2
     tokens = 16 // 2 * 128
     assert mem["activations (1 live micro-batches)"] == pytest.approx(8_728 * tokens / GiB)  # test above
-    assert p.ranks[0].dp_bytes == pytest.approx(4 * 3 * 0.5 * params)  # all-reduce + all-gather, ring of 2
+    # reduce-scatter of fp32 gradients + all-gather of fp32 weights, each (n-1)/n in a ring of 2
+    assert p.ranks[0].dp_bytes == pytest.approx((4 + 4) * 0.5 * params)
+    low = plan(compose(["model=tiny", "precision=fp32", "parallel.dp=2", "parallel.zero1=true",
+                        "parallel.grad_reduce_dtype=bf16"]), "full")
+    assert low.ranks[0].dp_bytes == pytest.approx((2 + 4) * 0.5 * params)  # bf16 gradients
+    plain = plan(compose(["model=tiny", "precision=fp32", "parallel.dp=2"]), "full")
+    assert plain.ranks[0].dp_bytes == pytest.approx(2 * 4 * 0.5 * params)  # all-reduce only
 
 
 @pytest.mark.parametrize("schedule, expected", [("1f1b", [4, 4]), ("dualpipev", [8, 8])])
