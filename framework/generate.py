@@ -208,6 +208,19 @@ class _Outputs:
         if tok in self.stops or len(self.tokens[b]) >= self.p.max_new_tokens:
             self.done[b] = True
 
+    def emit_rows(self, rows: list[int], tok_B: torch.Tensor, logp_BV: torch.Tensor, samp_BV: torch.Tensor) -> None:
+        """emit() for the given rows at once: tokens tok_B, log-probs read from the batched
+        log-softmax logp_BV and the sampling log-probs samp_BV (one gather and read each)."""
+        idx_B1 = tok_B[:, None]
+        lp, slp = logp_BV.gather(1, idx_B1)[:, 0].tolist(), samp_BV.gather(1, idx_B1)[:, 0].tolist()
+        toks = tok_B.tolist()
+        for b in rows:
+            self.tokens[b].append(toks[b])
+            self.lp[b].append(lp[b])
+            self.slp[b].append(slp[b])
+            if toks[b] in self.stops or len(self.tokens[b]) >= self.p.max_new_tokens:
+                self.done[b] = True
+
     def active(self) -> list[int]:
         return [b for b, d in enumerate(self.done) if not d]
 
@@ -226,7 +239,15 @@ def generate(model, prompts: list[list[int]], params: SamplingParams | None = No
     was_training = model.training
     model.eval()  # no load counting or balance loss while sampling
     try:
-        return _generate(model, prompts, p, seeds, return_experts, speculative, all_done)
+        # Inference mode: no version counters or autograd bookkeeping on the per-step tensors.
+        with torch.inference_mode():
+            gen = _generate(model, prompts, p, seeds, return_experts, speculative, all_done)
+        # Inference tensors may not be saved for backward: hand out normal copies (the caller's
+        # loss may use the log-probs and experts, e.g. post-training's old log-probs).
+        for name in ("tokens", "logprobs", "sampling_logprobs", "experts"):
+            if getattr(gen, name) is not None:
+                setattr(gen, name, [t.clone() for t in getattr(gen, name)])
+        return gen
     finally:
         model.train(was_training)
 
@@ -267,19 +288,31 @@ def _generate(model, prompts, p: SamplingParams, seeds, return_experts, speculat
 
 def _plain_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, _prefill, all_done, _lockstep) -> dict:
     B, dev, steps = len(gens), logits_BV.device, 0
+    greedy = p.temperature == 0
+    last_B1 = torch.zeros(B, 1, dtype=torch.long, device=dev)
+    pos_B1 = torch.tensor([[n - 1] for n in out.lens], device=dev)
     while True:
+        # Batched per step: the distributions, the picks, both log-probs; one host read (the
+        # tokens, for the stop rule). Draws stay per row: each sequence has its own generator.
         samp_BV = sampling_logprobs(logits_BV, p)
         rows = out.active()
-        for b, tok in _pick(samp_BV, gens, rows, p.temperature == 0).items():
-            out.emit(b, tok, logits_BV[b], samp_BV[b])
+        if greedy:
+            tok_B = logits_BV.argmax(-1)  # the argmax sampling_logprobs put all mass on
+        else:
+            drawn = _draw(samp_BV, gens, rows)
+            tok_B = torch.tensor([drawn.get(b, 0) for b in range(B)], device=dev)
+        out.emit_rows(rows, tok_B, _wide(logits_BV).log_softmax(-1), samp_BV)
         if all_done(all(out.done)):
             return {"steps": steps}
         # A finished sequence keeps stepping on its last slot (its results are final; under ep > 1
         # its rank still answers the all-to-alls); only active ones write expert ids.
-        tok_B1 = torch.tensor([[out.tokens[b][-1]] if out.tokens[b] else [0] for b in range(B)], device=dev)
-        pos_B1 = torch.tensor([[out.last_pos(b)] for b in range(B)], device=dev)
+        live_B1 = torch.zeros(B, 1, dtype=torch.bool)
+        live_B1[rows] = True
+        live_B1 = live_B1.to(dev)
+        last_B1 = torch.where(live_B1, tok_B[:, None], last_B1)
+        pos_B1 = pos_B1 + live_B1
         write_B = torch.tensor([not d for d in out.done], device=dev)
-        logits_BV = dec.step(tok_B1, pos_B1, write_B)[0][:, 0]
+        logits_BV = dec.step(last_B1, pos_B1, write_B)[0][:, 0]
         steps += 1
 
 

@@ -114,6 +114,25 @@ def test_cached_decode_equals_training_forward_and_mixed_lengths_equal_alone(cas
         assert (got[b] - alone[0]).abs().max().item() <= bound(alone[0], 1e-5)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_without_its_few_token_fast_paths_equals_training_forward(case, monkeypatch):
+    """The fast paths (rope as per-row rotation GEMMs, the MoE as one dense SwiGLU over all
+    experts) cover every call of the tiny configs above; with both thresholds at 0 the general
+    paths (apply_rope, grouped experts) run at every step and must give the same logits and experts."""
+    import framework.model.decode as D
+
+    monkeypatch.setattr(D, "DENSE_EXPERTS_MACS", 0)
+    monkeypatch.setattr(D, "ROPE_AS_GEMM_ELEMENTS", 0)
+    m = build(CASES[case])
+    steps = 4
+    prompts = [seq(6 + steps, 16), seq(11 + steps, 17)]
+    got, _, dec = decode_logits(m, prompts, steps)
+    for b, p in enumerate(prompts):
+        ref, _, ref_ids = full_forward(m, p)
+        assert (got[b] - ref).abs().max().item() <= bound(ref, 1e-5), (case, b)
+        assert torch.equal(dec.experts.ids_BLSK[b, :, : len(p)], ref_ids), (case, b)
+
+
 def test_fp64_decode_equals_training_forward_to_1e_10():
     # All-dense blocks: the MoE gate computes in fp32 by design (moe.py), which would cap an fp64
     # comparison at ~1e-8; attention, norms, rope and YaRN are all here.

@@ -63,41 +63,100 @@ class LatentCache:
         return self.nbytes() / (layers * self.batch * self.slots)
 
 
+class RopeTable:
+    """The rope of every slot of one decode, computed once: the training forward's fp32 cos/sin
+    rows [S, F] and, when small enough, the same rotations as block-diagonal matrices [S, R, R]
+    (x_R @ rot_RR turns each adjacent pair by its angle): then every layer's rope at a decode
+    step is one batched product instead of a dozen elementwise passes."""
+
+    def __init__(self, cfg, slots: int, device):
+        self.cos_SF, self.sin_SF = rope_tables(cfg, min(slots, cfg.max_seq_len), device)
+        self._rot: dict[torch.dtype, torch.Tensor] = {}
+
+    def rotations(self, dtype: torch.dtype) -> torch.Tensor | None:
+        S, F = self.cos_SF.shape
+        if S * 4 * F * F > ROPE_AS_GEMM_ELEMENTS:
+            return None
+        if dtype not in self._rot:
+            c_SF, s_SF = self.cos_SF.to(dtype), self.sin_SF.to(dtype)
+            # Pair (x0, x1) -> (x0 c - x1 s, x0 s + x1 c): rows are inputs, columns outputs.
+            pair_SF22 = torch.stack([torch.stack([c_SF, s_SF], -1), torch.stack([-s_SF, c_SF], -1)], -2)
+            eye_FF = torch.eye(F, dtype=dtype, device=c_SF.device)
+            self._rot[dtype] = torch.einsum("sfab,fg->sfagb", pair_SF22, eye_FF).reshape(S, 2 * F, 2 * F)
+        return self._rot[dtype]
+
+
 class Positions:
     """What every layer of one decode call shares: positions, rope rows and the hidden slots.
 
-    cos/sin at the per-sequence positions, flattened to [B*T, F], are rows of the training
-    forward's fp32 table (computed once per decode: the Decoder's). `slots` is read to the host
-    once per call, not once per layer; a position past max_seq_len is refused as rope_tables
-    refuses it."""
+    The rope rows at the per-sequence positions, flattened to [B*T, ...], are rows of the
+    decode's table. `slots` is read to the host once per call, not once per layer; a position
+    past max_seq_len is refused as rope_tables refuses it."""
 
-    def __init__(self, cfg, pos_BT: torch.Tensor, cos_SF: torch.Tensor, sin_SF: torch.Tensor):
-        self.pos_BT = pos_BT
+    def __init__(self, cfg, pos_BT: torch.Tensor, table: RopeTable):
+        self.pos_BT, self.table = pos_BT, table
         self.slots = int(pos_BT.max()) + 1
-        if self.slots > cos_SF.shape[0]:
+        if self.slots > table.cos_SF.shape[0]:
             rope_tables(cfg, self.slots)  # raises past max_seq_len
-            raise ValueError(f"position {self.slots - 1} is past the decoder's {cos_SF.shape[0]} slots")
-        flat = pos_BT.flatten()
-        self.cos_MF, self.sin_MF = cos_SF[flat], sin_SF[flat]
+            raise ValueError(f"position {self.slots - 1} is past the decoder's {table.cos_SF.shape[0]} slots")
+        self.flat_M = pos_BT.flatten()
         # Causal per sequence: slot s holds position s, hidden from queries at positions < s.
         slots_S = torch.arange(self.slots, device=pos_BT.device)
         self.hidden_BT1S = (slots_S[None, None, :] > pos_BT[:, :, None])[:, :, None, :]
+        self._rows: dict = {}
+
+    def rotation(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """[B*T, R, R] rotations at the positions, when the rows are few (decode steps)."""
+        key = ("rot", dtype)
+        if key not in self._rows:
+            rot_SRR = self.table.rotations(dtype)
+            M, R = self.flat_M.numel(), 2 * self.table.cos_SF.shape[1]
+            few = rot_SRR is not None and M * R * R <= ROPE_AS_GEMM_ELEMENTS
+            self._rows[key] = rot_SRR[self.flat_M] if few else None
+        return self._rows[key]
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if "cos" not in self._rows:
+            self._rows["cos"] = (self.table.cos_SF[self.flat_M], self.table.sin_SF[self.flat_M])
+        return self._rows["cos"]
 
 
-def _rope(x_BTHR: torch.Tensor, cos_MF: torch.Tensor, sin_MF: torch.Tensor) -> torch.Tensor:
-    # apply_rope takes one table row per sequence position; fold B into T so each row has its own.
+# Rope as a GEMM only while the per-row rotation matrices stay small (elements over all rows).
+ROPE_AS_GEMM_ELEMENTS = 1 << 22
+
+
+def _rope(x_BTHR: torch.Tensor, at: Positions) -> torch.Tensor:
     B, T, H, R = x_BTHR.shape
-    return apply_rope(x_BTHR.reshape(1, B * T, H, R), cos_MF, sin_MF).view(B, T, H, R)
+    wide = torch.promote_types(x_BTHR.dtype, torch.float32)  # apply_rope's compute dtype
+    rot_MRR = at.rotation(wide)
+    if rot_MRR is not None:
+        return torch.bmm(x_BTHR.reshape(B * T, H, R).to(wide), rot_MRR).view(B, T, H, R).to(x_BTHR.dtype)
+    # apply_rope takes one table row per sequence position; fold B into T so each row has its own.
+    return apply_rope(x_BTHR.reshape(1, B * T, H, R), *at.cos_sin()).view(B, T, H, R)
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm.forward through torch's fused kernel where the two agree by construction: input and
+    weight already in the norm's compute dtype (fp32 or fp64), so no cast sits between the
+    normalisation and the scale. Otherwise the module itself (bf16 or autocast)."""
+    if x.dtype == norm.weight.dtype and x.dtype in (torch.float32, torch.float64):
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm(x)
 
 
 class Absorbed:
-    """wkv_b of one MLA split into the two ends of the absorbed form, as views in the layouts the
-    batched GEMMs read: W_uk [H, N, C] (query side) and W_uv^T [H, C, V] (output side). Cast to
-    the compute dtype once per decode (under autocast that would otherwise be a copy per step)."""
+    """Per MLA, what a decode computes once: wkv_b split into the two ends of the absorbed form, as
+    views in the layouts the batched GEMMs read, W_uk [H, N, C] (query side) and W_uv^T [H, C, V]
+    (output side), cast to the compute dtype once (under autocast that would otherwise be a copy
+    per step); and the two down-projections that read the same input, wq_a (or wq) and wkv_a,
+    stacked into one weight [Q + C + R, D] (one GEMM instead of two)."""
 
     def __init__(self, attn: MLA):
         self.attn = attn
         self._by_dtype: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        first = attn.wq_a if attn.cfg.q_lora_rank > 0 else attn.wq
+        self.split = [first.weight.shape[0], attn.wkv_a.weight.shape[0]]
+        self.w_in_XD = torch.cat([first.weight, attn.wkv_a.weight])
 
     def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if dtype not in self._by_dtype:
@@ -113,20 +172,20 @@ def mla_decode(attn: MLA, x_BTD: torch.Tensor, at: Positions, cache: LatentCache
     cfg = attn.cfg
     B, T, _ = x_BTD.shape
     H, N, R, C = attn.n_heads, attn.nope_dim, attn.rope_dim, cfg.kv_lora_rank
+    absorbed = absorbed or Absorbed(attn)
+    q_BTX, kv_BTX = F.linear(x_BTD, absorbed.w_in_XD).split(absorbed.split, dim=-1)
     if cfg.q_lora_rank > 0:
-        q_BTX = attn.wq_b(attn.q_norm(attn.wq_a(x_BTD)))
-    else:
-        q_BTX = attn.wq(x_BTD)
+        q_BTX = attn.wq_b(_norm(attn.q_norm, q_BTX))
     dtype = q_BTX.dtype
-    q_nope_BTHN, q_rope_BTHR = q_BTX.view(B, T, H, N + R).split([N, R], dim=-1)
-    c_kv_BTC, k_rope_BTR = attn.wkv_a(x_BTD).split([C, R], dim=-1)
+    q_nope_BTHN, q_rope_BTHR = q_BTX.reshape(B, T, H, N + R).split([N, R], dim=-1)
+    c_kv_BTC, k_rope_BTR = kv_BTX.split([C, R], dim=-1)
     # The query heads and the shared key rotate in one call (rope is per row).
-    roped_BTGR = _rope(torch.cat([q_rope_BTHR, k_rope_BTR[:, :, None].to(dtype)], dim=2), at.cos_MF, at.sin_MF)
-    new_BTX = torch.cat([attn.kv_norm(c_kv_BTC), roped_BTGR[:, :, H]], dim=-1)
+    roped_BTGR = _rope(torch.cat([q_rope_BTHR, k_rope_BTR[:, :, None].to(dtype)], dim=2), at)
+    new_BTX = torch.cat([_norm(attn.kv_norm, c_kv_BTC), roped_BTGR[:, :, H]], dim=-1)
     S = at.slots  # the slots any query of this call can see
     kv_BSX = cache.write(layer, at.pos_BT, new_BTX)[:, :S].to(dtype)  # [c | k_rope] per slot
 
-    w_uk_HNC, w_uv_HCV = (absorbed or Absorbed(attn)).get(dtype)
+    w_uk_HNC, w_uv_HCV = absorbed.get(dtype)
     # q_lat = W_uk^T q_nope per head; with q_rope it scores [c | k_rope] in one product:
     # q_nope . (W_uk c) + q_rope . k_rope = [q_lat | q_rope] . [c | k_rope].
     q_lat_HMC = torch.bmm(q_nope_BTHN.reshape(B * T, H, N).transpose(0, 1), w_uk_HNC)
@@ -140,16 +199,19 @@ def mla_decode(attn: MLA, x_BTD: torch.Tensor, at: Positions, cache: LatentCache
     return attn.wo(o_HMV.transpose(0, 1).reshape(B, T, H * attn.v_dim))
 
 
-# Routed experts of one MoE at few tokens (decode steps): below this many multiply-adds for
-# running every expert on every token, one dense SwiGLU over all experts with the unchosen gates
-# at zero beats sorting (token, expert) pairs for grouped GEMMs; same experts, same weights.
+# One MoE at few tokens (decode steps): below this many multiply-adds for running every expert on
+# every token, one dense SwiGLU over all experts with the unchosen gates at zero beats sorting
+# (token, expert) pairs for grouped GEMMs; same router call, same experts, same weights.
 DENSE_EXPERTS_MACS = 1 << 23
 
 
 class DenseExperts:
-    """All routed experts of one MoE as two plain GEMMs: [w1; w3] stacked [2*E*I, D] and w2
-    laid out [D, E*I] (copies made once per decode, when a step first takes this path). Only for
-    a single-process MoE (LocalDispatcher): under expert parallelism tokens must travel."""
+    """The routed experts of one MoE and its shared expert as two plain GEMMs. The shared expert's
+    n_shared * I inner rows are n_shared more experts of inner dim I with gate 1, so
+        [w1; w1_shared; w3; w3_shared]  [2 * (E + S) * I, D]   (gate and up of every expert)
+        [w2 | w2_shared]                [D, (E + S) * I]       (down, summed over all of them)
+    (copies made once per decode, when a step first takes this path). Only for a single-process
+    MoE (LocalDispatcher): under expert parallelism the tokens must travel."""
 
     def __init__(self, moe: MoE):
         self.moe = moe
@@ -162,17 +224,28 @@ class DenseExperts:
         E, I, D = self.moe.experts.w1.shape
         return n_tokens * E * I * D * 3 <= DENSE_EXPERTS_MACS
 
-    def __call__(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-        ex = self.moe.experts
+    def _weights(self) -> None:
+        ex, sh = self.moe.experts, self.moe.shared
         E, I, D = ex.w1.shape
+        w1, w3, w2 = [ex.w1.reshape(E * I, D)], [ex.w3.reshape(E * I, D)], [ex.w2.permute(1, 0, 2).reshape(D, E * I)]
+        if sh is not None:
+            w1.append(sh.w1.weight)
+            w3.append(sh.w3.weight)
+            w2.append(sh.w2.weight)
+        self.w13_XD, self.w2_DX = torch.cat(w1 + w3), torch.cat(w2, dim=1)
+
+    def __call__(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         if self.w13_XD is None:
-            self.w13_XD = torch.cat([ex.w1.reshape(E * I, D), ex.w3.reshape(E * I, D)])
-            self.w2_DX = ex.w2.permute(1, 0, 2).reshape(D, E * I)
+            self._weights()
+        E, I, _ = self.moe.experts.w1.shape
+        S = self.w2_DX.shape[1] // I - E  # shared-expert blocks
         h_TX = F.linear(x_TD, self.w13_XD)
-        h1_TEI, h3_TEI = h_TX.view(-1, 2, E, I).unbind(1)
-        gate_TE = w_TK.new_zeros(x_TD.shape[0], E).scatter_(1, idx_TK, w_TK)
-        a_TEI = F.silu(h1_TEI) * h3_TEI * gate_TE[..., None].to(h_TX.dtype)
-        return F.linear(a_TEI.reshape(-1, E * I), self.w2_DX)
+        h1_TGI, h3_TGI = h_TX.view(-1, 2, E + S, I).unbind(1)
+        gate_TG = w_TK.new_ones(x_TD.shape[0], E + S)
+        gate_TG[:, :E] = 0
+        gate_TG.scatter_(1, idx_TK, w_TK)
+        a_TGI = F.silu(h1_TGI) * h3_TGI * gate_TG[..., None].to(h_TX.dtype)
+        return F.linear(a_TGI.reshape(-1, (E + S) * I), self.w2_DX)
 
 
 def moe_decode(moe: MoE, dense: DenseExperts | None, x_BTD: torch.Tensor) -> torch.Tensor:
@@ -180,10 +253,7 @@ def moe_decode(moe: MoE, dense: DenseExperts | None, x_BTD: torch.Tensor) -> tor
     if dense is None or not dense.applies(B * T):
         return moe(x_BTD)
     x_TD, idx_TK, w_TK, _ = moe.route(x_BTD)  # the router module: its hooks (ExpertLog) fire
-    out_TD = dense(x_TD, idx_TK, w_TK)
-    if moe.shared is not None:
-        out_TD = out_TD + moe.shared(x_TD)
-    return out_TD.view(B, T, D)
+    return dense(x_TD, idx_TK, w_TK).view(B, T, D)  # routed and shared experts
 
 
 class _BlockFast:
@@ -197,8 +267,8 @@ class _BlockFast:
 def block_decode(block: nn.Module, x_BTD: torch.Tensor, at: Positions, cache: LatentCache,
                  layer: int, fast: _BlockFast | None = None) -> torch.Tensor:
     fast = fast or _BlockFast(block)
-    x_BTD = x_BTD + mla_decode(block.attn, block.attn_norm(x_BTD), at, cache, layer, fast.absorbed)
-    h_BTD = block.ffn_norm(x_BTD)
+    x_BTD = x_BTD + mla_decode(block.attn, _norm(block.attn_norm, x_BTD), at, cache, layer, fast.absorbed)
+    h_BTD = _norm(block.ffn_norm, x_BTD)
     return x_BTD + (moe_decode(block.ffn, fast.dense, h_BTD) if fast.dense is not None else block.ffn(h_BTD))
 
 
@@ -250,8 +320,8 @@ class Decoder:
         self.cache = LatentCache(len(model.blocks), batch, slots)
         self.mtp_cache = LatentCache(1, batch, slots) if len(model.mtp) else None
         dev = model.embed.weight.device
-        # Constant over the decode: the rope table for every slot, each block's absorbed weights.
-        self.cos_SF, self.sin_SF = rope_tables(self.cfg, min(slots, self.cfg.max_seq_len), dev)
+        # Constant over the decode: the rope of every slot, each block's absorbed weights.
+        self.rope = RopeTable(self.cfg, slots, dev)
         self.fast = [_BlockFast(blk) for blk in model.blocks]
         self.mtp_fast = _BlockFast(model.mtp[0].block) if len(model.mtp) else None
         main_moes = [m for blk in model.blocks for m in blk.modules() if isinstance(m, MoE)]
@@ -261,7 +331,7 @@ class Decoder:
     def step(self, tokens_BT: torch.Tensor, pos_BT: torch.Tensor,
              write_B: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
-        at = Positions(self.cfg, pos_BT, self.cos_SF, self.sin_SF)
+        at = Positions(self.cfg, pos_BT, self.rope)
         if self.experts is not None:
             self.experts.expect(pos_BT, write_B)
         h_BTD = m.embed(tokens_BT)
@@ -269,16 +339,16 @@ class Decoder:
             h_BTD = block_decode(block, h_BTD, at, self.cache, i, self.fast[i])
         if self.experts is not None:
             self.experts.expect(None)
-        h_BTD = m.norm(h_BTD)
+        h_BTD = _norm(m.norm, h_BTD)
         return m.head(h_BTD), h_BTD
 
     def mtp_step(self, h_BTD: torch.Tensor, next_BT: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
         m = self.model
         mtp = m.mtp[0]
-        at = Positions(self.cfg, pos_BT, self.cos_SF, self.sin_SF)
-        x_BTD = mtp.eh_proj(torch.cat([mtp.enorm(m.embed(next_BT)), mtp.hnorm(h_BTD)], dim=-1))
+        at = Positions(self.cfg, pos_BT, self.rope)
+        x_BTD = mtp.eh_proj(torch.cat([_norm(mtp.enorm, m.embed(next_BT)), _norm(mtp.hnorm, h_BTD)], dim=-1))
         x_BTD = block_decode(mtp.block, x_BTD, at, self.mtp_cache, 0, self.mtp_fast)
-        return m.head(mtp.norm(x_BTD))
+        return m.head(_norm(mtp.norm, x_BTD))
 
     def close(self) -> None:
         if self.experts is not None:
