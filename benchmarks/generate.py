@@ -1,12 +1,15 @@
 """Generation: duet's latent-cache decoding against transformers' `generate` on the same model.
 
-    python -m benchmarks.generate [--batch 4] [--prompt-len 32] [--new 64] [--rounds 3]
-                                  [--train-steps 200] [--quick]
+    python -m benchmarks.generate [--batch 4] [--prompt-len 32] [--new 64] [--rounds 5]
+                                  [--train-steps 200] [--threads 1] [--quick]
 
 Figures, all from this run (DESIGN.md rule 8: measured, never asserted):
 - decode tokens/s, greedy, same prompts: duet `framework.generate.generate` against
-  transformers' `generate` (DynamicCache, sdpa) on the model `duet-hf export` wrote, in alternated
-  rounds; min and median over the rounds, ratio duet / transformers. Tokens are checked equal.
+  transformers' `generate` (DynamicCache, sdpa) on the model `duet-hf export` wrote, each in fp32
+  and in bf16 (model cast), in alternated rounds, on the same number of threads (--threads);
+  best and median over the rounds, ratio duet / transformers in the dtype where transformers is
+  fastest (named in the output), the other dtype's ratio beside it. fp32 tokens are checked
+  equal; in bf16 the share of agreeing tokens is reported (the two round differently).
 - cache bytes per token per layer: duet's latent cache as allocated against the keys and values
   transformers' cache holds after its generate, and the same two figures for the DeepSeek-V3
   shapes on paper (576 against 40,960 values).
@@ -18,6 +21,7 @@ Figures, all from this run (DESIGN.md rule 8: measured, never asserted):
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import tempfile
@@ -31,6 +35,7 @@ from framework.model import Transformer
 
 # The tiny preset's shapes (configs/model/tiny.yaml), byte vocabulary for the trained model.
 TINY = ModelConfig(vocab_size=2048, max_seq_len=256)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _timed(fn) -> float:
@@ -40,6 +45,9 @@ def _timed(fn) -> float:
 
 
 def vs_transformers(cfg: ModelConfig, batch: int, prompt_len: int, new: int, rounds: int) -> dict:
+    """duet against transformers' generate, each in fp32 and bf16 (the whole model cast), in
+    alternated rounds; the headline ratio is taken in the dtype where transformers is fastest
+    (like with like), the other dtype's ratio is reported beside it."""
     import transformers
 
     from framework.hf import export_hf
@@ -51,30 +59,40 @@ def vs_transformers(cfg: ModelConfig, batch: int, prompt_len: int, new: int, rou
     params = SamplingParams(max_new_tokens=new, temperature=0)
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model, cfg, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        hf = {d: transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=DTYPES[d]).eval() for d in DTYPES}
+    duet = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
     mask = torch.ones_like(prompts)
 
-    def run_hf():
+    def run_hf(dtype: str):
         with torch.no_grad():
-            return hf.generate(prompts, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                               do_sample=False, pad_token_id=0, eos_token_id=None,
-                               return_dict_in_generate=True)
+            return hf[dtype].generate(prompts, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                      do_sample=False, pad_token_id=0, eos_token_id=None,
+                                      return_dict_in_generate=True)
 
-    def run_duet():
-        return generate(model, prompts.tolist(), params)
+    def run_duet(dtype: str):
+        return generate(duet[dtype], prompts.tolist(), params)
 
-    same = torch.equal(run_hf().sequences[:, prompt_len:], torch.stack(run_duet().tokens))
-    times = {"duet": [], "transformers": []}
+    out = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new}
+    for d in DTYPES:  # also the warm-up; fp32 must agree exactly, bf16 rounds differently
+        same = run_hf(d).sequences[:, prompt_len:] == torch.stack(run_duet(d).tokens)
+        out[f"tokens_equal_{d}"] = bool(same.all())
+        out[f"tokens_agreeing_{d}"] = float(same.float().mean())
+    times = {f"{who}_{d}": [] for d in DTYPES for who in ("duet", "transformers")}
     for _ in range(rounds):  # alternate the contenders
-        times["duet"].append(_timed(run_duet))
-        times["transformers"].append(_timed(run_hf))
+        for d in DTYPES:
+            times[f"duet_{d}"].append(_timed(lambda d=d: run_duet(d)))
+            times[f"transformers_{d}"].append(_timed(lambda d=d: run_hf(d)))
     tok = batch * new
-    out = {"tokens_equal": same, "batch": batch, "prompt_len": prompt_len, "new_tokens": new}
     for name, ts in times.items():
         out[name] = {"tok_s_max": tok / min(ts), "tok_s_median": tok / statistics.median(ts)}
-    out["duet_over_transformers_best"] = out["duet"]["tok_s_max"] / out["transformers"]["tok_s_max"]
-    out["duet_over_transformers_median"] = out["duet"]["tok_s_median"] / out["transformers"]["tok_s_median"]
-    out["cache_bytes_per_token_per_layer"] = cache_bytes(model, hf, prompts, new)
+    for d in DTYPES:
+        out[f"ratio_{d}"] = {k: out[f"duet_{d}"][f"tok_s_{k}"] / out[f"transformers_{d}"][f"tok_s_{k}"]
+                             for k in ("max", "median")}
+    best = max(DTYPES, key=lambda d: out[f"transformers_{d}"]["tok_s_max"])
+    out["dtype_compared"] = f"{best} (transformers' fastest)"
+    out["duet_over_transformers_best"] = out[f"ratio_{best}"]["max"]
+    out["duet_over_transformers_median"] = out[f"ratio_{best}"]["median"]
+    out["cache_bytes_per_token_per_layer"] = cache_bytes(model, hf["fp32"], prompts, new)
     return out
 
 
@@ -151,10 +169,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--train-steps", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads for every contender (default 1: at these sizes a second "
+                         "thread only adds synchronisation, and spins badly on a shared machine)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads {args.threads}: must be >= 1")
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.new, args.rounds, args.train_steps = 16, 2, 20
     result = {"threads": torch.get_num_threads(),

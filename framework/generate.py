@@ -201,25 +201,25 @@ class _Outputs:
         self.done = [False] * B
         self.stops = set(p.stop_tokens)
 
-    def emit(self, b: int, tok: int, logits_V: torch.Tensor, samp_V: torch.Tensor) -> None:
-        self.tokens[b].append(tok)
-        self.lp[b].append(float(_wide(logits_V).log_softmax(-1)[tok]))
-        self.slp[b].append(float(samp_V[tok]))
-        if tok in self.stops or len(self.tokens[b]) >= self.p.max_new_tokens:
-            self.done[b] = True
+    def emit(self, b: int, tok: int, logp_V: torch.Tensor, samp_V: torch.Tensor) -> None:
+        """logp_V: the model's log-probs at temperature 1 (the caller's batched log-softmax)."""
+        self._append(b, tok, float(logp_V[tok]), float(samp_V[tok]))
 
     def emit_rows(self, rows: list[int], tok_B: torch.Tensor, logp_BV: torch.Tensor, samp_BV: torch.Tensor) -> None:
-        """emit() for the given rows at once: tokens tok_B, log-probs read from the batched
-        log-softmax logp_BV and the sampling log-probs samp_BV (one gather and read each)."""
+        """emit() for the given rows at once: one gather and one host read for each of the
+        tokens, their log-probs and their sampling log-probs."""
         idx_B1 = tok_B[:, None]
         lp, slp = logp_BV.gather(1, idx_B1)[:, 0].tolist(), samp_BV.gather(1, idx_B1)[:, 0].tolist()
         toks = tok_B.tolist()
         for b in rows:
-            self.tokens[b].append(toks[b])
-            self.lp[b].append(lp[b])
-            self.slp[b].append(slp[b])
-            if toks[b] in self.stops or len(self.tokens[b]) >= self.p.max_new_tokens:
-                self.done[b] = True
+            self._append(b, toks[b], lp[b], slp[b])
+
+    def _append(self, b: int, tok: int, lp: float, slp: float) -> None:
+        self.tokens[b].append(tok)
+        self.lp[b].append(lp)
+        self.slp[b].append(slp)
+        if tok in self.stops or len(self.tokens[b]) >= self.p.max_new_tokens:
+            self.done[b] = True
 
     def active(self) -> list[int]:
         return [b for b, d in enumerate(self.done) if not d]
@@ -323,9 +323,9 @@ def _speculative_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, prefill, 
     B, dev, greedy = len(gens), logits_BV.device, p.temperature == 0
     lens = out.lens
     # The first new token comes from the prefill's logits, as in plain decoding.
-    samp_BV = sampling_logprobs(logits_BV, p)
+    samp_BV, logp_BV = sampling_logprobs(logits_BV, p), _wide(logits_BV).log_softmax(-1)
     for b, tok in _pick(samp_BV, gens, range(B), greedy).items():
-        out.emit(b, tok, logits_BV[b], samp_BV[b])
+        out.emit(b, tok, logp_BV[b], samp_BV[b])
     # MTP prefill: position i reads h_i and token i+1 (the new token after the prompt's last).
     next_BT = torch.roll(prompt_BT, -1, dims=1)
     next_BT[torch.arange(B, device=dev), torch.tensor(lens, device=dev) - 1] = torch.tensor(
@@ -344,11 +344,12 @@ def _speculative_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, prefill, 
         logits_B2V, h_B2D = dec.step(tok_B2, pos_B2, write_B)
         steps += 1
         samp0_BV, samp1_BV = sampling_logprobs(logits_B2V[:, 0], p), sampling_logprobs(logits_B2V[:, 1], p)
+        logp_B2V = _wide(logits_B2V).log_softmax(-1)
         mtp_next, use_second = [[0, 0] for _ in range(B)], [False] * B
         for b in out.active():
             drafted += 1
             tok, kept = speculative_choice(samp0_BV[b].exp(), q_BV[b].exp(), drafts[b], gens[b], greedy)
-            out.emit(b, tok, logits_B2V[b, 0], samp0_BV[b])
+            out.emit(b, tok, logp_B2V[b, 0], samp0_BV[b])
             mtp_next[b][0] = tok
             if kept:
                 accepted += 1
@@ -356,7 +357,7 @@ def _speculative_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, prefill, 
                 if not out.done[b]:  # the main model's second position gives one more token
                     bonus = (int(samp1_BV[b].argmax()) if greedy
                              else _draw(samp1_BV, gens, [b])[b])
-                    out.emit(b, bonus, logits_B2V[b, 1], samp1_BV[b])
+                    out.emit(b, bonus, logp_B2V[b, 1], samp1_BV[b])
                     mtp_next[b][1] = bonus
         if all(out.done) and not lockstep:
             continue  # no draft needed; in lock-step the MTP block's MoE still answers the others
