@@ -343,20 +343,23 @@ def _speculative_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, prefill, 
         write_B = torch.tensor([not d for d in out.done], device=dev)
         logits_B2V, h_B2D = dec.step(tok_B2, pos_B2, write_B)
         steps += 1
-        samp0_BV, samp1_BV = sampling_logprobs(logits_B2V[:, 0], p), sampling_logprobs(logits_B2V[:, 1], p)
+        # Batched over sequences and both positions: the distributions, their exps, greedy picks.
+        samp_B2V = sampling_logprobs(logits_B2V.flatten(0, 1), p).view_as(logits_B2V)
+        samp0_BV, samp1_BV = samp_B2V[:, 0], samp_B2V[:, 1]
         logp_B2V = _wide(logits_B2V).log_softmax(-1)
+        p0_BV, qp_BV = samp0_BV.exp(), q_BV.exp()  # probabilities
+        best1 = samp1_BV.argmax(-1).tolist() if greedy else None
         mtp_next, use_second = [[0, 0] for _ in range(B)], [False] * B
         for b in out.active():
             drafted += 1
-            tok, kept = speculative_choice(samp0_BV[b].exp(), q_BV[b].exp(), drafts[b], gens[b], greedy)
+            tok, kept = speculative_choice(p0_BV[b], qp_BV[b], drafts[b], gens[b], greedy)
             out.emit(b, tok, logp_B2V[b, 0], samp0_BV[b])
             mtp_next[b][0] = tok
             if kept:
                 accepted += 1
                 use_second[b] = True
                 if not out.done[b]:  # the main model's second position gives one more token
-                    bonus = (int(samp1_BV[b].argmax()) if greedy
-                             else _draw(samp1_BV, gens, [b])[b])
+                    bonus = best1[b] if greedy else _draw(samp1_BV, gens, [b])[b]
                     out.emit(b, bonus, logp_B2V[b, 1], samp1_BV[b])
                     mtp_next[b][1] = bonus
         if all(out.done) and not lockstep:
@@ -369,7 +372,10 @@ def _speculative_loop(dec: Decoder, out: _Outputs, p, gens, logits_BV, prefill, 
 
 
 def _pick(logp_BV: torch.Tensor, gens, rows, greedy: bool) -> dict[int, int]:
-    return {b: int(logp_BV[b].argmax()) for b in rows} if greedy else _draw(logp_BV, gens, rows)
+    if not greedy:
+        return _draw(logp_BV, gens, rows)
+    best = logp_BV.argmax(-1).tolist()  # one host read for the batch
+    return {b: best[b] for b in rows}
 
 
 def generate_text(model, tokenizer, prompts: list[str], params: SamplingParams | None = None,

@@ -116,13 +116,15 @@ def test_cached_decode_equals_training_forward_and_mixed_lengths_equal_alone(cas
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_decode_without_its_few_token_fast_paths_equals_training_forward(case, monkeypatch):
-    """The fast paths (rope as per-row rotation GEMMs, the MoE as one dense SwiGLU over all
-    experts) cover every call of the tiny configs above; with both thresholds at 0 the general
-    paths (apply_rope, grouped experts) run at every step and must give the same logits and experts."""
+    """The small-size fast paths (rope as per-row rotation GEMMs, the MoE as one dense SwiGLU over
+    all experts, wq_a and wkv_a stacked) cover every call of the tiny configs above; with their
+    thresholds at 0 the general paths (apply_rope, grouped experts, two projections) run at every
+    step and must give the same logits and experts."""
     import framework.model.decode as D
 
     monkeypatch.setattr(D, "DENSE_EXPERTS_MACS", 0)
     monkeypatch.setattr(D, "ROPE_AS_GEMM_ELEMENTS", 0)
+    monkeypatch.setattr(D, "STACK_INPUT_ELEMENTS", 0)
     m = build(CASES[case])
     steps = 4
     prompts = [seq(6 + steps, 16), seq(11 + steps, 17)]

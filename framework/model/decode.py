@@ -144,19 +144,31 @@ def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm(x)
 
 
+# Stack wq_a and wkv_a into one weight only up to this many elements (a per-decode copy).
+STACK_INPUT_ELEMENTS = 1 << 22
+
+
 class Absorbed:
     """Per MLA, what a decode computes once: wkv_b split into the two ends of the absorbed form, as
     views in the layouts the batched GEMMs read, W_uk [H, N, C] (query side) and W_uv^T [H, C, V]
     (output side), cast to the compute dtype once (under autocast that would otherwise be a copy
-    per step); and the two down-projections that read the same input, wq_a (or wq) and wkv_a,
-    stacked into one weight [Q + C + R, D] (one GEMM instead of two)."""
+    per step); and, for small models, the two down-projections that read the same input, wq_a
+    (or wq) and wkv_a, stacked into one weight [Q + C + R, D] (one GEMM instead of two, for a
+    copy of STACK_INPUT_ELEMENTS at most)."""
 
     def __init__(self, attn: MLA):
         self.attn = attn
         self._by_dtype: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-        first = attn.wq_a if attn.cfg.q_lora_rank > 0 else attn.wq
-        self.split = [first.weight.shape[0], attn.wkv_a.weight.shape[0]]
-        self.w_in_XD = torch.cat([first.weight, attn.wkv_a.weight])
+        self.first = attn.wq_a if attn.cfg.q_lora_rank > 0 else attn.wq
+        self.split = [self.first.weight.shape[0], attn.wkv_a.weight.shape[0]]
+        small = self.first.weight.numel() + attn.wkv_a.weight.numel() <= STACK_INPUT_ELEMENTS
+        self.w_in_XD = torch.cat([self.first.weight, attn.wkv_a.weight]) if small else None
+
+    def project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q or its LoRA latent, [c_kv | k_rope]) of the block's input."""
+        if self.w_in_XD is None:
+            return self.first(x_BTD), self.attn.wkv_a(x_BTD)
+        return F.linear(x_BTD, self.w_in_XD).split(self.split, dim=-1)
 
     def get(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if dtype not in self._by_dtype:
@@ -173,7 +185,7 @@ def mla_decode(attn: MLA, x_BTD: torch.Tensor, at: Positions, cache: LatentCache
     B, T, _ = x_BTD.shape
     H, N, R, C = attn.n_heads, attn.nope_dim, attn.rope_dim, cfg.kv_lora_rank
     absorbed = absorbed or Absorbed(attn)
-    q_BTX, kv_BTX = F.linear(x_BTD, absorbed.w_in_XD).split(absorbed.split, dim=-1)
+    q_BTX, kv_BTX = absorbed.project(x_BTD)
     if cfg.q_lora_rank > 0:
         q_BTX = attn.wq_b(_norm(attn.q_norm, q_BTX))
     dtype = q_BTX.dtype
