@@ -199,6 +199,20 @@ class EPHandle:
 
 
 @dataclass
+class DispatchCounting:
+    """A dispatch between its count exchange and its host read (dispatch_counts)."""
+    counts_pending: object
+    counts_RC: torch.Tensor
+    recv_RC: torch.Tensor
+    token_C: torch.Tensor
+    local_CK: torch.Tensor
+    w_CK: torch.Tensor
+    x_TD: torch.Tensor
+    T: int
+    K: int
+
+
+@dataclass
 class DispatchPending:
     x: _Pending | _FP8Pending
     idx: _Pending
@@ -265,6 +279,14 @@ class AllToAllDispatcher:
     # ---- dispatch
     def dispatch_start(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
                        topk_weight_TK: torch.Tensor) -> DispatchPending:
+        return self.dispatch_sized(self.dispatch_counts(x_TD, topk_idx_TK, topk_weight_TK))
+
+    def dispatch_counts(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
+                        topk_weight_TK: torch.Tensor) -> DispatchCounting:
+        """dispatch_start's first half: the count exchange issued and the send layout queued, no
+        host read yet; dispatch_sized(result) does the read and issues the payload. Split so a
+        caller can queue independent work in between (the sub-step interleave queues experts(B)),
+        and the read's wait is spent behind it."""
         T, K = topk_idx_TK.shape
         ep, L = self.ep, self.n_local
         device = topk_idx_TK.device
@@ -292,6 +314,14 @@ class AllToAllDispatcher:
         local_CK = torch.where(dest_TK[token_C] == rank_C[:, None], idx_CK - rank_C[:, None] * L,
                                torch.full_like(idx_CK, -1)).to(torch.int32)
         w_CK = topk_weight_TK[token_C]
+        return DispatchCounting(counts_pending, counts_RC, recv_RC, token_C, local_CK, w_CK, x_TD, T, K)
+
+    def dispatch_sized(self, c: DispatchCounting) -> DispatchPending:
+        """dispatch_start's second half (see dispatch_counts)."""
+        ep, T, K = self.ep, c.T, c.K
+        counts_RC, recv_RC, token_C, local_CK, w_CK, x_TD = (c.counts_RC, c.recv_RC, c.token_C, c.local_CK,
+                                                             c.w_CK, c.x_TD)
+        counts_pending = c.counts_pending
 
         # The one host read of a dispatch: rows to send and receive per rank (the buffer sizes)
         # and received (row, k) pairs per local expert (the experts' slices), in one tensor.

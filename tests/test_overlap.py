@@ -92,7 +92,7 @@ def _steps(names: list[str]) -> list[Step]:
     return [Step(n, "compute", lambda: None, StepContext()) for n in names]
 
 
-MOE_F = ["attention.F", "dispatch.F", "experts.F", "combine.F"]
+MOE_F = ["attention.F", "dispatch.F", "sizes.F", "experts.F", "combine.F"]
 MOE_B = ["combine.B", "experts.B", "dispatch.B", "experts.W", "attention.B", "attention.W"]
 
 
@@ -102,16 +102,18 @@ def test_interleave_order_and_pairing_rule():
     b = ["head.B", "head.W"] + [f"L5.{s}" for s in MOE_B]
     got = [s.name for s in interleave(_steps(f), _steps(b))]
     assert got == ["embed.F", "L0.F", "head.B", "head.W",
-                   "L5.combine.B", "L1.attention.F", "L1.dispatch.F", "L5.experts.B", "L5.dispatch.B",
-                   "L5.experts.W", "L1.experts.F", "L1.combine.F", "L5.attention.B", "L5.attention.W",
-                   "L2.attention.F", "L2.dispatch.F", "L2.experts.F", "L2.combine.F"]
+                   "L5.combine.B", "L1.attention.F", "L1.dispatch.F", "L5.experts.B", "L1.sizes.F",
+                   "L5.dispatch.B", "L5.experts.W", "L1.experts.F", "L1.combine.F", "L5.attention.B",
+                   "L5.attention.W", "L2.attention.F", "L2.dispatch.F", "L2.sizes.F", "L2.experts.F",
+                   "L2.combine.F"]
     # more MoE blocks on the backward side: the extra ones follow the last pair
     f = [f"L3.{s}" for s in MOE_F] + ["head.F"]
     b = [f"L2.{s}" for s in MOE_B] + [f"L1.{s}" for s in MOE_B] + ["L0.B", "L0.W"]
     got = [s.name for s in interleave(_steps(f), _steps(b))]
-    assert got[:10] == ["L2.combine.B", "L3.attention.F", "L3.dispatch.F", "L2.experts.B", "L2.dispatch.B",
-                        "L2.experts.W", "L3.experts.F", "L3.combine.F", "L2.attention.B", "L2.attention.W"]
-    assert got[10:] == ["head.F"] + [f"L1.{s}" for s in MOE_B] + ["L0.B", "L0.W"]
+    assert got[:11] == ["L2.combine.B", "L3.attention.F", "L3.dispatch.F", "L2.experts.B", "L3.sizes.F",
+                        "L2.dispatch.B", "L2.experts.W", "L3.experts.F", "L3.combine.F", "L2.attention.B",
+                        "L2.attention.W"]
+    assert got[11:] == ["head.F"] + [f"L1.{s}" for s in MOE_B] + ["L0.B", "L0.W"]
     assert sorted(got) == sorted(f + b)
 
 
@@ -251,6 +253,20 @@ def _hidden_all_to_alls(inside) -> tuple[int, int]:
     return hidden, min(len(moe_f), len(moe_b))
 
 
+def _reads_behind_experts_b(inside) -> int:
+    """Dispatches whose host read (sizes.F) comes after a computation of the other micro-batch's
+    experts(B) that was queued after their count exchange (dispatch.F) was issued."""
+    behind = 0
+    for i, (event, what) in enumerate(inside):
+        step, _, mb = what.partition("@")
+        if event != "issue" or not step.endswith(".sizes.F"):
+            continue
+        counts = inside.index(("issue", f"{step.removesuffix('sizes.F')}dispatch.F@{mb}"))
+        behind += any(e == "compute" and w.split("@")[0].endswith(".experts.B") and w.split("@")[1] != mb
+                      for e, w in inside[counts + 1:i])
+    return behind
+
+
 def test_trace_each_all_to_all_and_p2p_batch_is_hidden(spawned):
     hidden_p2p = 0
     early_fb = 0  # receives an FB action reads, issued one boundary early and hidden
@@ -264,10 +280,12 @@ def test_trace_each_all_to_all_and_p2p_batch_is_hidden(spawned):
             for action, inside in _fb_spans(events):
                 hidden, pairs = _hidden_all_to_alls(inside)
                 assert hidden == 4 * pairs, (c, rank, action, hidden, pairs)
+                assert _reads_behind_experts_b(inside) == pairs, (c, rank, action, pairs)
                 pairs_seen += pairs
             for action, inside in _fb_spans(per_rank[cases[1]]["events"]):  # the sequential FB hides less
                 hidden, pairs = _hidden_all_to_alls(inside)
                 assert pairs == 0 or hidden < 4 * pairs, (cases[1], rank, action, hidden, pairs)
+                assert _reads_behind_experts_b(inside) == 0, (cases[1], rank, action)
             # P2P batches: issued at their boundary, waited where the action first reads one of
             # their receives, else when it ends. A batch with no receive in or after it at its
             # boundary (batches finish in issue order) must travel behind a computation of its

@@ -13,8 +13,11 @@ The cut of an MoE block (every forward keeps these boundaries, so a plain backwa
 sub-step sequence as an interleaved one):
     attention  x -> a = x + MLA(attn_norm(x)), n = ffn_norm(a), the router on n (ids, gate
                weights) and the layer's sequence-wise balance loss
-    dispatch   n's rows, ids and gate weights to their experts' ranks: asynchronous all-to-alls
-               issued here (count exchange, the one host read, payload), waited by experts(F)
+    dispatch   n's rows, ids and gate weights to their experts' ranks: the count exchange issued
+               here; sizes (its own step) makes the one host read and issues the payload, so the
+               interleave queues experts(B) between the two and the read waits behind it (a
+               dispatcher without dispatch_counts issues everything in dispatch, sizes is a no-op);
+               the payload is waited by experts(F)
     experts    the routed experts on the received rows (gate weights applied) and the shared
                expert on n: the shared expert sits with the experts, not beside combine, so the
                forward dispatch always has experts(B) of the other micro-batch to hide behind
@@ -198,7 +201,7 @@ class _Plain(_Unit):
 
 
 class _MoEBlock(_Unit):
-    """An MoE block in four sub-steps (module docstring)."""
+    """An MoE block in four sub-steps, dispatch's forward in two (module docstring)."""
 
     moe = True
 
@@ -208,6 +211,7 @@ class _MoEBlock(_Unit):
         self.dispatcher = block.ffn.dispatcher
         self.mode = block.recompute
         self._h = None
+        self.counting = None  # a dispatch between its count exchange and its host read
 
     # ---- forward
     def _attention(self) -> None:
@@ -220,7 +224,17 @@ class _MoEBlock(_Unit):
 
     def _dispatch(self) -> None:
         _, n_TD, w_TK, idx_TK, _ = self.att.values
-        self.pending = self.dispatcher.dispatch_start(n_TD, idx_TK, w_TK)
+        counts = getattr(self.dispatcher, "dispatch_counts", None)
+        if counts is None:  # no split phase (LocalDispatcher): everything at once
+            self.pending = self.dispatcher.dispatch_start(n_TD, idx_TK, w_TK)
+        else:
+            self.counting = counts(n_TD, idx_TK, w_TK)
+
+    def _sizes(self) -> None:
+        """The dispatch's one host read (its counts) and the payload's issue."""
+        if self.counting is not None:
+            self.pending = self.dispatcher.dispatch_sized(self.counting)
+            self.counting = None
 
     def _experts(self) -> None:
         with torch.no_grad():
@@ -250,6 +264,7 @@ class _MoEBlock(_Unit):
     def forward_steps(self) -> list[Step]:
         return [self.step("attention.F", "compute", self._attention),
                 self.step("dispatch.F", "issue", self._dispatch),
+                self.step("sizes.F", "issue", self._sizes),
                 self.step("experts.F", "compute", self._experts),
                 self.step("combine.F", "issue", self._combine)]
 
@@ -365,10 +380,11 @@ class StagePass:
 def interleave(f_steps: list[Step], b_steps: list[Step]) -> list[Step]:
     """DualPipe's issue order for an FB action (forward steps of one pass, backward steps of
     another). Per pair of MoE blocks (the i-th of the forward with the i-th of the backward):
-        combine(B) attention(F) dispatch(F) experts(B) dispatch(B) experts(W) experts(F)
-        combine(F) attention(B) attention(W)
-    so every all-to-all has a computation of the other micro-batch to hide behind, and the next
-    block's attention(F) waits for combine(F). Pairing rule: units that are not MoE blocks
+        combine(B) attention(F) dispatch(F) experts(B) sizes(F) dispatch(B) experts(W)
+        experts(F) combine(F) attention(B) attention(W)
+    so every all-to-all has a computation of the other micro-batch to hide behind, the
+    dispatch's host read (sizes) comes after experts(B) is queued, and the next block's
+    attention(F) waits for combine(F). Pairing rule: units that are not MoE blocks
     (embedding, dense blocks, the tail) run where they fall in their own chain, unpaired: before
     each pair, the forward's pending plain units, then the backward's; when one side has more
     MoE blocks than the other (stages with different layer counts), its extra blocks run
@@ -377,7 +393,7 @@ def interleave(f_steps: list[Step], b_steps: list[Step]) -> list[Step]:
     out: list[Step] = []
     fi = bi = 0
     while fi < len(f_units) or bi < len(b_units):
-        while fi < len(f_units) and len(f_units[fi]) != 4:
+        while fi < len(f_units) and len(f_units[fi]) != 5:
             out += f_units[fi]
             fi += 1
         while bi < len(b_units) and len(b_units[bi]) != 6:
@@ -385,7 +401,7 @@ def interleave(f_steps: list[Step], b_steps: list[Step]) -> list[Step]:
             bi += 1
         if fi < len(f_units) and bi < len(b_units):
             f, b = f_units[fi], b_units[bi]
-            out += [b[0], f[0], f[1], b[1], b[2], b[3], f[2], f[3], b[4], b[5]]
+            out += [b[0], f[0], f[1], b[1], f[2], b[2], b[3], f[3], f[4], b[4], b[5]]
             fi, bi = fi + 1, bi + 1
         elif fi < len(f_units):
             out += f_units[fi]
@@ -397,7 +413,7 @@ def interleave(f_steps: list[Step], b_steps: list[Step]) -> list[Step]:
 
 
 def _group(steps: list[Step]) -> list[list[Step]]:
-    """Steps -> units (consecutive steps with one name prefix): 4 forward or 6 backward steps
+    """Steps -> units (consecutive steps with one name prefix): 5 forward or 6 backward steps
     for an MoE block, 1 or 2 for a plain unit."""
     units: list[list[Step]] = []
     for s in steps:

@@ -11,7 +11,7 @@ boundary tensors with the other pipeline ranks (activations forward, gradients b
 Training actions run as sub-layer steps (framework/model/substeps.py): a forward is a StagePass
 whose steps keep the block boundaries (attention, dispatch, experts, combine), and its backward
 later runs the same boundaries in reverse. An FB pair issues its two passes' steps in DualPipe's
-interleaved order (substeps.interleave: combine(B) attention(F) dispatch(F) experts(B)
+interleaved order (substeps.interleave: combine(B) attention(F) dispatch(F) experts(B) sizes(F)
 dispatch(B) experts(W) experts(F) combine(F) attention(B) attention(W) per MoE block pair), so
 each expert-parallel all-to-all travels while a computation of the other micro-batch runs; with
 interleave=False (parallel.overlap_fb=false) the forward's steps, then the backward's (the same
