@@ -17,7 +17,8 @@ contenders in one process so machine noise hits them alike; each round times `--
 
 Where duet's time goes, each part against its own ceiling measured in the same run and the same
 precision: the attention core (fwd + bwd of the padded-v SDPA, against a score-shaped batched
-matmul), the routed experts (fwd + bwd of the grouped SwiGLU at the routed shapes, against one
+matmul), the routed experts (fwd + bwd of the grouped SwiGLU at the routed shapes, new random
+per-expert counts each call as routing gives, against one
 expert's GEMM shape as a plain matmul), and the rest of the step (its FLOPs over the remaining
 time, against a 2048x256 @ 256x1024 matmul). FLOPs are framework.metrics.train_flops_per_token's.
 Speed is never asserted (DESIGN.md rule 8).
@@ -159,10 +160,13 @@ def breakdown(cfg: ModelConfig, device: torch.device, compute: str, B: int, T: i
     x = torch.randn(M, D, device=device, dtype=dtype, requires_grad=True)
     ws = [torch.randn(*shape, device=device, requires_grad=True)
           for shape in ((E, inter, D), (E, inter, D), (E, D, inter))]
-    counts = torch.full((E,), M // E, dtype=torch.int64, device=device)
-    counts[-1] += M - counts.sum()
+    gen = torch.Generator().manual_seed(0)
 
     def experts():
+        # New per-expert row counts every call, as routing gives a training step (fixed counts
+        # would hide per-shape costs such as oneDNN building a kernel for each new row count).
+        counts = torch.multinomial(torch.ones(E), M, replacement=True, generator=gen).bincount(minlength=E)
+        counts = counts.to(device)
         layout = ExpertRows(counts, M, counts.tolist(), exact=True)
         with _autocast(device, compute == "bf16"):
             grouped_swiglu(x, *ws, layout).float().sum().backward()

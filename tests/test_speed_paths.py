@@ -1,6 +1,8 @@
 """The fast paths equal the plain ones: MLA's padded-v attention core, the three-pass rope, the
-chunked head cross-entropy (no full logits), precision=auto's pick, and the one FLOP count
-(hand-counted)."""
+bucketed bf16 CPU experts, the chunked head cross-entropy (no full logits), precision=auto's
+pick, and the one FLOP count (hand-counted)."""
+
+import functools
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from framework.metrics import train_flops_per_token
 from framework.model import Transformer
 from framework.model import transformer as transformer_module
 from framework.model.attention import attention_core
+from framework.model import moe
 from framework.model.loss import head_cross_entropy
 from framework.model.rope import apply_rope
 from framework.precision import resolve_compute
@@ -61,6 +64,33 @@ def test_rope_equals_the_pairwise_rotation_bit_for_bit_and_a_complex_product():
         torch.ones_like(angle_TF), angle_TF)[:, None]
     assert torch.allclose(apply_rope(x, angle_TF.cos(), angle_TF.sin()), torch.view_as_real(z).flatten(-2),
                           rtol=0, atol=1e-12)
+
+
+def test_bucket_rows_pads_less_than_half_and_takes_two_sizes_per_octave():
+    sizes = [moe.bucket_rows(n) for n in range(1, 4097)]
+    assert moe.bucket_rows(0) == 0 and sizes[:16] == [16] * 16
+    assert all(n <= b < 1.5 * n for n, b in enumerate(sizes[16:], start=17))
+    assert len(set(sizes)) == 17  # 16, 24, 32, ..., 3072, 4096
+
+
+def test_bucketed_bf16_experts_equal_the_plain_grouped_gemms():
+    torch.manual_seed(0)
+    E, M, D, I, tail = 4, 150, 32, 16, 7
+    ws = [(0.1 * torch.randn(*shape)).requires_grad_() for shape in ((E, I, D), (E, I, D), (E, D, I))]
+    x = torch.randn(M + tail, D).bfloat16().requires_grad_()
+    count_E = torch.tensor([70, 0, 33, 47])  # an idle expert, and tail rows for other ranks
+    g = torch.randn(M + tail, D).bfloat16()
+    outs = []
+    for fn in (moe._bucketed_swiglu, functools.partial(moe._swiglu, grouped=True)):
+        layout = moe.ExpertRows(count_E, M + tail, None, exact=False)
+        y = fn(x, *ws, layout=layout, weight_grad=None)
+        outs.append((y, torch.autograd.grad(y, [x, *ws], g)))
+    (y, grads), (y_ref, grads_ref) = outs
+    assert y.shape == y_ref.shape and y.dtype == torch.bfloat16
+    assert not y[M:].any()  # tail rows stay zero
+    assert rel(y, y_ref) < 1e-3
+    for a, b in zip(grads, grads_ref, strict=True):
+        assert rel(a, b) < 1e-3
 
 
 def test_chunked_cross_entropy_equals_full_logits_loss_and_gradients():

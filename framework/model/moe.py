@@ -19,7 +19,9 @@ device). They read nothing back to the host: the sizes they slice by come from t
 per-expert counts an all-to-all dispatch read once with its buffer sizes, or the pair count
 N * K the local dispatcher knows from shapes. Only where _grouped_mm cannot run (unsupported
 dtype or device, strides not 16-byte aligned) do the experts split one buffer into per-expert
-views, which needs host counts: the handle's, else one read here.
+views, which needs host counts: the handle's, else one read here. On CPU in bf16/fp16 the
+experts read the counts once to pad each expert's rows to a bucket (_bucketed_swiglu: oneDNN
+builds a kernel per row count); a CPU tensor's read waits for nothing.
 Both calls also come split in two (dispatch_start/dispatch_wait, combine_start/combine_wait) so
 work can run while tokens are in flight; MoE.forward runs the shared expert there.
 
@@ -289,19 +291,66 @@ def grouped_swiglu(x_MD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tenso
                    layout: ExpertRows, weight_grad=None) -> torch.Tensor:
     """SwiGLU experts over rows sorted by expert: y = w2_e(silu(w1_e x) * w3_e x), three grouped
     GEMMs (torch._grouped_mm where it runs sync-free, else split views of one buffer). Under
-    autocast the GEMMs run in its dtype, as nn.Linear's would. No host read on the grouped path."""
+    autocast the GEMMs run in its dtype, as nn.Linear's would. No host read on the grouped path
+    (on CPU in bf16/fp16 one read of the counts, see _bucketed_swiglu; a CPU has no device sync)."""
     device = x_MD.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_MD.dtype
     with torch.autocast(device, enabled=False):
         x_MD = x_MD.to(dtype)
         grouped = _grouped_mm_ok(x_MD, w1_EID, w2_EDI)
-        h1_MI = _GroupedLinear.apply(x_MD, w1_EID, layout, grouped, weight_grad)
-        h3_MI = _GroupedLinear.apply(x_MD, w3_EID, layout, grouped, weight_grad)
-        Recomputed.depth += 1  # the expert outputs: recomputed from the SwiGLU inputs (V3)
-        try:
-            return _GroupedLinear.apply(F.silu(h1_MI) * h3_MI, w2_EDI, layout, grouped, weight_grad)
-        finally:
-            Recomputed.depth -= 1
+        if grouped and device == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            return _bucketed_swiglu(x_MD, w1_EID, w3_EID, w2_EDI, layout, weight_grad)
+        return _swiglu(x_MD, w1_EID, w3_EID, w2_EDI, layout, grouped, weight_grad)
+
+
+def _swiglu(x_MD, w1_EID, w3_EID, w2_EDI, layout: ExpertRows, grouped: bool, weight_grad) -> torch.Tensor:
+    h1_MI = _GroupedLinear.apply(x_MD, w1_EID, layout, grouped, weight_grad)
+    h3_MI = _GroupedLinear.apply(x_MD, w3_EID, layout, grouped, weight_grad)
+    Recomputed.depth += 1  # the expert outputs: recomputed from the SwiGLU inputs (V3)
+    try:
+        return _GroupedLinear.apply(F.silu(h1_MI) * h3_MI, w2_EDI, layout, grouped, weight_grad)
+    finally:
+        Recomputed.depth -= 1
+
+
+# Smallest padded row count of an expert on the bucketed CPU path (below it, one bucket).
+CPU_BUCKET_MIN_ROWS = 16
+
+
+def bucket_rows(n: int) -> int:
+    """The padded row count of an expert with n rows: the next of 16, 24, 32, 48, 64, 96, ...
+    (powers of two and 1.5x them; at most a third of the rows are padding), 0 for 0."""
+    if n <= CPU_BUCKET_MIN_ROWS:
+        return CPU_BUCKET_MIN_ROWS if n else 0
+    p = 1 << (n - 1).bit_length()  # the next power of two >= n
+    return p * 3 // 4 if n <= p * 3 // 4 else p
+
+
+def _bucketed_swiglu(x_MD, w1_EID, w3_EID, w2_EDI, layout: ExpertRows, weight_grad) -> torch.Tensor:
+    """grouped_swiglu on CPU in bf16/fp16 with each expert's rows padded to bucket_rows(n).
+
+    Why: the CPU _grouped_mm runs one oneDNN GEMM per expert, and oneDNN builds (JIT-compiles) a
+    new kernel for every new row count; routing changes the counts every step, so a bf16 step
+    spent most of its expert time compiling (torch 2.13, 8 experts of 6144 x 256 x 256, one
+    thread: 45 ms with the same counts every call, 440 ms with new ones; fp32 goes to a GEMM
+    without JIT and is unaffected, so it keeps the plain path). With ~two sizes per octave the
+    kernels are built once. The padding rows are zero and are dropped again: the kept rows'
+    values and the weight gradients are those of the unpadded GEMMs."""
+    counts = layout.count_E.tolist()  # a CPU tensor: no device sync (the CPU _grouped_mm reads it too)
+    padded = [bucket_rows(n) for n in counts]
+    used, total = sum(counts), sum(padded)
+    count_E = torch.tensor(counts, dtype=torch.int64)
+    start_E = torch.cumsum(count_E, 0) - count_E
+    pad_start_E = torch.cumsum(torch.tensor(padded, dtype=torch.int64), 0) - torch.tensor(padded)
+    # Row r of expert e (r - start_e into its block) goes to pad_start_e + (r - start_e).
+    dest_R = torch.arange(used) + torch.repeat_interleave(pad_start_E - start_E, count_E, output_size=used)
+    padded_layout = ExpertRows(torch.tensor(padded, dtype=layout.count_E.dtype), total, padded, exact=True)
+    x_PD = x_MD.new_zeros(total, x_MD.shape[1]).index_copy(0, dest_R, x_MD[:used])
+    y_PD = _swiglu(x_PD, w1_EID, w3_EID, w2_EDI, padded_layout, True, weight_grad)
+    y_RD = y_PD.index_select(0, dest_R)
+    if layout.rows > used:  # tail rows (pairs for other ranks) stay zero, as mask_tail leaves them
+        y_RD = torch.cat([y_RD, y_RD.new_zeros(layout.rows - used, y_RD.shape[1])])
+    return y_RD
 
 
 class GroupedExperts(nn.Module):
