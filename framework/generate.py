@@ -205,7 +205,8 @@ class _Outputs:
         """logp_V: the model's log-probs at temperature 1 (the caller's batched log-softmax)."""
         self._append(b, tok, float(logp_V[tok]), float(samp_V[tok]))
 
-    def emit_rows(self, rows: list[int], tok_B: torch.Tensor, logp_BV: torch.Tensor, samp_BV: torch.Tensor) -> None:
+    def emit_rows(self, rows: list[int], tok_B: torch.Tensor, logp_BV: torch.Tensor,
+                  samp_BV: torch.Tensor) -> None:
         """emit() for the given rows at once: one gather and one host read for each of the
         tokens, their log-probs and their sampling log-probs."""
         idx_B1 = tok_B[:, None]

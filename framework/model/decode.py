@@ -136,12 +136,14 @@ def _rope(x_BTHR: torch.Tensor, at: Positions) -> torch.Tensor:
 
 
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm.forward through torch's fused kernel where the two agree by construction: input and
-    weight already in the norm's compute dtype (fp32 or fp64), so no cast sits between the
-    normalisation and the scale. Otherwise the module itself (bf16 or autocast)."""
-    if x.dtype == norm.weight.dtype and x.dtype in (torch.float32, torch.float64):
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-    return norm(x)
+    """RMSNorm.forward's arithmetic through torch's rms_norm (fewer calls): normalise in fp32 at
+    least, cast back to the input dtype, then scale by the weight in the weight's dtype
+    promotion; with input and weight already in the wide dtype the scale joins the call."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    shape = (x.shape[-1],)
+    if x.dtype == wide and norm.weight.dtype == wide:
+        return F.rms_norm(x, shape, norm.weight, norm.eps)
+    return norm.weight * F.rms_norm(x.to(wide), shape, eps=norm.eps).to(x.dtype)
 
 
 # Stack wq_a and wkv_a into one weight only up to this many elements (a per-decode copy).
@@ -233,13 +235,14 @@ class DenseExperts:
     def applies(self, n_tokens: int) -> bool:
         if type(self.moe.dispatcher) is not LocalDispatcher:
             return False
-        E, I, D = self.moe.experts.w1.shape
-        return n_tokens * E * I * D * 3 <= DENSE_EXPERTS_MACS
+        E, inner, D = self.moe.experts.w1.shape
+        return n_tokens * E * inner * D * 3 <= DENSE_EXPERTS_MACS
 
     def _weights(self) -> None:
         ex, sh = self.moe.experts, self.moe.shared
-        E, I, D = ex.w1.shape
-        w1, w3, w2 = [ex.w1.reshape(E * I, D)], [ex.w3.reshape(E * I, D)], [ex.w2.permute(1, 0, 2).reshape(D, E * I)]
+        E, inner, D = ex.w1.shape
+        w1, w3 = [ex.w1.reshape(E * inner, D)], [ex.w3.reshape(E * inner, D)]
+        w2 = [ex.w2.permute(1, 0, 2).reshape(D, E * inner)]
         if sh is not None:
             w1.append(sh.w1.weight)
             w3.append(sh.w3.weight)
@@ -249,15 +252,15 @@ class DenseExperts:
     def __call__(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         if self.w13_XD is None:
             self._weights()
-        E, I, _ = self.moe.experts.w1.shape
-        S = self.w2_DX.shape[1] // I - E  # shared-expert blocks
+        E, inner, _ = self.moe.experts.w1.shape
+        S = self.w2_DX.shape[1] // inner - E  # shared-expert blocks
         h_TX = F.linear(x_TD, self.w13_XD)
-        h1_TGI, h3_TGI = h_TX.view(-1, 2, E + S, I).unbind(1)
+        h1_TGI, h3_TGI = h_TX.view(-1, 2, E + S, inner).unbind(1)
         gate_TG = w_TK.new_ones(x_TD.shape[0], E + S)
         gate_TG[:, :E] = 0
         gate_TG.scatter_(1, idx_TK, w_TK)
         a_TGI = F.silu(h1_TGI) * h3_TGI * gate_TG[..., None].to(h_TX.dtype)
-        return F.linear(a_TGI.reshape(-1, (E + S) * I), self.w2_DX)
+        return F.linear(a_TGI.reshape(-1, (E + S) * inner), self.w2_DX)
 
 
 def moe_decode(moe: MoE, dense: DenseExperts | None, x_BTD: torch.Tensor) -> torch.Tensor:
