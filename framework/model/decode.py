@@ -102,8 +102,19 @@ class Positions:
         self.flat_M = pos_BT.flatten()
         # Causal per sequence: slot s holds position s, hidden from queries at positions < s.
         slots_S = torch.arange(self.slots, device=pos_BT.device)
-        self.hidden_BT1S = (slots_S[None, None, :] > pos_BT[:, :, None])[:, :, None, :]
+        self.hidden_BTS = slots_S[None, None, :] > pos_BT[:, :, None]
         self._rows: dict = {}
+
+    def score_bias(self, heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """[B, T * heads, S]: 0 where a query (per head) sees the slot, -inf where it is hidden;
+        the mask as the additive input of the score GEMM, built once per call for all layers."""
+        key = ("bias", heads, dtype)
+        if key not in self._rows:
+            B, T, S = self.hidden_BTS.shape
+            bias_BTS = torch.zeros(B, T, S, dtype=dtype, device=self.hidden_BTS.device)
+            bias_BTS.masked_fill_(self.hidden_BTS, float("-inf"))
+            self._rows[key] = bias_BTS[:, :, None].expand(B, T, heads, S).reshape(B, T * heads, S)
+        return self._rows[key]
 
     def rotation(self, dtype: torch.dtype) -> torch.Tensor | None:
         """[B*T, R, R] rotations at the positions, when the rows are few (decode steps)."""
@@ -204,8 +215,9 @@ def mla_decode(attn: MLA, x_BTD: torch.Tensor, at: Positions, cache: LatentCache
     # q_nope . (W_uk c) + q_rope . k_rope = [q_lat | q_rope] . [c | k_rope].
     q_lat_HMC = torch.bmm(q_nope_BTHN.reshape(B * T, H, N).transpose(0, 1), w_uk_HNC)
     q_BQX = torch.cat([q_lat_HMC.transpose(0, 1), roped_BTGR[:, :, :H].reshape(B * T, H, R)], dim=-1)
-    score_BQS = torch.bmm(q_BQX.view(B, T * H, C + R), kv_BSX.transpose(1, 2)).mul_(attn.scale)
-    score_BQS.view(B, T, H, S).masked_fill_(at.hidden_BT1S, float("-inf"))
+    # Causal per sequence (slot s holds position s): the mask enters as the GEMM's additive input.
+    score_BQS = torch.baddbmm(at.score_bias(H, dtype), q_BQX.view(B, T * H, C + R), kv_BSX.transpose(1, 2),
+                              alpha=attn.scale)
     # Softmax in fp32 at least (SDPA's math path accumulates it in fp32 too for low-precision inputs).
     p_BQS = score_BQS.to(torch.promote_types(dtype, torch.float32)).softmax(-1).to(dtype)
     o_lat_BQC = torch.bmm(p_BQS, kv_BSX[..., :C])
@@ -231,6 +243,7 @@ class DenseExperts:
         self.moe = moe
         self.w13_XD: torch.Tensor | None = None
         self.w2_DX: torch.Tensor | None = None
+        self.gate_1G: torch.Tensor | None = None
 
     def applies(self, n_tokens: int) -> bool:
         if type(self.moe.dispatcher) is not LocalDispatcher:
@@ -256,9 +269,9 @@ class DenseExperts:
         S = self.w2_DX.shape[1] // inner - E  # shared-expert blocks
         h_TX = F.linear(x_TD, self.w13_XD)
         h1_TGI, h3_TGI = h_TX.view(-1, 2, E + S, inner).unbind(1)
-        gate_TG = w_TK.new_ones(x_TD.shape[0], E + S)
-        gate_TG[:, :E] = 0
-        gate_TG.scatter_(1, idx_TK, w_TK)
+        if self.gate_1G is None or self.gate_1G.dtype != w_TK.dtype:
+            self.gate_1G = torch.cat([w_TK.new_zeros(1, E), w_TK.new_ones(1, S)], dim=1)  # shared: 1
+        gate_TG = self.gate_1G.expand(x_TD.shape[0], -1).scatter(1, idx_TK, w_TK)
         a_TGI = F.silu(h1_TGI) * h3_TGI * gate_TG[..., None].to(h_TX.dtype)
         return F.linear(a_TGI.reshape(-1, (E + S) * inner), self.w2_DX)
 
