@@ -46,6 +46,13 @@ def scaled_mm_fn(a_MK, b_NK, a_q, a_s, b_q, b_s, expect):
                                                   out_dtype=torch.bfloat16)
 
 
+def _gpu_only(device: str) -> None:
+    """torch._scaled_mm is a GPU baseline; on CPU it is an emulation (about 11 s for one
+    256x512x1024 product on an Intel AMX host), which would only slow the CPU smoke run."""
+    if device != "cuda":
+        raise RuntimeError("skipped on CPU (a GPU baseline; its CPU emulation is very slow)")
+
+
 def dense_rows(M, N, K, reps, device):
     a_MK = torch.randn(M, K, device=device, dtype=torch.bfloat16)
     b_NK = torch.randn(N, K, device=device, dtype=torch.bfloat16)
@@ -59,10 +66,11 @@ def dense_rows(M, N, K, reps, device):
              bench_ms(lambda: a_MK @ b_NK.T if device == "cuda" else a_MK.float() @ b_NK.float().T, reps),
              flops, 0.0)]
     try:
+        _gpu_only(device)
         label, fn = scaled_mm_fn(a_MK, b_NK, a_q, a_s, b_q, b_s, ref)
         rows.append((name, f"torch._scaled_mm {label}", bench_ms(fn, reps), flops, fp8.calc_diff(fn(), ref)))
     except Exception as exc:  # noqa: BLE001 - e.g. CPU builds without fp8 matmul
-        print(f"  torch._scaled_mm unavailable here: {type(exc).__name__}")
+        print(f"  torch._scaled_mm unavailable here: {exc}")
     impl = "duet triton" if device == "cuda" else "duet torch reference"
     rows.append((name, impl, bench_ms(lambda: fp8.gemm(a_q, a_s, b_q, b_s), reps), flops,
                  fp8.calc_diff(ours, ref)))
@@ -87,13 +95,14 @@ def grouped_rows(E, rows_per_expert, N, K, reps, device):
     name = f"grouped {E}x{rows_per_expert}x{N}x{K}"
     rows = [(name, "torch matmul per expert", bench_ms(per_expert_matmul, reps), flops, 0.0)]
     try:
+        _gpu_only(device)
         fns = [scaled_mm_fn(a_MK[s], b_ENK[e], a_q[s], a_s[s], b_q[e], b_s[e], ref[s])
                for e, s in enumerate(segs)]
         run_all = lambda: torch.cat([fn() for _, fn in fns])  # noqa: E731
         rows.append((name, f"torch._scaled_mm {fns[0][0]} per expert", bench_ms(run_all, reps), flops,
                      fp8.calc_diff(run_all(), ref)))
     except Exception as exc:  # noqa: BLE001
-        print(f"  torch._scaled_mm unavailable here: {type(exc).__name__}")
+        print(f"  torch._scaled_mm unavailable here: {exc}")
     impl = "duet triton" if device == "cuda" else "duet torch reference"
     ours = fp8.grouped_gemm(a_q, a_s, b_q, b_s, m_indices)
     rows.append((name, impl, bench_ms(lambda: fp8.grouped_gemm(a_q, a_s, b_q, b_s, m_indices), reps), flops,
