@@ -339,12 +339,12 @@ def _bucketed_swiglu(x_MD, w1_EID, w3_EID, w2_EDI, layout: ExpertRows, weight_gr
     counts = layout.count_E.tolist()  # a CPU tensor: no device sync (the CPU _grouped_mm reads it too)
     padded = [bucket_rows(n) for n in counts]
     used, total = sum(counts), sum(padded)
-    count_E = torch.tensor(counts, dtype=torch.int64)
+    count_E, padded_E = torch.tensor(counts, dtype=torch.int64), torch.tensor(padded, dtype=torch.int64)
     start_E = torch.cumsum(count_E, 0) - count_E
-    pad_start_E = torch.cumsum(torch.tensor(padded, dtype=torch.int64), 0) - torch.tensor(padded)
+    pad_start_E = torch.cumsum(padded_E, 0) - padded_E
     # Row r of expert e (r - start_e into its block) goes to pad_start_e + (r - start_e).
     dest_R = torch.arange(used) + torch.repeat_interleave(pad_start_E - start_E, count_E, output_size=used)
-    padded_layout = ExpertRows(torch.tensor(padded, dtype=layout.count_E.dtype), total, padded, exact=True)
+    padded_layout = ExpertRows(padded_E.to(layout.count_E.dtype), total, padded, exact=True)
     x_PD = x_MD.new_zeros(total, x_MD.shape[1]).index_copy(0, dest_R, x_MD[:used])
     y_PD = _swiglu(x_PD, w1_EID, w3_EID, w2_EDI, padded_layout, True, weight_grad)
     y_RD = y_PD.index_select(0, dest_R)
