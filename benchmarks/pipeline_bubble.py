@@ -115,14 +115,14 @@ class SleepStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks["0"](x)
 
-    def head_losses(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return (h - targets).square().mean(), h.new_zeros(())
+    def main_loss(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return h, (h - targets).square().mean()
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = self.head_losses(self(x), targets)[0]
+        loss = self.main_loss(self(x), targets)[1]
         return loss, {"main": loss.detach()}
 
-    def balance_loss(self, mtp_only: bool = False) -> torch.Tensor:
+    def balance_loss(self) -> torch.Tensor:
         return self.blocks["0"].weight.new_zeros(())
 
 

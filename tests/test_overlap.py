@@ -234,11 +234,13 @@ def _fb_spans(events):
     return out
 
 
-def _hidden_all_to_alls(inside) -> tuple[int, int]:
+def _hidden_all_to_alls(inside, block: str | None = None) -> tuple[int, int]:
     """(all-to-alls issued with a computation of the other micro-batch between issue and wait,
-    pairs of MoE blocks in this FB)."""
+    pairs of MoE blocks in this FB); block: count only that block's all-to-alls (e.g. "L3")."""
     hidden = 0
     for i, (event, what) in enumerate(inside):
+        if block is not None and not what.startswith(f"{block}."):
+            continue
         step, _, mb = what.partition("@")
         kind = step.split(".", 1)[-1]
         if event != "issue" or kind not in HIDER:
@@ -322,6 +324,14 @@ def test_trace_each_all_to_all_and_p2p_batch_is_hidden(spawned):
                 early_fb += sum(actions[consumer[op.message]].kind == "FB" for op in recvs)
         assert pairs_seen > 0, c
     assert hidden_p2p > 0, hidden_p2p
+    # The last stage's MTP block (L<n_layers>) is a unit like any MoE block: where the paired
+    # backward has a block left for it (dp31: forward L3 + MTP L4 against backward L2 L1), its
+    # forward dispatch and combine hide behind the other micro-batch (as a plain tail: none).
+    c = EP_CASES[4]
+    assert c[0] == "dp31" and c[6] == "none" and c[7]
+    mtp_hidden = [_hidden_all_to_alls(inside, f"L{c[4]}")[0] for per_rank in spawned
+                  for _, inside in _fb_spans(per_rank[c]["events"])]
+    assert min(mtp_hidden) == 2, mtp_hidden
     assert early_fb > 0, early_fb
 
 

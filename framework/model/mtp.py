@@ -26,7 +26,10 @@ class MTPModule(nn.Module):
         self.block = block  # an MoE transformer block
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
+    def enter(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor) -> torch.Tensor:
+        """The block's input: h, the previous depth's representation at positions i; emb, Emb(t_{i+k})."""
+        return self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
+
     def forward(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor) -> torch.Tensor:
-        """h: previous depth's representation at positions i; emb: Emb(t_{i+k}). Returns normed h_k."""
-        x_BTD = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
-        return self.norm(self.block(x_BTD))
+        """Normed h_k. The pipeline's sub-steps run enter, the block and norm as separate units."""
+        return self.norm(self.block(self.enter(h_BTD, emb_BTD)))

@@ -29,12 +29,13 @@ gradients; the weight gradients queued), dispatch(B) (the rows' and gate weights
 home by reverse all-to-alls: the router-weight gradient returns this way), experts(W),
 attention(B) (roots a, n, the gate weights and the balance loss: the balance loss is the
 second root of the layer's attention backward), attention(W).
-A dense block is one compute step (no dispatch or combine), as are the embedding on the first
-stage and the tail on the last (final norm, head, loss and the MTP block with its own MoE,
-whose all-to-alls run inside that step's autograd: they are not interleaved).
+A dense block is one compute step (no dispatch or combine), as is the embedding on the first
+stage. The last stage's tail is a chain of units: head (final norm, head, main CE), then per
+MTP depth k: mtp<k>_in (its input projection), its MoE block (cut and paired like any other,
+so its all-to-alls interleave too) and mtp<k>_out (its norm and CE, a root of weight lambda/D).
 
 A head (StagePass's `head`, e.g. a GRPO micro-batch's objective on its per-token log-probs)
-replaces the last stage's losses: the tail computes logits = head(norm(h)) and its one root
+replaces the last stage's losses: the tail is one unit, logits = head(norm(h)) and its one root
 fn(logits); no MTP loss, and the balance losses are not roots (StepContext.aux_scale 0), so the
 gradients are those of fn alone, as `fn(model(tokens)).backward()` in one process.
 
@@ -60,6 +61,7 @@ import torch
 
 from framework.model.moe import MoE
 from framework.model.recompute import recomputed
+from framework.model.transformer import mtp_depths, mtp_weighted
 from kernels.deferred import WeightGradWork, capture
 
 # (event "issue" | "compute" | "wait", sub-step name); issue and compute are noted when the
@@ -173,19 +175,21 @@ class _Unit:
 
 
 class _Plain(_Unit):
-    """A unit that is one compute step: the embedding, a dense block, the last stage's tail."""
+    """A unit that is one compute step: the embedding, a dense block, a piece of the last stage's
+    tail. fn -> (carry, *roots): carry flows to the next unit (None, or unused, at the end of
+    the chain); each root is a loss term whose gradient seed is ctx.scale * its weight."""
 
-    def __init__(self, name: str, ctx: StepContext, fn, mode: str = "none") -> None:
+    def __init__(self, name: str, ctx: StepContext, fn, mode: str = "none", weights: tuple = ()) -> None:
         super().__init__(name, ctx)
-        self.fn, self.mode = fn, mode
+        self.fn, self.mode, self.weights = fn, mode, weights
 
     def _f(self) -> None:
         self.c = _Compute(self.fn, [self.input()], self.ctx, self.mode)
 
     def _b(self) -> None:
-        g = self.grad_output()
-        grads = [g] if g is not None else [torch.full((), self.ctx.scale) for _ in self.c.values]
-        self.g_in = self.c.backward(grads)[0]
+        seeds = [torch.full((), self.ctx.scale) * w if w != 1 else torch.full((), self.ctx.scale)
+                 for w in self.weights]
+        self.g_in = self.c.backward([self.grad_output(), *seeds])[0]
 
     def forward_steps(self) -> list[Step]:
         return [self.step("F", "compute", self._f)]
@@ -195,6 +199,9 @@ class _Plain(_Unit):
 
     def output(self):
         return self.c.values[0]
+
+    def roots(self) -> list:
+        return self.c.values[1:]
 
     def grad_input(self):
         return self.g_in
@@ -330,25 +337,41 @@ class StagePass:
         if st.is_first:
             self.units.append(_Plain("embed", ctx, lambda t: (st.embed(t),)))
         for block in st.blocks.values():
-            if isinstance(block.ffn, MoE):
-                self.units.append(_MoEBlock(block, ctx))
-            else:
-                self.units.append(_Plain(f"L{block.layer_id}", ctx, lambda h, b=block: (b.whole(h),),
-                                         block.recompute))
-        if st.is_last:
-            self.units.append(_Plain("head", ctx, self._tail if self.head is None else self._head))
+            self._block(block)
+        self.mtp_ce: list[_Plain] = []
+        if st.is_last and self.head is not None:
+            self.units.append(_Plain("head", ctx, self._head, weights=(1,)))
+        elif st.is_last:
+            self._tail()
         for a, b in zip(self.units, self.units[1:], strict=False):
             a.next, b.prev = b, a
         self.units[0].x = self.x
 
-    def _tail(self, h_BTD):
-        """(main CE, MTP loss, the MTP blocks' balance loss): the last stage's roots."""
-        main, mtp = self.stage.head_losses(h_BTD, self.targets)
-        return main, mtp, self.stage.balance_loss(mtp_only=True)
+    def _block(self, block) -> None:
+        if isinstance(block.ffn, MoE):
+            self.units.append(_MoEBlock(block, self.ctx))
+        else:
+            self.units.append(_Plain(f"L{block.layer_id}", self.ctx, lambda h, b=block: (b.whole(h),),
+                                     block.recompute))
+
+    def _tail(self) -> None:
+        """Final norm, head and main CE; then per MTP depth k its input, its MoE block (a unit
+        like any other, so its all-to-alls pair in an FB) and its norm and CE. Roots: the main
+        CE (seed scale), each depth's CE (scale * lambda/D); the MTP blocks' balance losses are
+        roots of their attention backward, as in the main blocks."""
+        st, ctx, t_BT = self.stage, self.ctx, self.targets
+        self.units.append(_Plain("head", ctx, lambda h: st.main_loss(h, t_BT), weights=(1,)))
+        n_mtp = len(getattr(st, "mtp", ()))  # a stand-in stage (benchmarks) may have no MTP
+        for k in range(1, mtp_depths(n_mtp, t_BT.shape[1]) + 1):
+            self.units.append(_Plain(f"mtp{k}_in", ctx, lambda n, k=k: (st.mtp_enter(k, n, t_BT),)))
+            self._block(st.mtp[k - 1].block)
+            self.mtp_ce.append(_Plain(f"mtp{k}_out", ctx, lambda y, k=k: st.mtp_exit(k, y, t_BT),
+                                      weights=(st.cfg.mtp_loss_weight / n_mtp,)))
+            self.units.append(self.mtp_ce[-1])
 
     def _head(self, h_BTD):
-        """(head(logits),): the one root of a head pass (balance losses are not roots here)."""
-        return (self.head(self.stage.head(self.stage.norm(h_BTD))),)
+        """(None, head(logits)): the one root of a head pass (balance losses are not roots here)."""
+        return None, self.head(self.stage.head(self.stage.norm(h_BTD)))
 
     def forward_steps(self) -> list[Step]:
         return [s for u in self.units for s in u.forward_steps()]
@@ -360,12 +383,14 @@ class StagePass:
         """Non-last stage: h_BTD. Last: (loss, parts) with loss = main + mtp + balance, the
         stage's balance loss over all its MoE layers (its value; the roots are per step); with a
         head: (the head's value, {})."""
-        out = self.units[-1].output()
         if not self.stage.is_last:
-            return out
+            return self.units[-1].output()
         if self.head is not None:
-            return out, {}
-        main, mtp, _ = self.units[-1].c.values
+            return self.units[-1].roots()[0], {}
+        main = next(u for u in self.units if u.name == "head").roots()[0]
+        mtp = main.new_zeros(())
+        if self.mtp_ce:
+            mtp = mtp_weighted(self.stage.cfg, len(self.stage.mtp), [u.roots()[0] for u in self.mtp_ce], main)
         balance = self.stage.balance_loss().detach().to(main.dtype)
         return main + mtp + balance, {"main_loss": main, "mtp_loss": mtp, "balance_loss": balance}
 
@@ -387,8 +412,8 @@ def interleave(f_steps: list[Step], b_steps: list[Step]) -> list[Step]:
     attention(F) waits for combine(F). Pairing rule: units that are not MoE blocks
     (embedding, dense blocks, the tail) run where they fall in their own chain, unpaired: before
     each pair, the forward's pending plain units, then the backward's; when one side has more
-    MoE blocks than the other (stages with different layer counts), its extra blocks run
-    sequentially after the last pair."""
+    MoE blocks than the other (stages with different layer counts; the last stage's MTP blocks
+    count as MoE blocks), its extra blocks run sequentially after the last pair."""
     f_units, b_units = _group(f_steps), _group(b_steps)
     out: list[Step] = []
     fi = bi = 0

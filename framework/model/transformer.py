@@ -77,29 +77,42 @@ def _balance_loss(moes: list[MoE], like: torch.Tensor) -> torch.Tensor:
     return torch.stack(losses).sum() if losses else like.new_zeros(())
 
 
+def _head_ce(head: nn.Linear, h_BTD: torch.Tensor, t_BT: torch.Tensor) -> torch.Tensor:
+    """CE of the head on normed h through the chunked head cross-entropy (framework/model/loss.py:
+    no full logits tensor). A head whose weight DeepSpeed ZeRO-3 partitions (gathered only
+    inside head's own forward) takes the plain path."""
+    if hasattr(head.weight, "ds_id"):
+        return F.cross_entropy(head(h_BTD).flatten(0, 1).float(), t_BT.flatten())
+    return head_cross_entropy(h_BTD.flatten(0, 1), head.weight, t_BT.flatten())
+
+
+def mtp_depths(n_mtp: int, T: int) -> int:
+    """How many MTP depths have something to predict in a T-token sequence (depth k reads
+    positions up to T - k)."""
+    return min(n_mtp, max(T - 1, 0))
+
+
+def mtp_emb(embed: nn.Embedding, k: int, targets_BT: torch.Tensor) -> torch.Tensor:
+    """Depth k at position i reads Emb(targets[i+k-1]) (= token i+k) and predicts targets[i+k];
+    positions whose target falls past the end are dropped by shortening the sequence."""
+    return embed(targets_BT[:, k - 1: targets_BT.shape[1] - 1])
+
+
+def mtp_weighted(cfg: ModelConfig, n_mtp: int, ce_k: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The MTP loss lambda/D * sum_k CE_k (D the model's depth count)."""
+    return (cfg.mtp_loss_weight / n_mtp) * torch.stack(ce_k).sum() if ce_k else like.new_zeros(())
+
+
 def _output_losses(cfg: ModelConfig, embed: nn.Embedding, head: nn.Linear, mtp: nn.ModuleList,
                    h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Main next-token CE and the weighted MTP loss lambda/D * sum_k CE_k from the normed h,
-    through the chunked head cross-entropy (framework/model/loss.py: no full logits tensor).
-    A head whose weight DeepSpeed ZeRO-3 partitions (gathered only inside head's own forward)
-    takes the plain path."""
-    def ce(h_BTD: torch.Tensor, t_BT: torch.Tensor) -> torch.Tensor:
-        if hasattr(head.weight, "ds_id"):
-            return F.cross_entropy(head(h_BTD).flatten(0, 1).float(), t_BT.flatten())
-        return head_cross_entropy(h_BTD.flatten(0, 1), head.weight, t_BT.flatten())
-
-    main = ce(h_BTD, targets_BT)
+    """Main next-token CE and the weighted MTP loss from the normed h."""
+    main = _head_ce(head, h_BTD, targets_BT)
     T = targets_BT.shape[1]
     mtp_ce = []
-    for k, module in enumerate(mtp, start=1):
-        if T - k <= 0:
-            break  # nothing left to predict k tokens ahead
-        # Depth k at position i reads Emb(targets[i+k-1]) (= token i+k) and predicts targets[i+k];
-        # positions whose target falls past the end are dropped by shortening the sequence.
-        h_BTD = module(h_BTD[:, : T - k], embed(targets_BT[:, k - 1: T - 1]))
-        mtp_ce.append(ce(h_BTD, targets_BT[:, k:]))
-    mtp_loss = (cfg.mtp_loss_weight / len(mtp)) * torch.stack(mtp_ce).sum() if mtp_ce else main.new_zeros(())
-    return main, mtp_loss
+    for k in range(1, mtp_depths(len(mtp), T) + 1):
+        h_BTD = mtp[k - 1](h_BTD[:, : T - k], mtp_emb(embed, k, targets_BT))
+        mtp_ce.append(_head_ce(head, h_BTD, targets_BT[:, k:]))
+    return main, mtp_weighted(cfg, len(mtp), mtp_ce, main)
 
 
 def _metrics(main, mtp, balance) -> dict[str, torch.Tensor]:
@@ -223,17 +236,35 @@ class Stage(nn.Module):
         h_BTD = self._hidden(x)
         return self.head(h_BTD) if self.is_last else h_BTD
 
-    def balance_loss(self, mtp_only: bool = False) -> torch.Tensor:
-        """The latest training forward's balance loss of this stage's MoE layers (mtp_only: of the
-        MTP blocks only, which the last stage's tail step computes)."""
+    def balance_loss(self) -> torch.Tensor:
+        """The latest training forward's balance loss of this stage's MoE layers."""
         ref = next(self.parameters())
-        moes = _moes(self.mtp) if mtp_only else _moes(self)
+        moes = _moes(self)
         return _balance_loss(moes, ref.new_zeros(())) if self.training and moes else ref.new_zeros(())
+
+    def _mtp_embed(self) -> nn.Embedding | None:
+        return self.embed if self.is_first else getattr(self, "mtp_embed", None)
 
     def head_losses(self, h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Last stage: (main CE, MTP loss) from the last block's output (final norm applied here)."""
-        embed = self.embed if self.is_first else getattr(self, "mtp_embed", None)
-        return _output_losses(self.cfg, embed, self.head, self.mtp, self.norm(h_BTD), targets_BT)
+        return _output_losses(self.cfg, self._mtp_embed(), self.head, self.mtp, self.norm(h_BTD), targets_BT)
+
+    # The last stage's tail in pieces, for the pipeline's sub-steps (framework/model/substeps.py):
+    # main_loss, then per MTP depth k: mtp_enter, the MTP block, mtp_exit. Same ops as head_losses.
+    def main_loss(self, h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed h, main CE)."""
+        n_BTD = self.norm(h_BTD)
+        return n_BTD, _head_ce(self.head, n_BTD, targets_BT)
+
+    def mtp_enter(self, k: int, n_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+        """Depth k's block input from the previous depth's normed h."""
+        T = targets_BT.shape[1]
+        return self.mtp[k - 1].enter(n_BTD[:, : T - k], mtp_emb(self._mtp_embed(), k, targets_BT))
+
+    def mtp_exit(self, k: int, y_BTD: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(depth k's normed h, its unweighted CE) from its block's output."""
+        n_BTD = self.mtp[k - 1].norm(y_BTD)
+        return n_BTD, _head_ce(self.head, n_BTD, targets_BT[:, k:])
 
     def loss(self, x: torch.Tensor, targets_BT: torch.Tensor):
         if not self.is_last:
