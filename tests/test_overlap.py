@@ -106,14 +106,25 @@ def test_interleave_order_and_pairing_rule():
                    "L5.dispatch.B", "L5.experts.W", "L1.experts.F", "L1.combine.F", "L5.attention.B",
                    "L5.attention.W", "L2.attention.F", "L2.dispatch.F", "L2.sizes.F", "L2.experts.F",
                    "L2.combine.F"]
-    # more MoE blocks on the backward side: the extra ones follow the last pair
+    # more MoE blocks on the backward side: the forward's remaining plain steps hide the first
+    # extra block's combine(B); the next extra block runs as it is
     f = [f"L3.{s}" for s in MOE_F] + ["head.F"]
-    b = [f"L2.{s}" for s in MOE_B] + [f"L1.{s}" for s in MOE_B] + ["L0.B", "L0.W"]
+    b = [f"L2.{s}" for s in MOE_B] + [f"L1.{s}" for s in MOE_B] + [f"L0.{s}" for s in MOE_B] + ["embed.B"]
     got = [s.name for s in interleave(_steps(f), _steps(b))]
     assert got[:11] == ["L2.combine.B", "L3.attention.F", "L3.dispatch.F", "L2.experts.B", "L3.sizes.F",
                         "L2.dispatch.B", "L2.experts.W", "L3.experts.F", "L3.combine.F", "L2.attention.B",
                         "L2.attention.W"]
-    assert got[11:] == ["head.F"] + [f"L1.{s}" for s in MOE_B] + ["L0.B", "L0.W"]
+    assert got[11:] == (["L1.combine.B", "head.F"] + [f"L1.{s}" for s in MOE_B[1:]]
+                        + [f"L0.{s}" for s in MOE_B] + ["embed.B"])
+    assert sorted(got) == sorted(f + b)
+    # the last stage's forward (L5, head, MTP L6) against the first stage's backward (L1, dense
+    # L0, embedding): the MTP block's count exchange hides behind L0's backward, its payload
+    # behind the embedding's
+    f = [f"L5.{s}" for s in MOE_F] + ["head.F", "mtp1_in.F"] + [f"L6.{s}" for s in MOE_F] + ["mtp1_out.F"]
+    b = [f"L1.{s}" for s in MOE_B] + ["L0.B", "L0.W", "embed.B", "embed.W"]
+    got = [s.name for s in interleave(_steps(f), _steps(b))]
+    assert got[11:] == ["head.F", "mtp1_in.F", "L6.attention.F", "L6.dispatch.F", "L0.B", "L0.W", "L6.sizes.F",
+                        "embed.B", "embed.W", "L6.experts.F", "L6.combine.F", "mtp1_out.F"]
     assert sorted(got) == sorted(f + b)
 
 
@@ -332,6 +343,22 @@ def test_trace_each_all_to_all_and_p2p_batch_is_hidden(spawned):
     mtp_hidden = [_hidden_all_to_alls(inside, f"L{c[4]}")[0] for per_rank in spawned
                   for _, inside in _fb_spans(per_rank[c]["events"])]
     assert min(mtp_hidden) == 2, mtp_hidden
+    # With no block left to pair with (dp: forward L2 + MTP L3 against backward L1, dense L0,
+    # embedding), the backward's plain steps hide the MTP block's count exchange and payload.
+    c, spans = EP_CASES[0], 0
+    assert c[0] == "dp" and c[6] == "none" and c[7]
+    for per_rank in spawned:
+        for _, inside in _fb_spans(per_rank[c]["events"]):
+            mb = next((w.split("@")[1] for e, w in inside if w.startswith(f"L{c[4]}.dispatch.F@")), None)
+            if mb is None:
+                continue
+            marks = [inside.index(e) for e in (("issue", f"L{c[4]}.dispatch.F@{mb}"),
+                                               ("issue", f"L{c[4]}.sizes.F@{mb}"),
+                                               ("wait", f"L{c[4]}.dispatch.F@{mb}"))]
+            for lo, hi in zip(marks, marks[1:]):
+                assert any(e == "compute" and not w.endswith(f"@{mb}") for e, w in inside[lo:hi]), inside
+            spans += 1
+    assert spans > 0
     assert early_fb > 0, early_fb
 
 

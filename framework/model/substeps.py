@@ -410,31 +410,47 @@ def interleave(f_steps: list[Step], b_steps: list[Step]) -> list[Step]:
     so every all-to-all has a computation of the other micro-batch to hide behind, the
     dispatch's host read (sizes) comes after experts(B) is queued, and the next block's
     attention(F) waits for combine(F). Pairing rule: units that are not MoE blocks
-    (embedding, dense blocks, the tail) run where they fall in their own chain, unpaired: before
-    each pair, the forward's pending plain units, then the backward's; when one side has more
+    (embedding, dense blocks, the heads) run where they fall in their own chain, unpaired: before
+    each pair, the forward's pending plain units, then the backward's. When one side has more
     MoE blocks than the other (stages with different layer counts; the last stage's MTP blocks
-    count as MoE blocks), its extra blocks run sequentially after the last pair."""
+    count as MoE blocks), the other side's remaining plain steps hide the first extra block's
+    communication -- a forward block's count exchange (first half of them) and payload (second
+    half), a backward block's combine(B) -- and further extra blocks run as they are. The usual
+    case: the last stage's forward (its blocks and the MTP block) against the first stage's
+    backward (its blocks, the dense ones and the embedding)."""
     f_units, b_units = _group(f_steps), _group(b_steps)
     out: list[Step] = []
-    fi = bi = 0
-    while fi < len(f_units) or bi < len(b_units):
-        while fi < len(f_units) and len(f_units[fi]) != 5:
-            out += f_units[fi]
-            fi += 1
-        while bi < len(b_units) and len(b_units[bi]) != 6:
-            out += b_units[bi]
-            bi += 1
-        if fi < len(f_units) and bi < len(b_units):
-            f, b = f_units[fi], b_units[bi]
-            out += [b[0], f[0], f[1], b[1], f[2], b[2], b[3], f[3], f[4], b[4], b[5]]
-            fi, bi = fi + 1, bi + 1
-        elif fi < len(f_units):
-            out += f_units[fi]
-            fi += 1
-        elif bi < len(b_units):
-            out += b_units[bi]
-            bi += 1
+    while _has_moe(f_units, 5) and _has_moe(b_units, 6):
+        out += _plain_prefix(f_units, 5) + _plain_prefix(b_units, 6)
+        f, b = f_units.pop(0), b_units.pop(0)
+        out += [b[0], f[0], f[1], b[1], f[2], b[2], b[3], f[3], f[4], b[4], b[5]]
+    if _has_moe(f_units, 5):
+        out += _plain_prefix(f_units, 5)
+        f, rest = f_units.pop(0), _flat(b_units)
+        b_units, half = [], (len(rest) + 1) // 2
+        out += f[:2] + rest[:half] + [f[2]] + rest[half:] + f[3:]
+    elif _has_moe(b_units, 6):
+        out += _plain_prefix(b_units, 6)
+        b, rest = b_units.pop(0), _flat(f_units)
+        f_units = []
+        out += b[:1] + rest + b[1:]
+    return out + _flat(f_units) + _flat(b_units)
+
+
+def _has_moe(units: list[list[Step]], n: int) -> bool:
+    return any(len(u) == n for u in units)
+
+
+def _plain_prefix(units: list[list[Step]], n: int) -> list[Step]:
+    """Pops the plain units before the first MoE block (n steps) -> their steps."""
+    out: list[Step] = []
+    while units and len(units[0]) != n:
+        out += units.pop(0)
     return out
+
+
+def _flat(units: list[list[Step]]) -> list[Step]:
+    return [s for u in units for s in u]
 
 
 def _group(steps: list[Step]) -> list[list[Step]]:
