@@ -52,9 +52,10 @@ from framework.config import TrainConfig
 from framework.errors import TrainingError
 from framework.optim import AdamW
 from parallel import comm
-from parallel.data_parallel import DataParallelOptimizer, is_expert
+from parallel.data_parallel import DataParallelOptimizer
 from parallel.engine import counters, release_step
 from parallel.expert_parallel import expert_state_dict
+from parallel.grad_reducer import is_expert
 
 DS_TAG = "deepspeed"  # DeepSpeed's folder inside a checkpoint folder
 

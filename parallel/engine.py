@@ -35,8 +35,9 @@ from torch import nn
 from framework import checkpoint
 from framework.config import TrainConfig
 from framework.errors import TrainingError
-from parallel.data_parallel import DataParallelOptimizer, GradReducer, reduce_mean
+from parallel.data_parallel import DataParallelOptimizer, reduce_mean
 from parallel.expert_parallel import expert_state_dict, local_state_dict
+from parallel.grad_reducer import GradReducer
 from parallel.mesh import Mesh
 
 

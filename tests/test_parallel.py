@@ -22,14 +22,8 @@ from framework.model import Transformer
 from framework.optim import build_optimizer, clip_grad_norm, set_lr
 from launch.ranks import RankError, run_ranks
 from parallel import comm
-from parallel.data_parallel import (
-    DataParallelOptimizer,
-    GradReducer,
-    _chunk,
-    all_reduce_expert_load,
-    min_zero1_bytes,
-    reduce_mean_loss,
-)
+from parallel.data_parallel import DataParallelOptimizer, all_reduce_expert_load, reduce_mean_loss
+from parallel.grad_reducer import GradReducer, _chunk, min_zero1_bytes
 from parallel.mesh import Layout, Mesh, build_mesh, init_distributed
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_dense_layers=1, dense_inter_dim=64, max_seq_len=32,

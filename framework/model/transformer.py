@@ -261,7 +261,8 @@ class Stage(nn.Module):
         T = targets_BT.shape[1]
         return self.mtp[k - 1].enter(n_BTD[:, : T - k], mtp_emb(self._mtp_embed(), k, targets_BT))
 
-    def mtp_exit(self, k: int, y_BTD: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_exit(self, k: int, y_BTD: torch.Tensor,
+                 targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(depth k's normed h, its unweighted CE) from its block's output."""
         n_BTD = self.mtp[k - 1].norm(y_BTD)
         return n_BTD, _head_ce(self.head, n_BTD, targets_BT[:, k:])
