@@ -37,13 +37,13 @@ from framework.optim import set_lr as set_optimizer_lr
 from parallel import comm
 from parallel.grad_reducer import (
     GradReducer,
-    _buckets,
-    _chunk,
-    _cut_of,
-    _narrow,
-    _trainable,
+    chunk_range,
+    cut_of,
     is_expert,
+    narrow_to,
+    pack_buckets,
     ring_bytes,
+    trainable_params,
 )
 from parallel.mesh import Mesh
 
@@ -62,7 +62,7 @@ class _Entry:
     sharded: bool  # False: this rank updates the whole parameter (view is the parameter)
 
     def piece(self, i: int) -> tuple[int, int]:
-        return _chunk(self.param.shape[self.dim], self.n, i)
+        return chunk_range(self.param.shape[self.dim], self.n, i)
 
     def row_numel(self) -> int:  # elements per index of the cut dimension
         return self.param.numel() // max(self.param.shape[self.dim], 1)
@@ -100,19 +100,19 @@ class DataParallelOptimizer:
                              "set both from parallel.zero1")
         self.sent_bytes = 0.0  # ring bytes of the parameter all-gathers (see ring_bytes)
         self.entries: list[_Entry] = []
-        for name, p in _trainable(model):
+        for name, p in trainable_params(model):
             expert = is_expert(name)
-            cut = _cut_of(name, p, mesh, self.zero)
+            cut = cut_of(name, p, mesh, self.zero)
             if cut is None:  # every rank updates all of it (no ZeRO, or a 0-d parameter)
                 self.entries.append(_Entry(name, p, expert, 1 if expert else 0, 1, 0, None, p, sharded=False))
                 continue
-            view = nn.Parameter(_narrow(p.data, cut, cut.rank), requires_grad=True)
+            view = nn.Parameter(narrow_to(p.data, cut, cut.rank), requires_grad=True)
             self.entries.append(_Entry(name, p, expert, cut.dim, cut.n, cut.rank, cut.group, view,
                                        sharded=True))
         # build_optimizer groups by the views' ndim, which equals the parameters'.
         views = nn.ParameterList([e.view for e in self.entries])
         self.inner = build_optimizer(views, optim_cfg, moment_dtype)
-        self._gather_buckets = _buckets([e for e in self.entries if e.sharded],
+        self._gather_buckets = pack_buckets([e for e in self.entries if e.sharded],
                                         lambda e: e.param.numel() * e.param.element_size(),
                                         lambda e: (e.expert, e.param.dtype), bucket_mb * 2**20)
 

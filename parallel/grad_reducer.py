@@ -28,11 +28,11 @@ def is_expert(name: str) -> bool:
     return EXPERT_MARK in name
 
 
-def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def trainable_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _buckets(items: list, nbytes, key, cap_bytes: float) -> list[list]:
+def pack_buckets(items: list, nbytes, key, cap_bytes: float) -> list[list]:
     """Split `items` (in order) into runs of equal key() of at most cap_bytes each (a single
     larger item gets a run of its own). Deterministic, so every rank builds the same buckets."""
     done, open_runs = [], {}
@@ -53,7 +53,7 @@ def _buckets(items: list, nbytes, key, cap_bytes: float) -> list[list]:
 _REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _chunk(size: int, n: int, i: int) -> tuple[int, int]:
+def chunk_range(size: int, n: int, i: int) -> tuple[int, int]:
     """(start, length) of piece i when `size` is cut into n pieces the way torch.chunk and
     DTensor's Shard do: ceil(size / n) each, the last ones shorter or empty."""
     per = -(-size // n)
@@ -64,7 +64,7 @@ def _chunk(size: int, n: int, i: int) -> tuple[int, int]:
 @dataclass(frozen=True)
 class _Cut:
     """How ZeRO-1 cuts one parameter: along `dim` into n torch.chunk pieces, piece `rank` here.
-    One function (`_cut_of`) decides it for the reducer and the optimizer, so the gradient
+    One function (`cut_of`) decides it for the reducer and the optimizer, so the gradient
     piece the reduce-scatter delivers is the piece the optimizer updates."""
     dim: int  # 0 dense, 1 expert (dim 0 belongs to EP)
     n: int
@@ -72,10 +72,10 @@ class _Cut:
     group: comm.Group
 
     def piece(self, shape, i: int) -> tuple[int, int]:
-        return _chunk(shape[self.dim], self.n, i)
+        return chunk_range(shape[self.dim], self.n, i)
 
 
-def _cut_of(name: str, p: nn.Parameter, mesh: Mesh, zero: bool) -> _Cut | None:
+def cut_of(name: str, p: nn.Parameter, mesh: Mesh, zero: bool) -> _Cut | None:
     """None where every rank keeps the whole parameter (no ZeRO, dp 1, a 0-d parameter)."""
     if not zero or mesh.dp == 1 or p.ndim == 0:
         return None
@@ -103,7 +103,7 @@ def min_zero1_bytes(model: nn.Module, mesh: Mesh, reduce_dtype: str = "fp32") ->
     a 0-d parameter (not cut) all-reduced. Unpadded: the reducer and the optimizer reach it when
     each cut dimension divides by n."""
     total = 0.0
-    for name, p in _trainable(model):
+    for name, p in trainable_params(model):
         n = mesh.edp if is_expert(name) else mesh.dp
         grad_bytes = p.numel() * (_REDUCE_DTYPES[reduce_dtype].itemsize if p.dtype == torch.float32
                                   else p.element_size())
@@ -140,7 +140,7 @@ def _piece_shape(p: torch.Tensor, cut: _Cut, i: int) -> list[int]:
     return shape
 
 
-def _narrow(t: torch.Tensor, cut: _Cut, i: int) -> torch.Tensor:
+def narrow_to(t: torch.Tensor, cut: _Cut, i: int) -> torch.Tensor:
     return t.narrow(cut.dim, *cut.piece(t.shape, i))
 
 
@@ -195,23 +195,23 @@ class GradReducer:
         self.buckets: list[_GradBucket] = []
         if not self.active:
             return
-        named = list(reversed(_trainable(model)))
+        named = list(reversed(trainable_params(model)))
         expert_of = {id(p): is_expert(n) for n, p in named}
-        cut_of = {id(p): _cut_of(n, p, mesh, self.zero) for n, p in named}
+        cut_by_id = {id(p): cut_of(n, p, mesh, self.zero) for n, p in named}
         low = _REDUCE_DTYPES[reduce_dtype]
         wire = {id(p): low if p.dtype == torch.float32 else p.dtype for _, p in named}
-        runs = _buckets([p for _, p in named], lambda p: p.numel() * p.element_size(),
-                        lambda p: (expert_of[id(p)], cut_of[id(p)] is None, p.dtype, p.device),
+        runs = pack_buckets([p for _, p in named], lambda p: p.numel() * p.element_size(),
+                        lambda p: (expert_of[id(p)], cut_by_id[id(p)] is None, p.dtype, p.device),
                         bucket_mb * 2**20)
         self._bucket_of: dict[int, _GradBucket] = {}
         for params in runs:
             p0 = params[0]
             group = mesh.edp_group if expert_of[id(p0)] else mesh.dp_group
-            if cut_of[id(p0)] is None:
+            if cut_by_id[id(p0)] is None:
                 buffer = torch.zeros(sum(p.numel() for p in params), dtype=wire[id(p0)], device=p0.device)
                 bucket = _GradBucket(params, group, 1.0 / mesh.dp, buffer)
             else:
-                cuts = [cut_of[id(p)] for p in params]
+                cuts = [cut_by_id[id(p)] for p in params]
                 slots, total = [], 0
                 for p, cut in zip(params, cuts, strict=True):
                     slots.append(total)
@@ -273,7 +273,7 @@ class GradReducer:
                     if p.grad is None:
                         dst.zero_()
                     else:
-                        dst.copy_(_narrow(p.grad, cut, j))
+                        dst.copy_(narrow_to(p.grad, cut, j))
             bucket.handle = comm.reduce_scatter_tensor(bucket.shard, bucket.buffer, "sum", bucket.group,
                                                        async_op=True)
             self.sent_bytes += ring_bytes("reduce_scatter", bucket.buffer.nbytes, n)
@@ -321,7 +321,7 @@ class GradReducer:
             reduced = bucket.shard[slot:][:math.prod(shape)].view(shape)
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            mine = _narrow(p.grad, cut, cut.rank)
+            mine = narrow_to(p.grad, cut, cut.rank)
             mine.copy_(reduced)
             if not exact:
                 mine.mul_(bucket.scale)

@@ -1,10 +1,11 @@
-"""parallel/: layout arithmetic, the comm layer, gradient reduction and ZeRO-1 against the
+"""parallel/: the comm layer, gradient reduction and ZeRO-1 against the
 single-process reference (DESIGN.md rule 6).
 
 Spawning ranks is the expensive part (about 10 s for four on two cores), so one four-rank run
 (module fixture) performs every multi-rank check and returns raw results; the tests below
 compare them with values computed here, independently of the code under test. A two-rank run
-then resumes the four-rank ZeRO checkpoint (dp=4 -> dp=2 resharding).
+then resumes the four-rank ZeRO checkpoint (dp=4 -> dp=2 resharding). Layout arithmetic and the
+spawn helper: tests/test_layout.py.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from torch.distributed.tensor import DTensor
 from framework.config import ModelConfig, OptimConfig
 from framework.model import Transformer
 from framework.optim import build_optimizer, clip_grad_norm, set_lr
-from launch.ranks import RankError, run_ranks
+from launch.ranks import run_ranks
 from parallel import comm
 from parallel.data_parallel import DataParallelOptimizer, all_reduce_expert_load, reduce_mean_loss
-from parallel.grad_reducer import GradReducer, _chunk, min_zero1_bytes
+from parallel.grad_reducer import GradReducer, min_zero1_bytes
 from parallel.mesh import Layout, Mesh, build_mesh, init_distributed
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_dense_layers=1, dense_inter_dim=64, max_seq_len=32,
@@ -294,12 +295,6 @@ def _two_rank_resume(rank: int, world: int, tmp: str) -> dict:
     return out
 
 
-def _rank_one_fails(rank: int, world: int) -> None:
-    if rank == 1:
-        raise ValueError("boom on rank 1")
-    comm.barrier()  # rank 0 waits for a peer that is gone: the helper must not hang
-
-
 # --------------------------------------------------------------------------- reference and fixtures
 
 
@@ -347,49 +342,6 @@ def assert_close_params(got: dict, want: dict, tol: float) -> None:
     assert got.keys() == want.keys()
     worst = max((rel_err(got[n], want[n]), n) for n in want)
     assert worst[0] <= tol, f"{worst[1]}: relative error {worst[0]:.2e}"
-
-
-# --------------------------------------------------------------------------- layout (pure)
-
-
-def test_layout_coords_and_groups():
-    layout = Layout(pp=2, dp=4, ep=2)
-    assert layout.world == 8 and layout.edp == 2 and layout.problems(world=8) == []
-    # rank = pp_rank * dp + dp_rank; ep blocks of 2 inside each stage's dp ranks.
-    assert layout.coords(0) == (0, 0, 0, 0)
-    assert layout.coords(5) == (1, 1, 1, 0)
-    assert layout.coords(7) == (1, 3, 1, 1)
-    assert layout.group_of("dp", 5) == [4, 5, 6, 7]
-    assert layout.group_of("ep", 5) == [4, 5]
-    assert layout.group_of("edp", 5) == [5, 7]
-    assert layout.group_of("pp", 5) == [1, 5]
-    assert layout.groups("ep") == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert layout.groups("edp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
-    assert layout.groups("pp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    assert layout.groups("dp") == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    for kind in ("pp", "dp", "ep", "edp"):  # every kind partitions the world
-        assert sorted(r for g in layout.groups(kind) for r in g) == list(range(8))
-
-
-@pytest.mark.parametrize("layout, world, needle", [
-    (Layout(2, 4, 3), 8, "parallel.ep=3 does not divide parallel.dp=4"),
-    (Layout(2, 4, 2), 6, "world size 6 != parallel.pp * parallel.dp"),
-    (Layout(0, 4, 1), 4, "parallel.pp=0"),
-])
-def test_layout_problems_are_one_line_each(layout, world, needle):
-    found = layout.problems(world=world)
-    assert len(found) == 1 and "\n" not in found[0] and needle in found[0]
-    assert Layout(1, 4, 2).problems(world=4, n_experts=5)[0].startswith("model.n_routed_experts=5")
-
-
-def test_chunk_matches_torch_chunk():
-    for size in range(10):
-        for n in range(1, 5):
-            lengths = [c.shape[0] for c in torch.arange(size).chunk(n)] if size else []
-            lengths += [0] * (n - len(lengths))
-            assert [_chunk(size, n, i)[1] for i in range(n)] == lengths
-            starts = [min(sum(lengths[:i]), size) for i in range(n)]
-            assert [_chunk(size, n, i)[0] for i in range(n)] == starts
 
 
 # --------------------------------------------------------------------------- single process
@@ -643,11 +595,3 @@ def test_ep2_zero_by_reduce_scatter_equals_replicated(ranks):
         assert_close_params(rs["params"], plain["params"], 1e-6)
         assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(rs["norm"], plain["norm"], strict=True))
         assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(rs["loss"], plain["loss"], strict=True))
-
-
-def test_spawn_helper_reports_a_failing_rank():
-    start = time.monotonic()
-    with pytest.raises(RankError) as info:
-        run_ranks(_rank_one_fails, 2, timeout_s=60)
-    assert "--- rank 1 ---" in str(info.value) and "ValueError: boom on rank 1" in str(info.value)
-    assert time.monotonic() - start < 45  # stopped soon after the failure, not at the deadline
