@@ -108,6 +108,7 @@ class SleepStage(nn.Module):
         super().__init__()
         self.is_first, self.is_last = is_first, is_last
         self.blocks = nn.ModuleDict({"0": SleepBlock(f_s, b_s, w_s)})
+        self.mtp, self.mtp_weight = nn.ModuleList(), 0.0  # no multi-token prediction
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -123,8 +123,8 @@ def test_interleave_order_and_pairing_rule():
     f = [f"L5.{s}" for s in MOE_F] + ["head.F", "mtp1_in.F"] + [f"L6.{s}" for s in MOE_F] + ["mtp1_out.F"]
     b = [f"L1.{s}" for s in MOE_B] + ["L0.B", "L0.W", "embed.B", "embed.W"]
     got = [s.name for s in interleave(_steps(f), _steps(b))]
-    assert got[11:] == ["head.F", "mtp1_in.F", "L6.attention.F", "L6.dispatch.F", "L0.B", "L0.W", "L6.sizes.F",
-                        "embed.B", "embed.W", "L6.experts.F", "L6.combine.F", "mtp1_out.F"]
+    assert got[11:] == ["head.F", "mtp1_in.F", "L6.attention.F", "L6.dispatch.F", "L0.B", "L0.W",
+                        "L6.sizes.F", "embed.B", "embed.W", "L6.experts.F", "L6.combine.F", "mtp1_out.F"]
     assert sorted(got) == sorted(f + b)
 
 

@@ -31,5 +31,6 @@ class MTPModule(nn.Module):
         return self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_BTD)], dim=-1))
 
     def forward(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor) -> torch.Tensor:
-        """Normed h_k. The pipeline's sub-steps run enter, the block and norm as separate units."""
+        """Normed h_k. The training losses run enter, block and norm apart (transformer.py's
+        mtp_input; the pipeline's sub-steps run the three as separate units)."""
         return self.norm(self.block(self.enter(h_BTD, emb_BTD)))

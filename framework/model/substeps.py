@@ -187,8 +187,7 @@ class _Plain(_Unit):
         self.c = _Compute(self.fn, [self.input()], self.ctx, self.mode)
 
     def _b(self) -> None:
-        seeds = [torch.full((), self.ctx.scale) * w if w != 1 else torch.full((), self.ctx.scale)
-                 for w in self.weights]
+        seeds = [torch.full((), self.ctx.scale) * w for w in self.weights]
         self.g_in = self.c.backward([self.grad_output(), *seeds])[0]
 
     def forward_steps(self) -> list[Step]:
@@ -338,6 +337,7 @@ class StagePass:
             self.units.append(_Plain("embed", ctx, lambda t: (st.embed(t),)))
         for block in st.blocks.values():
             self._block(block)
+        self.main: _Plain | None = None  # the last stage's head unit (main CE)
         self.mtp_ce: list[_Plain] = []
         if st.is_last and self.head is not None:
             self.units.append(_Plain("head", ctx, self._head, weights=(1,)))
@@ -360,13 +360,13 @@ class StagePass:
         CE (seed scale), each depth's CE (scale * lambda/D); the MTP blocks' balance losses are
         roots of their attention backward, as in the main blocks."""
         st, ctx, t_BT = self.stage, self.ctx, self.targets
-        self.units.append(_Plain("head", ctx, lambda h: st.main_loss(h, t_BT), weights=(1,)))
-        n_mtp = len(getattr(st, "mtp", ()))  # a stand-in stage (benchmarks) may have no MTP
-        for k in range(1, mtp_depths(n_mtp, t_BT.shape[1]) + 1):
+        self.main = _Plain("head", ctx, lambda h: st.main_loss(h, t_BT), weights=(1,))
+        self.units.append(self.main)
+        for k in range(1, mtp_depths(len(st.mtp), t_BT.shape[1]) + 1):
             self.units.append(_Plain(f"mtp{k}_in", ctx, lambda n, k=k: (st.mtp_enter(k, n, t_BT),)))
             self._block(st.mtp[k - 1].block)
             self.mtp_ce.append(_Plain(f"mtp{k}_out", ctx, lambda y, k=k: st.mtp_exit(k, y, t_BT),
-                                      weights=(st.cfg.mtp_loss_weight / n_mtp,)))
+                                      weights=(st.mtp_weight,)))
             self.units.append(self.mtp_ce[-1])
 
     def _head(self, h_BTD):
@@ -387,10 +387,8 @@ class StagePass:
             return self.units[-1].output()
         if self.head is not None:
             return self.units[-1].roots()[0], {}
-        main = next(u for u in self.units if u.name == "head").roots()[0]
-        mtp = main.new_zeros(())
-        if self.mtp_ce:
-            mtp = mtp_weighted(self.stage.cfg, len(self.stage.mtp), [u.roots()[0] for u in self.mtp_ce], main)
+        main = self.main.roots()[0]
+        mtp = mtp_weighted(self.stage.mtp_weight, [u.roots()[0] for u in self.mtp_ce], main)
         balance = self.stage.balance_loss().detach().to(main.dtype)
         return main + mtp + balance, {"main_loss": main, "mtp_loss": mtp, "balance_loss": balance}
 

@@ -92,15 +92,18 @@ def mtp_depths(n_mtp: int, T: int) -> int:
     return min(n_mtp, max(T - 1, 0))
 
 
-def mtp_emb(embed: nn.Embedding, k: int, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Depth k at position i reads Emb(targets[i+k-1]) (= token i+k) and predicts targets[i+k];
-    positions whose target falls past the end are dropped by shortening the sequence."""
-    return embed(targets_BT[:, k - 1: targets_BT.shape[1] - 1])
+def mtp_input(module: MTPModule, embed: nn.Embedding, k: int, n_BTD: torch.Tensor,
+              targets_BT: torch.Tensor) -> torch.Tensor:
+    """Depth k's block input from the previous depth's normed h. Depth k at position i reads
+    Emb(targets[i+k-1]) (= token i+k) and predicts targets[i+k]; positions whose target falls
+    past the end are dropped by shortening the sequence."""
+    T = targets_BT.shape[1]
+    return module.enter(n_BTD[:, : T - k], embed(targets_BT[:, k - 1: T - 1]))
 
 
-def mtp_weighted(cfg: ModelConfig, n_mtp: int, ce_k: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The MTP loss lambda/D * sum_k CE_k (D the model's depth count)."""
-    return (cfg.mtp_loss_weight / n_mtp) * torch.stack(ce_k).sum() if ce_k else like.new_zeros(())
+def mtp_weighted(weight: float, ce_k: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The MTP loss weight * sum_k CE_k, weight = lambda/D (D the model's depth count)."""
+    return weight * torch.stack(ce_k).sum() if ce_k else like.new_zeros(())
 
 
 def _output_losses(cfg: ModelConfig, embed: nn.Embedding, head: nn.Linear, mtp: nn.ModuleList,
@@ -110,9 +113,10 @@ def _output_losses(cfg: ModelConfig, embed: nn.Embedding, head: nn.Linear, mtp: 
     T = targets_BT.shape[1]
     mtp_ce = []
     for k in range(1, mtp_depths(len(mtp), T) + 1):
-        h_BTD = mtp[k - 1](h_BTD[:, : T - k], mtp_emb(embed, k, targets_BT))
+        module = mtp[k - 1]
+        h_BTD = module.norm(module.block(mtp_input(module, embed, k, h_BTD, targets_BT)))
         mtp_ce.append(_head_ce(head, h_BTD, targets_BT[:, k:]))
-    return main, mtp_weighted(cfg, len(mtp), mtp_ce, main)
+    return main, mtp_weighted(cfg.mtp_loss_weight / max(len(mtp), 1), mtp_ce, main)
 
 
 def _metrics(main, mtp, balance) -> dict[str, torch.Tensor]:
@@ -220,6 +224,7 @@ class Stage(nn.Module):
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(lo, hi)})
         if last:
             self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
+            self.mtp_weight = self.cfg.mtp_loss_weight / max(len(model.mtp), 1)  # lambda/D per depth's CE
             if not first and len(model.mtp):
                 # MTP reads token embeddings on the last stage: a tie of the first stage's table
                 # (DeepSeek shares it). Across ranks the parallel code keeps the two copies equal
@@ -258,8 +263,7 @@ class Stage(nn.Module):
 
     def mtp_enter(self, k: int, n_BTD: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
         """Depth k's block input from the previous depth's normed h."""
-        T = targets_BT.shape[1]
-        return self.mtp[k - 1].enter(n_BTD[:, : T - k], mtp_emb(self._mtp_embed(), k, targets_BT))
+        return mtp_input(self.mtp[k - 1], self._mtp_embed(), k, n_BTD, targets_BT)
 
     def mtp_exit(self, k: int, y_BTD: torch.Tensor,
                  targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
