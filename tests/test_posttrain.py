@@ -277,6 +277,11 @@ def test_posttrain_config_problems_are_one_line_each():
     lines = posttrain_problems(PosttrainConfig(group_size=1, loss_agg="ppo", task="chess"))
     assert len(lines) == 3 and all("\n" not in line for line in lines)
     assert any("posttrain.group_size=1" in line for line in lines)
+    replay_recompute = PosttrainConfig(routing_replay=True)
+    replay_recompute.policy.recompute = "selective"
+    assert posttrain_problems(replay_recompute) == [
+        "posttrain.routing_replay=true with posttrain.policy.recompute=selective: a recompute re-runs the "
+        "router outside the replay; set posttrain.policy.recompute=none"]
 
 
 def test_duet_r1_bad_input_is_one_line_and_exit_2_before_training(tmp_path, capsys):

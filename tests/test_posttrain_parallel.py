@@ -1,12 +1,14 @@
 """Parallel equals sequential for an RL step (DESIGN.md rule 6): one GRPO update on the same
 rollouts under expert parallelism (ep=2 over dp=2, gloo ranks) and in one process. Both run two
-micro-batches, the KL term to a frozen reference on the same layout, and routing replay; losses
-agree to 1e-6 and the reduced gradients to calc_diff < 1e-10 (every expert compared by global id).
+micro-batches, the KL term to a frozen reference on the same layout, and routing replay of
+rollout routes that are not the router's own choice (random experts per position, so replay
+changes the loss); losses agree to 1e-6 and the reduced gradients to calc_diff < 1e-10 (every
+expert compared by global id).
 
 Under pipeline parallelism (pp=2 x dp=2: 1F1B, and DualPipe, whose two pipeline ranks hold both
-stages) the micro-batches' GRPO losses travel to the last stage as heads on its logits, and the
-old and reference log-probabilities come from the same layout's forward-only pass (routing
-replay is pp=1 only, so these runs and their one-process twin record the routes instead);
+stages) the micro-batches' GRPO losses travel to the last stage as heads on its logits, the old
+and reference log-probabilities come from the same layout's forward-only pass, and routing
+replay's hooks run inside each micro-batch's forward sub-steps on the rank that holds the layer;
 rollouts sampled on the pipeline ranks' gathered copy of the weights equal the one process's.
 """
 
@@ -41,7 +43,10 @@ def rollouts() -> grpo.Rollouts:
     responses = [torch.randint(0, 256, (b % 6,), generator=g).tolist() + [END] for b in range(B)]
     logps = [(-torch.rand(len(r), generator=g)).tolist() for r in responses]
     adv = torch.randn(B, generator=g)
-    return grpo.pack_rollouts(prompts, responses, logps, adv, length=5 + 6 - 1)
+    # The rollout's routes: 2 distinct random experts of 4 per position of the one MoE layer
+    experts = [torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(len(p) + len(r))])[None]
+               for p, r in zip(prompts, responses)]
+    return grpo.pack_rollouts(prompts, responses, logps, adv, length=5 + 6 - 1, experts=experts)
 
 
 def sampled(policy: Learner, c: PosttrainConfig) -> tuple:
@@ -78,7 +83,8 @@ def one_update(mesh: Mesh, batch: grpo.Rollouts, c: PosttrainConfig | None = Non
     moes = [n for n, m in policy.model.named_modules() if isinstance(m, MoE)]
     return {"loss": record["loss"], "grads": grads, "firsts": firsts, "load": record["expert_load"],
             "loads": dict(zip(moes, record["expert_load"], strict=True)), "kl": record["kl"],
-            "clip_frac": record["clip_frac"], "sampled": rollout}
+            "clip_frac": record["clip_frac"], "sampled": rollout,
+            "agreement": record["route_agreement_rollout"]}
 
 
 def worker(rank: int, world: int) -> dict:
@@ -124,7 +130,7 @@ def pp_worker(rank: int, world: int) -> list[dict]:
 
     out = []
     for schedule, micro in PP_RUNS:
-        c = posttrain_cfg(replay=False, micro_batches=micro)
+        c = posttrain_cfg(micro_batches=micro)
         parallel = dataclasses.replace(train_config(c).parallel, pp=2, dp=world // 2, schedule=schedule,
                                        micro_batches=micro)
         mesh = build_mesh(Layout.from_config(parallel))
@@ -137,13 +143,17 @@ def pp_worker(rank: int, world: int) -> list[dict]:
 def test_grpo_update_under_pp2_equals_one_process():
     """pp=2 x dp=2 on 4 ranks, each dp column on half the rollouts: 1F1B (stage 0: embedding +
     dense block; stage 1: the MoE block, head and the GRPO loss) and DualPipe (four micro-batches
-    in two directions: both pipeline ranks hold both stages and sum their copies' gradients)."""
+    in two directions: both pipeline ranks hold both stages and sum their copies' gradients),
+    with routing replay: the replayed update differs from one without it, and the pipeline's
+    equals the one process's."""
     runs = run_ranks(pp_worker, 4)
     for k, (schedule, micro) in enumerate(PP_RUNS):
         sample = schedule == "1f1b"
-        single = one_update(Mesh.single(), rollouts(), posttrain_cfg(replay=False, micro_batches=micro),
-                            sample=sample)
+        single = one_update(Mesh.single(), rollouts(), posttrain_cfg(micro_batches=micro), sample=sample)
+        own_routes = one_update(Mesh.single(), rollouts(), posttrain_cfg(replay=False, micro_batches=micro))
         assert single["loss"] != 0.0 and single["kl"] > 0
+        assert abs(single["loss"] - own_routes["loss"]) > 1e-4  # replay changed the experts used
+        assert 0.2 < single["agreement"] < 0.8  # random rollout routes against the router's choice
         ranks = [run[k] for run in runs]
         if sample:  # rollouts on the gathered copy (Learner.sampling_model) are the one process's
             responses, logps, _ = single["sampled"]
@@ -156,6 +166,7 @@ def test_grpo_update_under_pp2_equals_one_process():
             # every rank reports the global numbers, wherever the heads ran
             assert abs(r["loss"] - single["loss"]) < 1e-6, schedule
             assert abs(r["kl"] - single["kl"]) < 1e-9 and r["clip_frac"] == single["clip_frac"]
+            assert r["agreement"] == single["agreement"]  # counted on each rank's layers, summed
             for name, load in r["loads"].items():
                 assert load == single["loads"][name], (schedule, name)
             for name, g in r["grads"].items():

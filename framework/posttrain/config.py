@@ -123,6 +123,9 @@ def posttrain_problems(c: PosttrainConfig) -> list[str]:
                  "(0 = no early stop)")
     if c.control not in ("none", "shuffle"):
         p.append(f"posttrain.control={c.control!r}: choose none or shuffle")
+    if c.routing_replay and c.policy.recompute != "none":
+        p.append(f"posttrain.routing_replay=true with posttrain.policy.recompute={c.policy.recompute}: a "
+                 "recompute re-runs the router outside the replay; set posttrain.policy.recompute=none")
     if c.mtp not in ("drop", "freeze"):
         p.append(f"posttrain.mtp={c.mtp!r}: choose drop or freeze")
     if not c.rewards:

@@ -32,7 +32,6 @@ Legend: B rollouts (prompts x G), T positions, G group size.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -159,19 +158,20 @@ def pack_rollouts(prompts: list[list[int]], responses: list[list[int]], sampler_
     return Rollouts(tokens, targets, mask, sampler, adv_B.float(), length_B, experts=experts)
 
 
-def rollout_routes(recorded: list[torch.Tensor], mb: Rollouts) -> list[torch.Tensor]:
-    """The sampler's routes of a micro-batch in the training forward's layout (one [B*T, K] per
-    MoE layer); padding positions, which no sampler saw, keep the training pass's own ids."""
+def rollout_routes(recorded: replay.Routes, mb: Rollouts) -> replay.Routes:
+    """The sampler's routes of a micro-batch in the training forward's layout ([B*T, K] for each
+    MoE layer this rank recorded); padding positions, which no sampler saw, keep the training
+    pass's own ids."""
     if mb.experts is None:
         return recorded
     B, T = mb.tokens_BT.shape
-    out = []
-    for layer, ids in enumerate(recorded):
+    out = {}
+    for layer, ids in recorded.items():
         ids_BTK = ids.view(B, T, -1).clone()
         for b in range(B):
             n = int(mb.length_B[b])
             ids_BTK[b, :n] = mb.experts[b][layer, :n].to(ids.device)
-        out.append(ids_BTK.view(B * T, -1))
+        out[layer] = ids_BTK.view(B * T, -1)
     return out
 
 
@@ -200,20 +200,14 @@ def logits_loss(logits_BTV: torch.Tensor, mb: Rollouts, c: PosttrainConfig,
 def score_pass(learner: Learner, batch: Rollouts, pieces: list[tuple[int, int]], temperature: float,
                record: bool) -> tuple[torch.Tensor, list]:
     """Forward-only log-probabilities of the batch's targets on `learner`'s current weights, micro-
-    batch by micro-batch (the same pieces as training, so recorded routes line up). Under pp > 1
-    through the pipeline, and no routes are recorded (empty lists)."""
+    batch by micro-batch (the same pieces as training, so recorded routes line up); with record,
+    each micro-batch's routes on the MoE layers this rank holds (under pp > 1 the pipeline runs
+    its forwards in the training schedule's order and stages)."""
     mbs = [batch.rows(lo, hi).to(learner.device) for lo, hi in pieces]
     heads = [functools.partial(target_logprobs, targets_BT=mb.targets_BT, temperature=temperature)
              for mb in mbs]
-    routes: list = [[] for _ in pieces]
-
-    @contextlib.contextmanager
-    def recording(i: int):
-        with replay.record(learner.model) as seen:
-            yield
-        routes[i] = seen
-
-    scope = recording if record and learner.pipeline is None else None
+    routes: list[replay.Routes] = [{} for _ in pieces]
+    scope = (lambda i: replay.record(learner.model, routes[i])) if record else None
     out = learner.forward_heads([mb.tokens_BT for mb in mbs], heads, scope)
     return torch.cat([o.cpu() for o in out]), routes
 
@@ -258,9 +252,6 @@ def grpo_step(learner: Learner, reference: Learner | None, task: Task, problems:
 def update_on(learner: Learner, reference: Learner | None, batch: Rollouts, c: PosttrainConfig,
               lr: float) -> dict:
     """updates_per_batch optimizer steps on one rollout batch (old and reference log-probs first)."""
-    if c.routing_replay and learner.pipeline is not None:
-        raise ValueError("posttrain.routing_replay needs parallel.pp=1 (under a pipeline the routes are not "
-                         "recorded per micro-batch yet); set posttrain.routing_replay=false")
     B = len(batch.adv_B)
     pieces = micro_slices(B, c.micro_batches) if B else [(0, 0)] * c.micro_batches
     batch.old_BT, recorded = score_pass(learner, batch, pieces, c.temperature, record=True)
@@ -272,22 +263,23 @@ def update_on(learner: Learner, reference: Learner | None, batch: Rollouts, c: P
     mask = batch.mask_BT
     n_tokens = max(norm.tokens, 1.0)
     out = {"mismatch_k3": learner.global_sum((k3(batch.old_BT, batch.sampler_BT) * mask).sum()) / n_tokens}
-    if any(total for _, total in rollout_agree):
+    moe = learner.model.cfg.n_layers > learner.model.cfg.n_dense_layers  # on every rank alike
+    if moe:
         out["route_agreement_rollout"] = _mean_agreement(learner, rollout_agree)
     for u in range(c.updates_per_batch):
         stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        agree: list[tuple[float, float]] = []
+        seen: list[replay.Routes] = [{} for _ in pieces]  # the training forward's routes
         mbs = [batch.rows(lo, hi).to(learner.device) for lo, hi in pieces]
         heads = [_head(mb, c, norm, stats) for mb in mbs]
-        scope = (None if learner.pipeline is not None
-                 else functools.partial(_routing, learner, routes, c, agree))
-        rec = learner.update_heads([mb.tokens_BT for mb in mbs], heads, lr, scope=scope)
+        rec = learner.update_heads([mb.tokens_BT for mb in mbs], heads, lr,
+                                   scope=functools.partial(_routing, learner.model, c, routes, seen))
         clipped = learner.head_sum(sum(s[0] for s in stats)) / n_tokens
         kl = learner.head_sum(sum(s[1] for s in stats)) / n_tokens
         out.update({"loss": rec["loss"], "grad_norm": rec["grad_norm"], "clip_frac": clipped, "kl": kl,
                     "expert_load": rec["expert_load"]})
-        if agree:
-            out[f"route_agreement_{u}"] = _mean_agreement(learner, agree)
+        if moe and not c.routing_replay:
+            out[f"route_agreement_{u}"] = _mean_agreement(learner, [replay.agreement(a, b)
+                                                                      for a, b in zip(routes, seen)])
     return out
 
 
@@ -304,20 +296,16 @@ def _head(mb: Rollouts, c: PosttrainConfig, norm: Normaliser, stats: list):
     return loss_of
 
 
-@contextlib.contextmanager
-def _routing(learner: Learner, routes: list, c: PosttrainConfig, agree: list, i: int):
-    """Around micro-batch i's training forward: replay the rollout's routes, or record the
-    forward's and append their agreement with the rollout to agree."""
-    model = learner.model
-    with replay.replay(model, routes[i]) if c.routing_replay else replay.record(model) as seen:
-        yield
-    if not c.routing_replay:
-        agree.append(replay.agreement(routes[i], seen))
+def _routing(model, c: PosttrainConfig, routes: list[replay.Routes], seen: list[replay.Routes], i: int):
+    """Around micro-batch i's training forward (or each sub-step of it): replay the rollout's
+    routes, or record the forward's into seen[i] to compare with them."""
+    return replay.replay(model, routes[i], seen[i]) if c.routing_replay else replay.record(model, seen[i])
 
 
 def _mean_agreement(learner: Learner, agree: list[tuple[float, float]]) -> float:
-    same = learner.global_sum(sum(a for a, _ in agree))
-    total = learner.global_sum(sum(n for _, n in agree))
+    """Over every rank of the layout: each pipeline rank counts the MoE layers it holds."""
+    same = learner.head_sum(sum(a for a, _ in agree))
+    total = learner.head_sum(sum(n for _, n in agree))
     return same / total if total else 1.0
 
 

@@ -19,8 +19,9 @@ fn(model(tokens)) per micro-batch; under pp > 1 the pipeline runtime carries the
 last stage, which applies them to its logits (parallel/pipeline/runtime.py: no 1/micro-batches
 on top, root gradient dp as here), and forward_heads' values reach every pipeline rank. The
 micro-batches are then parallel.micro_batches pieces of one shape (rollouts padded to one
-length), and `scope` (a context around one micro-batch's forward, e.g. routing record/replay
-hooks) is pp=1 only: under a pipeline the micro-batches' forwards interleave.
+length). `scope` (i -> a context, e.g. routing record/replay hooks, replay.py) surrounds micro-
+batch i's forward: in one process the whole forward, under pp > 1 each of its forward sub-steps
+on this rank (the micro-batches' forwards interleave there), so a scope must be re-enterable.
 
 Sampling under pp > 1 (sampling_model): generate() decodes through a whole model, so every
 pipeline rank gathers the current weights into an unpruned copy of its own (every tensor summed
@@ -48,7 +49,7 @@ from parallel.data_parallel import all_reduce_expert_load
 from parallel.mesh import Mesh
 from parallel.parallelize import Parallelized, parallelize
 
-# Around micro-batch i's forward (pp=1 only): scope(i) -> a context manager
+# Around micro-batch i's forward (or each of its sub-steps under pp > 1): scope(i) -> a context
 Scope = Callable[[int], contextlib.AbstractContextManager]
 
 
@@ -130,8 +131,9 @@ class Learner:
         return float(t.item())
 
     def head_sum(self, value: torch.Tensor | float) -> float:
-        """global_sum of a value the heads produced: under pp > 1 it exists on the ranks of the last
-        stage (the others hold zeros), so it is summed over pp too."""
+        """global_sum of a value that pipeline ranks produced in parts: the heads' (under pp > 1 on
+        the last stage; the others hold zeros) or the routers' (each rank counts its own layers), so
+        it is summed over pp too."""
         if self.pipeline is None:
             return self.global_sum(value)
         t = torch.as_tensor(value, dtype=torch.float64).reshape(1)
@@ -169,13 +171,12 @@ class Learner:
             pieces = enumerate(zip(tokens_mbs, heads, strict=True))
             return self.update([functools.partial(self._head_loss, i, t, h, scope) for i, (t, h) in pieces],
                                lr, max_norm)
-        self._no_scope(scope)
         engine = self.built.engine
         engine.set_lr(lr)
         self.model.train()
         with engine.accumulate():  # the reducer's dp average, undone by scale=dp as in update()
             total = self.pipeline.train_heads(list(tokens_mbs), list(heads), self.device,
-                                              contextlib.nullcontext, scale=self.mesh.dp)
+                                              contextlib.nullcontext, scale=self.mesh.dp, scope=scope)
         return self._step(total.cpu(), max_norm)
 
     @torch.no_grad()
@@ -187,9 +188,8 @@ class Learner:
         model.eval()
         try:
             if self.pipeline is not None:
-                self._no_scope(scope)
                 return self.pipeline.forward_heads(list(tokens_mbs), list(heads), self.device,
-                                                   contextlib.nullcontext)
+                                                   contextlib.nullcontext, scope)
             pieces = enumerate(zip(tokens_mbs, heads, strict=True))
             return [self._head_loss(i, t, h, scope) for i, (t, h) in pieces]
         finally:
@@ -198,12 +198,6 @@ class Learner:
     def _head_loss(self, i: int, tokens_BT: torch.Tensor, head: Callable, scope) -> torch.Tensor:
         with scope(i) if scope is not None else contextlib.nullcontext():
             return head(self.model(tokens_BT.to(self.device)))
-
-    @staticmethod
-    def _no_scope(scope) -> None:
-        if scope is not None:
-            raise ValueError("a per-micro-batch scope (routing record/replay) needs parallel.pp=1: under "
-                             "a pipeline the micro-batches' forwards interleave")
 
     def _step(self, total: torch.Tensor, max_norm: float) -> dict[str, float]:
         """The optimizer step after the backward passes (total: this rank's loss, float64)."""

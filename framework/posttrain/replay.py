@@ -1,6 +1,6 @@
 """Routing records and routing replay for MoE post-training, by forward hooks on the routers.
 
-    with record(model) as routes:        # routes[l]: the [T, K] expert ids layer l chose
+    with record(model) as routes:        # routes[l]: the [T, K] expert ids main MoE layer l chose
         model(tokens)
     with replay(model, routes):          # the training forward uses exactly those experts;
         model(tokens)                    # the gate weights come from the current scores
@@ -15,42 +15,60 @@ here: the router has no hook to take given ids; the issue's report asks for one 
 Two side effects of doing it from outside: the router's own expert_load counts its own choice,
 not the replayed one, and the node/group limit is not re-applied (the recorded ids obeyed it).
 
-A model whose forward is called several times inside one context records (or replays) the calls
-in order: routes hold one entry per router call.
+Routes are keyed by main MoE layer (0 = the first MoE block, the sampler's order), not by call
+order, so the hooks work on any layout: under a pipeline a rank holds some layers and enters a
+micro-batch's context once per sub-step of its forward (parallel/pipeline/runtime.py's scope),
+in an order interleaved with other micro-batches; `record(model, into)` adds to one dict per
+micro-batch across those entries. A recompute in backward re-runs the router outside any
+context, so replay is refused with model.recompute (posttrain/config.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import torch
 
 from framework.model.moe import Router
 
+Routes = dict[int, torch.Tensor]  # main MoE layer -> [T, K] expert ids of one micro-batch's tokens
 
-def _routers(model) -> list[Router]:
-    return [m for m in model.modules() if isinstance(m, Router)]
+
+def main_routers(model) -> dict[int, Router]:
+    """The routers of the main blocks this rank holds, by MoE layer (MTP blocks excluded: the
+    sampler does not route through them)."""
+    out = {}
+    for name, module in model.named_modules():
+        match = re.fullmatch(r"blocks\.(\d+)\..*", name)
+        if isinstance(module, Router) and match:
+            out[int(match.group(1)) - model.cfg.n_dense_layers] = module
+    return out
 
 
 @contextlib.contextmanager
-def nothing() -> Iterator[None]:
-    yield None
-
-
-@contextlib.contextmanager
-def record(model) -> Iterator[list[torch.Tensor]]:
-    routes: list[torch.Tensor] = []
-
-    def hook(router, args, output):
-        routes.append(output[0].detach().clone())
-
-    handles = [r.register_forward_hook(hook) for r in _routers(model)]
+def _hooked(model, hook_of) -> Iterator[None]:
+    handles = [r.register_forward_hook(hook_of(layer)) for layer, r in main_routers(model).items()]
     try:
-        yield routes
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def record(model, into: Routes | None = None) -> Iterator[Routes]:
+    """Router calls in this context write their ids into `into` (a new dict by default)."""
+    routes: Routes = {} if into is None else into
+
+    def hook_of(layer: int):
+        def hook(router, args, output):
+            routes[layer] = output[0].detach().clone()
+        return hook
+
+    with _hooked(model, hook_of):
+        yield routes
 
 
 def gate_weights(router: Router, s_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
@@ -62,37 +80,38 @@ def gate_weights(router: Router, s_TE: torch.Tensor, idx_TK: torch.Tensor) -> to
 
 
 @contextlib.contextmanager
-def replay(model, routes: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
-    """Router calls in this context take the recorded ids, in call order; yields the ids used."""
-    used: list[torch.Tensor] = []
+def replay(model, routes: Routes, used: Routes | None = None) -> Iterator[Routes]:
+    """Router calls in this context take the recorded ids of their layer; yields (and adds to
+    `used`) the ids each layer used."""
+    used = {} if used is None else used
 
-    def hook(router, args, output):
-        if len(used) >= len(routes):
-            raise RuntimeError(f"routing replay: {len(routes)} routes recorded, more router calls made")
-        idx_TK = routes[len(used)].to(output[0].device)
-        if idx_TK.shape != output[0].shape:
-            raise RuntimeError(f"routing replay: recorded ids {tuple(idx_TK.shape)} for a router call with "
-                               f"{tuple(output[0].shape)}; replay the same micro-batch")
-        s_TE = output[2]
-        used.append(idx_TK)
-        return idx_TK, gate_weights(router, s_TE, idx_TK), s_TE
+    def hook_of(layer: int):
+        def hook(router, args, output):
+            if layer not in routes:
+                raise RuntimeError(f"routing replay: no route recorded for MoE layer {layer}; replay the "
+                                   "micro-batch the routes were recorded on")
+            idx_TK = routes[layer].to(output[0].device)
+            if idx_TK.shape != output[0].shape:
+                raise RuntimeError(f"routing replay: recorded ids {tuple(idx_TK.shape)} for a router call with "
+                                   f"{tuple(output[0].shape)}; replay the same micro-batch")
+            s_TE = output[2]
+            used[layer] = idx_TK
+            return idx_TK, gate_weights(router, s_TE, idx_TK), s_TE
+        return hook
 
-    handles = [r.register_forward_hook(hook) for r in _routers(model)]
-    try:
+    with _hooked(model, hook_of):
         yield used
-    finally:
-        for h in handles:
-            h.remove()
 
 
-def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
-    """(decisions in both, decisions) over every router call: a decision is a (token, expert)
-    selection, so the order of the top-k does not matter."""
+def agreement(a: Routes, b: Routes) -> tuple[float, float]:
+    """(decisions in both, decisions) over the layers of b (each must be in a): a decision is a
+    (token, expert) selection, so the order of the top-k does not matter."""
     same = total = 0.0
-    for x_TK, y_TK in zip(a, b):
+    for layer, y_TK in b.items():
+        x_TK = a[layer]
         E = int(max(x_TK.max(), y_TK.max())) + 1
         hot_x = torch.zeros(x_TK.shape[0], E).scatter_(1, x_TK.cpu(), 1.0)
         hot_y = torch.zeros(y_TK.shape[0], E).scatter_(1, y_TK.cpu(), 1.0)
         same += float((hot_x * hot_y).sum())
-        total += x_TK.numel()
+        total += y_TK.numel()
     return same, total

@@ -149,23 +149,25 @@ class PipelineEngine:
         return [t.to(device) for t in tokens_mbs], shape, boundary_dtype(device, autocast)
 
     def train_heads(self, tokens_mbs: list[torch.Tensor], heads: list, device, autocast,
-                    scale: float) -> torch.Tensor:
+                    scale: float, scope=None) -> torch.Tensor:
         """Forward and backward of per-micro-batch losses heads[mb](logits_BTV), each already a
         share of a globally normalised objective (the runtime's docstring: no 1/micro-batches,
-        root gradient `scale`). Returns the sum of the shares, float64, on every pipeline rank."""
+        root gradient `scale`). Returns the sum of the shares, float64, on every pipeline rank.
+        scope(mb): a context around each forward computation of mb on this rank (runner.step)."""
         tokens, shape, dtype = self._heads_args(tokens_mbs, heads, device, autocast)
-        out = self.runner.step(tokens, None, shape, dtype, device, autocast, heads=heads, scale=scale)
+        out = self.runner.step(tokens, None, shape, dtype, device, autocast, heads=heads, scale=scale,
+                               scope=scope)
         total = sum((loss.double() for loss in out.losses.values()), torch.zeros((), dtype=torch.float64))
         return self.sum_over_pp(total.to(comm.collective_device(self.mesh.pp_group)))
 
     @torch.no_grad()
     def forward_heads(self, tokens_mbs: list[torch.Tensor], heads: list, device,
-                      autocast) -> list[torch.Tensor]:
+                      autocast, scope=None) -> list[torch.Tensor]:
         """Forward only: heads[mb](logits_BTV) for per-token values (each [b, T], fp32, as the
         micro-batch's tokens), computed on the last stage and summed over pp (the other ranks
         add zeros), so every pipeline rank returns them."""
         tokens, shape, dtype = self._heads_args(tokens_mbs, heads, device, autocast)
-        out = self.runner.forward_only(tokens, None, shape, dtype, device, autocast, heads=heads)
+        out = self.runner.forward_only(tokens, None, shape, dtype, device, autocast, heads=heads, scope=scope)
         where = comm.collective_device(self.mesh.pp_group)
         flat = torch.stack([out.logits[mb].float() if mb in out.logits else torch.zeros(t.shape)
                             for mb, t in enumerate(tokens)]).to(where)

@@ -47,6 +47,7 @@ Legend: B micro-batch sequences, T sequence, D model dim.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections import deque
@@ -214,7 +215,7 @@ class PipelineRunner:
         stage = self.stages[phase]
         x = self._tokens[mb] if stage.is_first else self._take("act", stage_id, mb)
         start = time.perf_counter()
-        with self._autocast():
+        with self._mb_autocast(mb)():
             if stage.is_last and self._targets is not None:
                 loss, parts = stage.loss(x, self._targets[mb])
                 self.out.losses[mb], self.out.parts[mb] = loss.detach(), parts
@@ -228,7 +229,20 @@ class PipelineRunner:
 
     def _ctx(self, mb: int) -> StepContext:
         trace = None if self.trace is None else (lambda event, name: self.trace(event, f"{name}@{mb}"))
-        return StepContext(self._scale, self._autocast, trace, aux_scale=self._aux_scale)
+        return StepContext(self._scale, self._mb_autocast(mb), trace, aux_scale=self._aux_scale)
+
+    def _mb_autocast(self, mb: int):
+        """What each forward computation of `mb` runs inside: autocast, and the caller's scope(mb)
+        (e.g. routing record/replay hooks), entered once per sub-step."""
+        if self._scope is None:
+            return self._autocast
+
+        @contextlib.contextmanager
+        def both():
+            with self._autocast(), self._scope(mb):
+                yield
+
+        return both
 
     def _pass(self, phase: int, mb: int) -> StagePass:
         """A training forward of `mb` through this rank's stage of `phase`, not yet run."""
@@ -309,12 +323,12 @@ class PipelineRunner:
 
     # --- one step ------------------------------------------------------------------------
     def _setup(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, hidden_shape,
-               dtype, device, autocast, heads=None, scale: float = 1.0) -> None:
+               dtype, device, autocast, heads=None, scale: float = 1.0, scope=None) -> None:
         if heads is not None and len(heads) != self.placement.chunks:
             raise ValueError(f"{len(heads)} heads for {self.placement.chunks} micro-batches")
         self._tokens, self._targets, self._heads = tokens, targets, heads
         self._shape, self._dtype, self._device = hidden_shape, dtype, device
-        self._autocast = autocast
+        self._autocast, self._scope = autocast, scope
         # Heads are normalised by the caller (module docstring): their scale, no balance roots.
         self._scale = 1.0 / self.placement.chunks if heads is None else scale
         self._aux_scale = None if heads is None else 0.0
@@ -333,12 +347,13 @@ class PipelineRunner:
 
     def step(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, hidden_shape: tuple,
              dtype: torch.dtype, device: torch.device, autocast, heads=None,
-             scale: float = 1.0) -> StepOutput:
+             scale: float = 1.0, scope=None) -> StepOutput:
         """Forward and backward of every micro-batch (lists indexed by global micro-batch id;
         entries this rank never reads may be anything). Gradients accumulate into .grad.
         heads: per micro-batch, fn(logits_BTV) -> its loss, instead of targets; its root's
-        gradient is `scale` (module docstring)."""
-        self._setup(tokens, targets, hidden_shape, dtype, device, autocast, heads, scale)
+        gradient is `scale` (module docstring). scope: mb -> a context every forward computation
+        of mb runs inside (none of its backward)."""
+        self._setup(tokens, targets, hidden_shape, dtype, device, autocast, heads, scale, scope)
         self._warm_up()
         for k, action in enumerate(self.actions):
             self._note("action", str(action))
@@ -359,10 +374,10 @@ class PipelineRunner:
 
     @torch.no_grad()
     def forward_only(self, tokens: list[torch.Tensor], targets: list[torch.Tensor] | None, hidden_shape,
-                     dtype, device, autocast, heads=None) -> StepOutput:
+                     dtype, device, autocast, heads=None, scope=None) -> StepOutput:
         """Evaluation: the schedule's forwards in the same order, on their own plan. With
         targets: losses; without: logits on the last stage (heads given: heads[mb](logits))."""
-        self._setup(tokens, targets, hidden_shape, dtype, device, autocast, heads)
+        self._setup(tokens, targets, hidden_shape, dtype, device, autocast, heads, scope=scope)
         self._warm_up()
         for k, action in enumerate(self.eval_actions):
             self._communicate(k, self._eval_plan[k])
