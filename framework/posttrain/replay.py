@@ -92,8 +92,8 @@ def replay(model, routes: Routes, used: Routes | None = None) -> Iterator[Routes
                                    "micro-batch the routes were recorded on")
             idx_TK = routes[layer].to(output[0].device)
             if idx_TK.shape != output[0].shape:
-                raise RuntimeError(f"routing replay: recorded ids {tuple(idx_TK.shape)} for a router call with "
-                                   f"{tuple(output[0].shape)}; replay the same micro-batch")
+                raise RuntimeError(f"routing replay: recorded ids {tuple(idx_TK.shape)} for a router call "
+                                   f"with {tuple(output[0].shape)}; replay the same micro-batch")
             s_TE = output[2]
             used[layer] = idx_TK
             return idx_TK, gate_weights(router, s_TE, idx_TK), s_TE
