@@ -4,12 +4,17 @@
     duet-r1 posttrain=ci grpo_steps=10       # another preset of configs/posttrain/, any key overridden
     duet-r1 task=sorting loss_agg=dapo dynamic_sampling=true epsilon_high=0.28
     duet-r1 --cfg                            # print the composed config and exit
+    torchrun --nproc-per-node 4 -m launch.r1 parallel.dp=4 parallel.ep=2    # on a layout (gloo)
 
 Prints greedy accuracy and mean reward after every stage, one line per GRPO step, and writes into
 run_dir: grpo.jsonl (one record per GRPO step), summary.json (every stage's numbers) and the plots
 reward.png, accuracy.png, response_length.png over the RL steps. Every bad input (an unknown key,
 malformed SFT rows, group_size 1, a prompt longer than the context, a reward that fails on a dry
 sample) is one line and exit status 2 before anything trains.
+
+Layouts: every model is built by parallelize() on `parallel.*` / `engine.*` (duet-train's keys).
+A layout of several ranks runs under torchrun, one worker per rank (gloo on the CPU); rank 0
+prints and writes the outputs, every rank computes the same global numbers.
 """
 
 from __future__ import annotations
@@ -129,6 +134,15 @@ def write_outputs(c, result) -> Path:
     return run_dir
 
 
+def layout_mesh(c):
+    """Join torchrun's process group (gloo: the post-training path runs on the CPU) and build c's
+    layout on it."""
+    from parallel.mesh import Layout, build_mesh, init_distributed
+
+    init_distributed("gloo")
+    return build_mesh(Layout.from_config(c.parallel))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
@@ -151,16 +165,29 @@ def main(argv: list[str] | None = None) -> int:
     if lines:
         return fail(lines)
 
+    import os
+
     import torch
 
     from framework.errors import DataError, TrainingError
     from framework.posttrain.driver import run
+    from launch.spawn import in_torchrun_worker
 
+    world = c.parallel.pp * c.parallel.dp
+    started = int(os.environ["WORLD_SIZE"]) if in_torchrun_worker() else 1
+    if started != world:
+        return fail([f"the layout needs parallel.pp * parallel.dp = {world} ranks and {started} "
+                     f"{'was' if started == 1 else 'were'} started; run torchrun --nproc-per-node {world} "
+                     "-m launch.r1 ... (or change the layout)"])
     torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
-        result, _ = run(c)
+        mesh = layout_mesh(c) if world > 1 else None
+        lead = mesh is None or mesh.rank == 0
+        result, _ = run(c, mesh, say=print if lead else lambda line: None)
     except (DataError, TrainingError) as err:
         return fail([str(err)])
+    if not lead:
+        return 0
     run_dir = write_outputs(c, result)
     print(f"duet-r1: wrote grpo.jsonl, summary.json, reward.png, accuracy.png, response_length.png "
           f"in {run_dir}")

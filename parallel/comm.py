@@ -474,6 +474,16 @@ def all_to_all_single(out: torch.Tensor, t: torch.Tensor, out_splits: Sequence[i
                   async_op, copy_back, out, timer)
 
 
+def all_gather_objects(items: list, group: Group = None) -> list:
+    """Every rank's list of picklable items, concatenated in group-rank order (host-side, for
+    small control data such as post-training's rejection-sampled rows; gloo groups only)."""
+    if not _active(group):
+        return list(items)
+    parts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, items, group=group)
+    return [x for part in parts for x in part]
+
+
 def barrier(group: Group = None, async_op: bool = False) -> Handle:
     if not _active(group):
         return _local()

@@ -131,7 +131,7 @@ def test_sft_gradients_are_those_of_the_response_targets_only():
         loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
-    ours = grads(response_ce(model, batch, n))
+    ours = grads(response_ce(model(batch.tokens_BT), batch, n))
     # The reference: cross-entropy of the response positions only, picked out by hand.
     logits = model(batch.tokens_BT)
     picked, wanted = [], []
@@ -139,15 +139,14 @@ def test_sft_gradients_are_those_of_the_response_targets_only():
         p, r = len(encode(row.prompt)), len(encode(row.completion)) + 1
         picked.append(logits[b, p - 1:p - 1 + r])
         wanted.append(batch.targets_BT[b, p - 1:p - 1 + r])
-    balance = sum(m.aux_loss for m in model.moe_layers())
-    reference = grads(F.cross_entropy(torch.cat(picked), torch.cat(wanted)) + balance)
+    reference = grads(F.cross_entropy(torch.cat(picked), torch.cat(wanted)))
     assert calc_diff(ours, reference) < 1e-10
     # Prompt targets (mask false) are any tokens at all: the gradients do not move a bit.
     changed = collate(rows)
     noise = torch.randint(0, 256, changed.mask_BT.shape)
     changed.targets_BT = torch.where(changed.mask_BT, changed.targets_BT, noise)
     assert not torch.equal(changed.targets_BT, batch.targets_BT)
-    assert torch.equal(grads(response_ce(model, changed, n)), ours)
+    assert torch.equal(grads(response_ce(model(changed.tokens_BT), changed, n)), ours)
 
 
 # --------------------------------------------------------------------------- the GRPO objective
@@ -263,7 +262,8 @@ def test_rejection_sample_keeps_only_verified_correct_answers(monkeypatch):
 
     monkeypatch.setattr(distill, "sample", stub_sample)
     c = PosttrainConfig(group_size=4, temperature=1.0)
-    rows = distill.rejection_sample(SimpleNamespace(model=None, ep_group=None), task, problems, c, seed=0)
+    policy = SimpleNamespace(sampling_model=lambda: None, ep_group=None)
+    rows = distill.rejection_sample(policy, task, problems, c, seed=0)
     assert seen == {"n": 12, "temperature": 1.0}  # G samples per problem at the RL temperature
     assert rows == [Row("57+68=", "<think>1</think>125"), Row("99+99=", "<think></think>198")]
     assert all(accuracy_reward(task, p, r.completion) for p, r in zip([problems[0], problems[2]], rows))

@@ -109,8 +109,8 @@ def test_student_distilled_from_rejection_samples_gets_measurable_accuracy(one_t
         return [encode(t) + [END] for t in texts], [[0.0] * (len(t) + 1) for t in texts], None
 
     monkeypatch.setattr(distill, "sample", stub_sample)
-    rows = distill.rejection_sample(SimpleNamespace(model=None, ep_group=None), task, list(problems.values()),
-                                    c, seed=0)
+    policy = SimpleNamespace(sampling_model=lambda: None, ep_group=None)
+    rows = distill.rejection_sample(policy, task, list(problems.values()), c, seed=0)
     assert len(rows) == len(problems)  # every problem solved once: one row each, only right answers
     assert all(task.verify(problems[r.prompt], r.completion.split("</think>")[1]) for r in rows)
     mesh = Mesh.single()

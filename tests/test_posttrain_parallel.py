@@ -15,6 +15,7 @@ rollouts sampled on the pipeline ranks' gathered copy of the weights equal the o
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import torch
 
@@ -177,3 +178,84 @@ def test_grpo_update_under_pp2_equals_one_process():
             assert all(set(r["grads"]) == held for r in ranks)
         else:
             assert not set(ranks[0]["grads"]) & set(ranks[-1]["grads"])  # pp rank 0 vs pp rank 1
+
+
+# --------------------------------------------------------------------------- SFT on every layout
+
+SFT_STEPS = 3
+# (name, parallel sizes, engine) on 4 ranks; each is held to the one process's per-step losses
+SFT_LAYOUTS = (("ep2 x dp4, ZeRO-1", {"dp": 4, "ep": 2, "zero1": True}, "native"),
+               ("pp2 x dp2, 1F1B", {"pp": 2, "dp": 2, "micro_batches": 2}, "native"),
+               ("ep2 x dp4, DeepSpeed ZeRO-1", {"dp": 4, "ep": 2}, "deepspeed"))
+
+
+def sft_rows() -> list:
+    """Fixed SFT rows of differing lengths (prompt and response), so padding and masks vary."""
+    from framework.posttrain.rewards import reference_completion
+    from framework.posttrain.sft import Row
+
+    task = build_task("addition", 2)
+    return [Row(p.prompt, reference_completion(p)) for p in task.problems(24, seed=4)]
+
+
+def sft_losses(mesh: Mesh, sizes: dict | None = None, engine: str = "native") -> list[float]:
+    """SFT_STEPS supervised steps on this rank's share of batches of 8 rows; the global losses."""
+    from framework.posttrain import driver
+
+    c = PosttrainConfig(batch_size=8)
+    c.parallel = dataclasses.replace(c.parallel, **(sizes or {}))
+    c.engine.name = engine
+    learner = Learner.build(c.policy, train_config(c, mesh), mesh, torch.device("cpu"), seed=3)
+    rows_of = driver.file_rows(sft_rows(), c, mesh.dp_rank, mesh.dp)
+    return driver.supervised(learner, rows_of, SFT_STEPS, 3e-3)
+
+
+def sft_worker(rank: int, world: int) -> list[list[float]]:
+    from parallel.mesh import Layout, build_mesh
+
+    out = []
+    for _, sizes, engine in SFT_LAYOUTS:
+        parallel = dataclasses.replace(PosttrainConfig().parallel, **sizes)
+        out.append(sft_losses(build_mesh(Layout.from_config(parallel)), sizes, engine))
+    return out
+
+
+def test_sft_on_every_layout_equals_one_process():
+    """SFT (response-token CE over the global target count) under expert parallelism with ZeRO-1,
+    a pipeline (the loss a head on the last stage's logits, 2 micro-batches) and DeepSpeed's
+    ZeRO-1: each step's loss equals one process's on the whole batch (1e-6), so every update did."""
+    single = sft_losses(Mesh.single())
+    assert single[0] > single[-1]  # it trains
+    runs = run_ranks(sft_worker, 4)
+    for k, (name, _, _) in enumerate(SFT_LAYOUTS):
+        for r in runs:
+            assert len(r[k]) == SFT_STEPS
+            assert max(abs(a - b) for a, b in zip(r[k], single)) < 1e-6, (name, r[k], single)
+
+
+TINY_R1 = ["pretrain_steps=4", "pretrain_until=0", "sft_steps=2", "grpo_steps=2", "prompts_per_step=4",
+           "group_size=2", "distill_prompts=4", "distill_steps=2", "eval_prompts=8", "batch_size=8"]
+
+
+def r1_worker(rank: int, world: int, run_dir: str) -> int:
+    from launch.r1 import main
+
+    return main(TINY_R1 + ["parallel.dp=2", "parallel.ep=2", "engine.name=deepspeed", f"run_dir={run_dir}"])
+
+
+def test_duet_r1_runs_the_whole_path_on_a_layout(tmp_path, capsys):
+    """duet-r1 under torchrun's environment (2 gloo ranks: ep2 x dp2, DeepSpeed ZeRO-1): every
+    stage runs, rank 0 alone writes the outputs; outside torchrun the same layout is refused."""
+    from launch.r1 import main
+
+    run_dir = tmp_path / "r1"
+    assert main(TINY_R1 + ["parallel.dp=2", "parallel.ep=2", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the layout needs parallel.pp * parallel.dp = 2 ranks and 1 was" in err[0]
+    assert not run_dir.exists()
+    assert run_ranks(r1_worker, 2, str(run_dir)) == [0, 0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary["stages"]) == ["pre-train", "SFT", "GRPO", "student"][:len(summary["stages"])]
+    assert len(summary["stages"]) >= 3
+    assert len((run_dir / "grpo.jsonl").read_text().splitlines()) == 2
+    assert {p.name for p in run_dir.glob("*.png")} == {"reward.png", "accuracy.png", "response_length.png"}

@@ -5,11 +5,21 @@ framework/config.py holds the training run's groups; this group configures frame
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from framework.config import ModelConfig, _model_problems
+from framework.config import (
+    EngineConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+    _model_problems,
+    engine_problems,
+    layout_problems,
+)
 
 
 def _micro_policy() -> ModelConfig:
@@ -83,10 +93,53 @@ class PosttrainConfig:
     eval_prompts: int = 256  # fixed held-out problems for greedy accuracy
     eval_interval: int = 5  # GRPO steps between greedy evaluations (and the last step); 0 = only the last
     run_dir: str = "runs/r1"
+    # The layout and engine of every model (policy, reference, student), as duet-train's groups:
+    # under torchrun, world = parallel.pp * parallel.dp ranks (gloo on CPU). Under pp > 1 a step's
+    # rows are parallel.micro_batches pieces of one shape, so GRPO's micro_batches must equal it.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # native, or deepspeed (ZeRO 1-3, pp=1)
 
 
 POSTTRAIN_TASKS = ("addition", "sorting", "countdown")
 LOSS_AGGS = ("grpo", "dapo", "dr_grpo")
+
+
+def train_config(c: PosttrainConfig, mesh=None) -> TrainConfig:
+    """The TrainConfig parallelize() reads: the policy, fp32 on the CPU, c's layout and engine
+    (the sizes of `mesh` where one is given: tests build their own)."""
+    cfg = TrainConfig(seed=c.seed, device="cpu", run_dir=c.run_dir)
+    cfg.model = c.policy
+    cfg.optim = OptimConfig(lr=c.sft_lr, min_lr=0.0, weight_decay=0.0, grad_clip=1.0, warmup_steps=0,
+                            schedule="constant")
+    cfg.parallel, cfg.engine = copy.deepcopy(c.parallel), copy.deepcopy(c.engine)
+    cfg.data.batch_size = c.batch_size
+    if mesh is not None and not mesh.is_single:
+        cfg.parallel.pp, cfg.parallel.dp, cfg.parallel.ep = mesh.pp, mesh.dp, mesh.ep
+    return cfg
+
+
+def _layout_lines(c: PosttrainConfig) -> list[str]:
+    """duet-train's layout and engine checks, in duet-r1's key names, plus post-training's own."""
+    lines = [line.replace("data.batch_size", "batch_size").replace("model.", "policy.")
+             for line in layout_problems(train_config(c)) + engine_problems(train_config(c))
+             if not line.startswith("launch.")]
+    par = c.parallel
+    if par.pp > 1 and c.micro_batches != par.micro_batches:
+        lines.append(f"micro_batches={c.micro_batches}: under parallel.pp > 1 GRPO's pieces are the "
+                     f"pipeline's; set micro_batches={par.micro_batches} (parallel.micro_batches)")
+    if par.pp > 1 and c.dynamic_sampling:
+        lines.append("dynamic_sampling=true with parallel.pp > 1: the kept rollouts would not split into "
+                     "parallel.micro_batches pieces of one shape; use parallel.pp=1")
+    if par.pp > 1 and (c.prompts_per_step // par.dp * c.group_size) % par.micro_batches:
+        lines.append(f"prompts_per_step={c.prompts_per_step}: each dp rank's rollouts (prompts_per_step / "
+                     f"parallel.dp x group_size) must split into parallel.micro_batches={par.micro_batches}")
+    if c.engine.name == "deepspeed" and c.engine.zero_stage == 3:
+        lines.append("engine.zero_stage=3: sampling reads the weights outside a forward, where ZeRO-3 holds "
+                     "only partitions; use engine.zero_stage=1 or 2")
+    if c.prompts_per_step % par.dp or c.distill_prompts % par.dp:
+        lines.append(f"prompts_per_step={c.prompts_per_step}, distill_prompts={c.distill_prompts}: each must "
+                     f"be divisible by parallel.dp={par.dp}")
+    return [f"posttrain.{line}" for line in lines]
 
 
 def posttrain_problems(c: PosttrainConfig) -> list[str]:
@@ -130,6 +183,7 @@ def posttrain_problems(c: PosttrainConfig) -> list[str]:
         p.append(f"posttrain.mtp={c.mtp!r}: choose drop or freeze")
     if not c.rewards:
         p.append("posttrain.rewards is empty: give at least one, e.g. {accuracy: 1.0, format: 0.1}")
+    p += _layout_lines(c)
     if c.sft_data and not Path(c.sft_data).expanduser().is_file():
         p.append(f"posttrain.sft_data={c.sft_data!r}: file not found; give a .jsonl path or \"\" for "
                  "rows generated from the task")

@@ -19,7 +19,8 @@ def rejection_sample(policy: Learner, task: Task, problems: list[Problem], c: Po
     """group_size samples per problem at the RL temperature; keep the first correct, well-formed
     completion of each problem (problems the policy never solves contribute nothing)."""
     prompts = [encode(p.prompt) for p in problems for _ in range(c.group_size)]
-    responses, _, _ = sample(policy.model, prompts, c.max_new_tokens, c.temperature, seed, policy.ep_group)
+    responses, _, _ = sample(policy.sampling_model(), prompts, c.max_new_tokens, c.temperature, seed,
+                             policy.ep_group)
     rows = []
     for i, problem in enumerate(problems):
         for text in (decode(r) for r in responses[i * c.group_size:(i + 1) * c.group_size]):

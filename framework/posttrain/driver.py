@@ -19,26 +19,28 @@ and the GRPO records; each rank runs the same code on its own share of every bat
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from framework.config import OptimConfig, TrainConfig
+from framework.config import OptimConfig
 from framework.optim import lr_at
-from framework.posttrain.config import PosttrainConfig
+from framework.posttrain.config import PosttrainConfig, train_config
 from framework.posttrain.distill import rejection_sample
-from framework.posttrain.grpo import grpo_step, train_problems
+from framework.posttrain.grpo import grpo_step, micro_slices, train_problems
 from framework.posttrain.learner import Learner
 from framework.posttrain.rewards import accuracy_reward, reference_completion, total_rewards
 from framework.posttrain.rollout import sample
 from framework.posttrain.sft import Row, collate, decode, encode, load_rows, response_ce
 from framework.posttrain.tasks import Problem, Task, build_task
+from parallel import comm
 from parallel.mesh import Mesh
 
 HELDOUT_SEED = 1_000_003  # the held-out problems' seed offset: no training stream uses it
-STOP_EVERY = 25  # steps between the checks of pretrain_until
+STOP_EVERY = 10  # steps between the checks of pretrain_until
 
 
 @dataclass
@@ -46,17 +48,6 @@ class R1Result:
     stages: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> accuracy, reward, ...
     grpo: list[dict] = field(default_factory=list)  # one record per GRPO step
     distilled_rows: int = 0
-
-
-def train_config(c: PosttrainConfig, mesh: Mesh | None = None) -> TrainConfig:
-    """The TrainConfig parallelize() reads: the layout of `mesh`, fp32, duet's native engine."""
-    cfg = TrainConfig(seed=c.seed, device="cpu", run_dir=c.run_dir)
-    cfg.model = c.policy
-    cfg.optim = OptimConfig(lr=c.sft_lr, min_lr=0.0, weight_decay=0.0, grad_clip=1.0, warmup_steps=0,
-                            schedule="constant")
-    if mesh is not None and not mesh.is_single:
-        cfg.parallel.dp, cfg.parallel.ep = mesh.dp, mesh.ep
-    return cfg
 
 
 def schedule(lr: float, steps: int) -> Callable[[int], float]:
@@ -70,8 +61,8 @@ def evaluate(learner: Learner, task: Task, problems: list[Problem], c: Posttrain
              template: bool = True) -> dict[str, float]:
     """Greedy accuracy, mean reward and response length (tokens, END included) on `problems`.
     template=False (after pre-training, which saw no template): accuracy of the bare answer."""
-    responses, _, _ = sample(learner.model, [encode(p.prompt) for p in problems], c.max_new_tokens, 0.0, 0,
-                             learner.ep_group)
+    prompts = [encode(p.prompt) for p in problems]
+    responses, _, _ = sample(learner.sampling_model(), prompts, c.max_new_tokens, 0.0, 0, learner.ep_group)
     texts = [decode(r) for r in responses]
     rewards, _ = total_rewards(c.rewards, task, problems, texts)
     correct = [accuracy_reward(task, p, t) if template else float(task.verify(p, t))
@@ -83,15 +74,18 @@ def evaluate(learner: Learner, task: Task, problems: list[Problem], c: Posttrain
 
 def supervised(learner: Learner, rows_of: Callable[[int], list[Row]], steps: int, lr: float,
                whole: bool = False, stop: Callable[[], bool] | None = None) -> list[float]:
-    """`steps` optimizer steps; step s trains on rows_of(s) (this rank's share). `stop`, asked
-    every STOP_EVERY steps, ends the stage early when it returns True."""
+    """`steps` optimizer steps; step s trains on rows_of(s) (this rank's share), cut into the
+    layout's micro-batches (parallel.micro_batches pieces of one padded shape). `stop`, asked
+    every STOP_EVERY steps, ends the stage early when it returns True. Returns the global losses."""
     lr_of, losses = schedule(lr, steps), []
     for step in range(steps):
         if stop is not None and step and step % STOP_EVERY == 0 and stop():
             break
         batch = collate(rows_of(step), whole=whole).to(learner.device)
         n_targets = learner.global_sum(batch.mask_BT.sum())
-        rec = learner.update([lambda b=batch, n=n_targets: response_ce(learner.model, b, n)], lr_of(step))
+        pieces = [batch.rows(lo, hi) for lo, hi in micro_slices(len(batch.tokens_BT), learner.micro_batches)]
+        heads = [functools.partial(response_ce, batch=mb, n_targets=n_targets) for mb in pieces]
+        rec = learner.update_heads([mb.tokens_BT for mb in pieces], heads, lr_of(step))
         losses.append(rec["loss"])
     return losses
 
@@ -169,14 +163,15 @@ def run(c: PosttrainConfig, mesh: Mesh | None = None, device: torch.device | Non
     if c.distill_steps:
         problems = train_problems(task, c.distill_prompts // dp, c.seed, -1, rank)
         rows = rejection_sample(policy, task, problems, c, seed=(c.seed * 100_003 + 99_991 + rank) * 4096)
-        result.distilled_rows = int(policy.global_sum(len(rows)))
+        rows = comm.all_gather_objects(rows, mesh.dp_group)  # every rank: the whole set, in rank order
+        result.distilled_rows = len(rows)
         say(f"duet-r1: rejection sampling kept {result.distilled_rows} correct answers of "
             f"{c.distill_prompts} prompts")
         if rows:
             student = Learner.build(c.student, cfg, mesh, device, seed=c.seed + 1)
             # The student's pre-training gets the teacher's budget (the steps the policy took).
             supervised(student, text, pretrained, c.pretrain_lr, whole=True)
-            supervised(student, file_rows(rows, c, 0, 1), c.distill_steps, c.distill_lr)
+            supervised(student, file_rows(rows, c, rank, dp), c.distill_steps, c.distill_lr)
             report("student", student)
     return result, policy
 

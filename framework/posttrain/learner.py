@@ -101,6 +101,11 @@ class Learner:
         return whole.to(self.device)
 
     @property
+    def micro_batches(self) -> int:
+        """Pieces per step on this layout (under pp > 1 the pipeline's micro-batches)."""
+        return self.cfg.parallel.micro_batches
+
+    @property
     def pipeline(self):
         """The PipelineEngine under pp > 1, else None."""
         return self.built.pipeline
@@ -154,12 +159,10 @@ class Learner:
         total = torch.zeros((), dtype=torch.float64)
         with engine.accumulate():  # on exit: gradients reduced over dp (once, after the last piece)
             for i, closure in enumerate(closures):
-                last = i == len(closures) - 1
-                with contextlib.nullcontext() if last else engine.reducer.no_sync():
-                    loss = closure()
-                    if after_forward is not None:
-                        after_forward()
-                    engine.backward(loss * dp)
+                loss = closure()
+                if after_forward is not None:
+                    after_forward()
+                engine.backward(loss * dp, last=i == len(closures) - 1)
                 total += loss.detach().double().cpu()
         return self._step(total, max_norm)
 

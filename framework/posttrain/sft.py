@@ -3,7 +3,7 @@ end token, jsonl rows, padded batches whose loss targets are the response tokens
 
     rows = load_rows("sft.jsonl")                  # {"messages": [...]} or {"prompt", "completion"}
     batch = collate(rows[:16])                     # tokens/targets/mask, [B, T] each
-    loss = response_ce(model, batch, n_targets)    # sum of response-token CE / n_targets
+    loss = response_ce(model(batch.tokens_BT), batch, n_targets)   # response-token CE sum / n_targets
 
 Template. A row is prompt + completion + END: the completion is R1's `<think>...</think>` then
 the answer (tasks.py and rewards.reference_completion build it; jsonl rows bring their own).
@@ -21,6 +21,11 @@ attention crosses documents because no sequence holds two.
 Normalisation: the loss is the sum of the response tokens' CE divided by the global number of
 response targets (every micro-batch, every data-parallel rank), so micro-batching and dp give
 the token-level mean of one big batch, not a mean of per-micro-batch means.
+
+The loss is a function of the logits only (a head, Learner.update_heads), so it runs on every
+layout, a pipeline's last stage included. It holds no sequence-wise balance term (the MoE
+layers' aux loss, alpha 1e-4): post-training balances experts with the aux-loss-free bias alone
+(posttrain.bias_update), as GRPO does.
 
 Legend: B rows, T positions, V vocabulary.
 """
@@ -148,20 +153,9 @@ def collate(rows: list[Row], whole: bool = False) -> Batch:
     return Batch(tokens, targets, mask)
 
 
-def balance_loss(model) -> torch.Tensor | None:
-    """The MoE layers' sequence-wise balance loss of the latest training forward, if any."""
-    terms = [m.aux_loss for m in model.moe_layers() if m.aux_loss is not None]
-    return torch.stack(terms).sum() if terms else None
-
-
-def response_ce(model, batch: Batch, n_targets: float) -> torch.Tensor:
+def response_ce(logits_BTV: torch.Tensor, batch: Batch, n_targets: float) -> torch.Tensor:
     """Sum over response targets of the next-token cross-entropy, divided by n_targets (the
-    global count), plus the MoE balance loss scaled by this batch's share of the targets."""
-    logits_BTV = model(batch.tokens_BT)
+    global count)."""
     targets = torch.where(batch.mask_BT, batch.targets_BT, IGNORE)
-    ce = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                         reduction="sum") / n_targets
-    balance = balance_loss(model)
-    if balance is not None:
-        ce = ce + balance * (batch.mask_BT.sum() / n_targets)
-    return ce
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum") / n_targets
