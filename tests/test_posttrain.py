@@ -277,6 +277,12 @@ def test_posttrain_config_problems_are_one_line_each():
     lines = posttrain_problems(PosttrainConfig(group_size=1, loss_agg="ppo", task="chess"))
     assert len(lines) == 3 and all("\n" not in line for line in lines)
     assert any("posttrain.group_size=1" in line for line in lines)
+    layout = PosttrainConfig()
+    layout.parallel.pp, layout.parallel.dp, layout.parallel.ep = 2, 2, 2
+    layout.parallel.micro_batches = layout.micro_batches = 2
+    assert posttrain_problems(layout) == [
+        "posttrain.parallel.ep=2 with parallel.pp=2: sampling under a pipeline gathers a whole model per "
+        "rank, without expert parallelism; use parallel.ep=1 with pp > 1"]
     replay_recompute = PosttrainConfig(routing_replay=True)
     replay_recompute.policy.recompute = "selective"
     assert posttrain_problems(replay_recompute) == [

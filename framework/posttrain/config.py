@@ -97,7 +97,7 @@ class PosttrainConfig:
     # under torchrun, world = parallel.pp * parallel.dp ranks (gloo on CPU). Under pp > 1 a step's
     # rows are parallel.micro_batches pieces of one shape, so GRPO's micro_batches must equal it.
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)  # native, or deepspeed (ZeRO 1-3, pp=1)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # native, or deepspeed (ZeRO 1-2, pp=1)
 
 
 POSTTRAIN_TASKS = ("addition", "sorting", "countdown")
@@ -127,6 +127,9 @@ def _layout_lines(c: PosttrainConfig) -> list[str]:
     if par.pp > 1 and c.micro_batches != par.micro_batches:
         lines.append(f"micro_batches={c.micro_batches}: under parallel.pp > 1 GRPO's pieces are the "
                      f"pipeline's; set micro_batches={par.micro_batches} (parallel.micro_batches)")
+    if par.pp > 1 and par.ep > 1:
+        lines.append(f"parallel.ep={par.ep} with parallel.pp={par.pp}: sampling under a pipeline gathers a "
+                     "whole model per rank, without expert parallelism; use parallel.ep=1 with pp > 1")
     if par.pp > 1 and c.dynamic_sampling:
         lines.append("dynamic_sampling=true with parallel.pp > 1: the kept rollouts would not split into "
                      "parallel.micro_batches pieces of one shape; use parallel.pp=1")
