@@ -88,14 +88,24 @@ def one_update(mesh: Mesh, batch: grpo.Rollouts, c: PosttrainConfig | None = Non
             "agreement": record["route_agreement_rollout"]}
 
 
-def worker(rank: int, world: int) -> dict:
+def last_update_loss(mesh: Mesh, batch: grpo.Rollouts, engine: str = "native", updates: int = 2) -> float:
+    """`updates` updates on one rollout batch (old log-probs fixed): the loss of the last, which the
+    earlier updates' weights decide (an engine's reduced gradients are its own, e.g. DeepSpeed's)."""
+    c = dataclasses.replace(posttrain_cfg(), updates_per_batch=updates)
+    c.engine.name = engine
+    policy = Learner.build(c.policy, train_config(c, mesh), mesh, torch.device("cpu"), seed=3)
+    return grpo.update_on(policy, policy.frozen_copy(), batch, c, LR)["loss"]
+
+
+def worker(rank: int, world: int) -> tuple[dict, float]:
     from parallel.mesh import Layout, build_mesh
 
     cfg = train_config(posttrain_cfg())
     cfg.parallel = dataclasses.replace(cfg.parallel, dp=2, ep=2)
     mesh = build_mesh(Layout.from_config(cfg.parallel))
     half = B // world
-    return one_update(mesh, rollouts().rows(rank * half, (rank + 1) * half))
+    rows = rollouts().rows(rank * half, (rank + 1) * half)
+    return one_update(mesh, rows), last_update_loss(mesh, rows, "deepspeed")
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -104,8 +114,17 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def test_grpo_update_under_ep2_equals_one_process():
+    """ep2 x dp2 with the native engine (gradients compared), and with DeepSpeed ZeRO-1 (the loss
+    after one update compared: it differs from the first update's, so the update is in it; it
+    catches a wrong gradient direction, e.g. one rank's rows only, but not a uniform scale, which
+    Adam's first step does not see)."""
     single = one_update(Mesh.single(), rollouts())
-    ranks = run_ranks(worker, 2)
+    single_second = last_update_loss(Mesh.single(), rollouts())
+    runs = run_ranks(worker, 2)
+    ranks = [native for native, _ in runs]
+    assert abs(single_second - last_update_loss(Mesh.single(), rollouts(), updates=1)) > 1e-4
+    for _, deepspeed_second in runs:
+        assert abs(deepspeed_second - single_second) < 1e-6
     for r in ranks:
         assert abs(r["loss"] - single["loss"]) < 1e-6
         assert r["load"] == single["load"]  # expert loads of the global batch
