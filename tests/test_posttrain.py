@@ -4,6 +4,7 @@ sampling, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -239,6 +240,50 @@ def test_routing_replay_forces_the_recorded_experts_with_current_gate_weights():
     assert replay.agreement(routes, routes) == (routes[0].numel(), routes[0].numel())
 
 
+def test_mtp_response_loss_is_the_models_mtp_loss_on_response_targets():
+    """posttrain.mtp=train's term: on a batch whose every target is a response token it is the
+    model's own MTP loss (weight/D x mean CE) x (T-1)/T: depth 1 predicts T-1 of the T targets,
+    and the sum is divided by the T response targets; masking targets lowers it."""
+    cfg = dataclasses.replace(PosttrainConfig().policy, mtp_depth=1, mtp_loss_weight=0.3)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    B, T = 3, 10
+    tokens, targets = torch.randint(0, 256, (B, T)), torch.randint(0, 256, (B, T))
+    mb = grpo.Rollouts(tokens, targets, torch.ones(B, T, dtype=torch.bool), torch.zeros(B, T), torch.zeros(B),
+                       torch.full((B,), T))
+    _, metrics = model.loss(tokens, targets)
+    ours = grpo.mtp_response_loss(model, model.hidden(tokens), mb, n_tokens=B * T)
+    assert metrics["mtp_loss"] > 0
+    assert torch.allclose(ours, metrics["mtp_loss"] * (T - 1) / T, rtol=1e-5)
+    mb.mask_BT[:, : T // 2] = False  # the first half's targets become prompt: only the rest counts
+    half = grpo.mtp_response_loss(model, model.hidden(tokens), mb, n_tokens=B * T)
+    assert 0 < half < ours
+
+
+def test_mtp_during_rl_moves_only_when_trained():
+    """One GRPO update of a policy with an MTP module: mtp=drop and freeze leave its weights as
+    they were (and the reduction does not wait for them), mtp=train changes them and the loss."""
+    from framework.posttrain.config import train_config
+    from framework.posttrain.learner import Learner
+    from parallel.mesh import Mesh
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (4,), generator=g).tolist() for _ in range(4)]
+    responses = [torch.randint(0, 256, (5,), generator=g).tolist() + [END] for _ in range(4)]
+    batch = grpo.pack_rollouts(prompts, responses, [[-1.0] * 6] * 4, torch.tensor([1.0, -1.0, 0.5, -0.5]), 9)
+    out = {}
+    for mtp in ("drop", "freeze", "train"):
+        c = PosttrainConfig(mtp=mtp, max_new_tokens=6)
+        c.policy = dataclasses.replace(c.policy, mtp_depth=1)
+        policy = Learner.build(c.policy, train_config(c), Mesh.single(), torch.device("cpu"), seed=0)
+        before = {n: p.detach().clone() for n, p in policy.model.mtp.named_parameters()}
+        record = grpo.update_on(policy, None, batch, c, 1e-3)
+        moved = [n for n, p in policy.model.mtp.named_parameters() if not torch.equal(p, before[n])]
+        out[mtp] = record["loss"], moved
+    assert out["drop"][1] == [] and out["freeze"][1] == [] and out["drop"][0] == out["freeze"][0]
+    assert out["train"][1] and out["train"][0] > out["drop"][0]  # the MTP cross-entropy is added
+
+
 # --------------------------------------------------------------------------- distillation
 
 
@@ -283,6 +328,10 @@ def test_posttrain_config_problems_are_one_line_each():
     assert posttrain_problems(layout) == [
         "posttrain.parallel.ep=2 with parallel.pp=2: sampling under a pipeline gathers a whole model per "
         "rank, without expert parallelism; use parallel.ep=1 with pp > 1"]
+    layout.parallel.ep, layout.mtp = 1, "train"
+    assert posttrain_problems(layout) == [
+        "posttrain.mtp=train with parallel.pp > 1: the MTP term runs in one process only; use "
+        "posttrain.mtp=drop or parallel.pp=1"]
     replay_recompute = PosttrainConfig(routing_replay=True)
     replay_recompute.policy.recompute = "selective"
     assert posttrain_problems(replay_recompute) == [

@@ -85,7 +85,10 @@ class PosttrainConfig:
     control: str = "none"  # none, or shuffle: rewards permuted across the batch (a control run)
     routing_replay: bool = False  # force the rollout pass's experts in the training forward
     bias_update: float = 0.0  # aux-loss-free bias during RL: 0 frozen, 1 as in pre-training, else scaled
-    mtp: str = "drop"  # MTP modules during RL: drop (no loss; frozen) or freeze (same, named for clarity)
+    # MTP modules during RL (a policy with mtp_depth > 0): drop their loss, or freeze them (the same
+    # here: no loss reaches them and post-training has no weight decay, so they stay as they are),
+    # or train them on the rollouts' response tokens (grpo.mtp_response_loss; parallel.pp=1).
+    mtp: str = "drop"
     # Distillation: rejection-sample correct answers of the policy into an SFT set for the student.
     distill_prompts: int = 512
     distill_steps: int = 200
@@ -182,8 +185,11 @@ def posttrain_problems(c: PosttrainConfig) -> list[str]:
     if c.routing_replay and c.policy.recompute != "none":
         p.append(f"posttrain.routing_replay=true with posttrain.policy.recompute={c.policy.recompute}: a "
                  "recompute re-runs the router outside the replay; set posttrain.policy.recompute=none")
-    if c.mtp not in ("drop", "freeze"):
-        p.append(f"posttrain.mtp={c.mtp!r}: choose drop or freeze")
+    if c.mtp not in ("drop", "freeze", "train"):
+        p.append(f"posttrain.mtp={c.mtp!r}: choose drop, freeze or train")
+    elif c.mtp == "train" and c.parallel.pp > 1:
+        p.append("posttrain.mtp=train with parallel.pp > 1: the MTP term runs in one process only; use "
+                 "posttrain.mtp=drop or parallel.pp=1")
     if not c.rewards:
         p.append("posttrain.rewards is empty: give at least one, e.g. {accuracy: 1.0, format: 0.1}")
     p += _layout_lines(c)

@@ -36,7 +36,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from framework.model.transformer import mtp_depths, mtp_input
 from framework.posttrain import replay
 from framework.posttrain.config import PosttrainConfig
 from framework.posttrain.learner import Learner
@@ -271,8 +273,13 @@ def update_on(learner: Learner, reference: Learner | None, batch: Rollouts, c: P
         seen: list[replay.Routes] = [{} for _ in pieces]  # the training forward's routes
         mbs = [batch.rows(lo, hi).to(learner.device) for lo, hi in pieces]
         heads = [_head(mb, c, norm, stats) for mb in mbs]
+        train_mtp = c.mtp == "train" and len(learner.model.mtp) > 0
+        if train_mtp:  # the heads take the hidden states: the head's logits, then the MTP term
+            heads = [functools.partial(_with_mtp, head, learner.model, mb, norm.tokens)
+                     for head, mb in zip(heads, mbs)]
         rec = learner.update_heads([mb.tokens_BT for mb in mbs], heads, lr,
-                                   scope=functools.partial(_routing, learner.model, c, routes, seen))
+                                   scope=functools.partial(_routing, learner.model, c, routes, seen),
+                                   hidden=train_mtp)
         clipped = learner.head_sum(sum(s[0] for s in stats)) / n_tokens
         kl = learner.head_sum(sum(s[1] for s in stats)) / n_tokens
         out.update({"loss": rec["loss"], "grad_norm": rec["grad_norm"], "clip_frac": clipped, "kl": kl,
@@ -294,6 +301,27 @@ def _head(mb: Rollouts, c: PosttrainConfig, norm: Normaliser, stats: list):
         return loss
 
     return loss_of
+
+
+def mtp_response_loss(model, h_BTD: torch.Tensor, mb: Rollouts, n_tokens: float) -> torch.Tensor:
+    """posttrain.mtp=train: the MTP modules' cross-entropy on the rollout's response tokens (depth
+    k at position i predicts token i+k+1, counted where that target is a response token), summed
+    and divided by the global response-token count, times mtp_loss_weight / depth: MTP keeps
+    predicting the policy's own tokens as it moves."""
+    mask_BT, targets_BT = mb.mask_BT, mb.targets_BT
+    B, T = targets_BT.shape
+    n_BTD, total = h_BTD, h_BTD.new_zeros((), dtype=torch.float32)
+    for k in range(1, mtp_depths(len(model.mtp), T) + 1):
+        module = model.mtp[k - 1]
+        n_BTD = module.norm(module.block(mtp_input(module, model.embed, k, n_BTD, targets_BT)))
+        ce_BT = F.cross_entropy(model.head(n_BTD).flatten(0, 1).float(), targets_BT[:, k:].flatten(),
+                                reduction="none").view(B, T - k)
+        total = total + (ce_BT * mask_BT[:, k:]).sum() / max(n_tokens, 1.0)
+    return model.cfg.mtp_loss_weight / len(model.mtp) * total
+
+
+def _with_mtp(head, model, mb: Rollouts, n_tokens: float, h_BTD: torch.Tensor) -> torch.Tensor:
+    return head(model.head(h_BTD)) + mtp_response_loss(model, h_BTD, mb, n_tokens)
 
 
 def _routing(model, c: PosttrainConfig, routes: list[replay.Routes], seen: list[replay.Routes], i: int):

@@ -167,13 +167,17 @@ class Learner:
         return self._step(total, max_norm)
 
     def update_heads(self, tokens_mbs: Sequence[torch.Tensor], heads: Sequence[Callable], lr: float,
-                     max_norm: float = 1.0, scope: Scope | None = None) -> dict[str, float]:
+                     max_norm: float = 1.0, scope: Scope | None = None,
+                     hidden: bool = False) -> dict[str, float]:
         """update() on heads: micro-batch i's loss is heads[i](logits of tokens_mbs[i]), a share of
-        a globally normalised objective (module docstring)."""
+        a globally normalised objective (module docstring). hidden=True (pp=1 only): the heads
+        take the final-normed hidden states instead (for losses beyond the head, e.g. MTP's)."""
         if self.pipeline is None:
             pieces = enumerate(zip(tokens_mbs, heads, strict=True))
-            return self.update([functools.partial(self._head_loss, i, t, h, scope) for i, (t, h) in pieces],
-                               lr, max_norm)
+            return self.update([functools.partial(self._head_loss, i, t, h, scope, hidden)
+                                for i, (t, h) in pieces], lr, max_norm)
+        if hidden:
+            raise ValueError("heads on hidden states run in one process only (parallel.pp=1)")
         engine = self.built.engine
         engine.set_lr(lr)
         self.model.train()
@@ -198,9 +202,11 @@ class Learner:
         finally:
             model.train()
 
-    def _head_loss(self, i: int, tokens_BT: torch.Tensor, head: Callable, scope) -> torch.Tensor:
+    def _head_loss(self, i: int, tokens_BT: torch.Tensor, head: Callable, scope,
+                   hidden: bool = False) -> torch.Tensor:
+        model, tokens_BT = self.model, tokens_BT.to(self.device)
         with scope(i) if scope is not None else contextlib.nullcontext():
-            return head(self.model(tokens_BT.to(self.device)))
+            return head(model.hidden(tokens_BT) if hidden else model(tokens_BT))
 
     def _step(self, total: torch.Tensor, max_norm: float) -> dict[str, float]:
         """The optimizer step after the backward passes (total: this rank's loss, float64)."""
