@@ -184,14 +184,16 @@ def _engine_class(deepspeed):
     """DeepSpeedEngine that builds its ZeRO 1/2 optimizer with expert parameter groups.
 
     DeepSpeed sets has_moe_layers only for its own MoE classes; the ZeRO 1/2 optimizer needs it to
-    partition the 'moe' groups over edp. It is switched on just for that construction: left on,
-    checkpointing would take the writer for DeepSpeed's MoE layer layout. ZeRO-3 needs no flag (the
-    expert placement travels on the parameters)."""
+    partition the 'moe' groups over edp. It is switched on just for that construction, and only when
+    there are such groups (a dense model has none, and DeepSpeed refuses the flag without them):
+    left on, checkpointing would take the writer for DeepSpeed's MoE layer layout. ZeRO-3 needs no
+    flag (the expert placement travels on the parameters)."""
     global _ENGINE_CLASS
     if _ENGINE_CLASS is None:
         class DuetEngine(deepspeed.DeepSpeedEngine):
             def _configure_zero_optimizer(self, optimizer):
-                if self.zero_optimization_partition_weights():
+                dense = not any(group.get("moe") for group in optimizer.param_groups)  # e.g. a student
+                if self.zero_optimization_partition_weights() or dense:
                     return super()._configure_zero_optimizer(optimizer)
                 self.has_moe_layers = True
                 try:
@@ -285,6 +287,17 @@ class DeepSpeedEngine:
         grad_norm = self.ds.get_global_grad_norm()
         release_step(self.model)
         return (math.nan if grad_norm is None else float(grad_norm)), applied
+
+    @torch.no_grad()
+    def params_changed(self) -> None:
+        """The module's weights were overwritten from outside (post-training's Learner.load_from:
+        RL's fresh optimizer on the SFT weights). ZeRO 1/2 copied the weights into its fp32 master
+        partitions when the engine was built, and its next step would write those back over the
+        new weights: copy the parameters into the masters again."""
+        if self.cfg.engine.zero_stage == 3:
+            raise TrainingError("engine.zero_stage=3 partitions the parameters: their weights cannot be "
+                                "written from outside; use engine.zero_stage=1 or 2")
+        self.ds.optimizer.refresh_fp32_params()
 
     @torch.no_grad()
     def _zero_missing_grads(self) -> None:

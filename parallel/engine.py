@@ -51,6 +51,7 @@ class Engine(Protocol):
     def accumulate(self) -> contextlib.AbstractContextManager: ...
     def backward(self, loss: torch.Tensor, last: bool = True) -> None: ...
     def step(self, max_norm: float, loss_finite: bool) -> tuple[torch.Tensor | float, bool]: ...
+    def params_changed(self) -> None: ...  # the module's weights were written from outside
     def model_state_dict(self) -> dict[str, torch.Tensor]: ...
     def save(self, saver: checkpoint.Saver, step: int, extra: dict[str, int]) -> Path: ...
     def load(self, path: Path, extra: dict[str, int]) -> dict[str, int]: ...
@@ -120,6 +121,11 @@ class NativeEngine:
         reduction (overlapping the last backward) covers them all."""
         with contextlib.nullcontext() if last else self.reducer.no_sync():
             loss.backward()
+
+    def params_changed(self) -> None:
+        """The module's weights were overwritten from outside (post-training's Learner.load_from, on
+        an engine that has not stepped): nothing to refresh. The parameters are what AdamW updates,
+        and a low-precision parameter's fp32 master is made from it at its first step."""
 
     def step(self, max_norm: float, loss_finite: bool) -> tuple[torch.Tensor, bool]:
         grad_norm = self.optimizer.clip_grad_norm(max_norm)

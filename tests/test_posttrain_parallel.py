@@ -90,11 +90,15 @@ def one_update(mesh: Mesh, batch: grpo.Rollouts, c: PosttrainConfig | None = Non
 
 def last_update_loss(mesh: Mesh, batch: grpo.Rollouts, engine: str = "native", updates: int = 2) -> float:
     """`updates` updates on one rollout batch (old log-probs fixed): the loss of the last, which the
-    earlier updates' weights decide (an engine's reduced gradients are its own, e.g. DeepSpeed's)."""
+    earlier updates' weights decide (an engine's reduced gradients are its own, e.g. DeepSpeed's).
+    The policy gets its weights as RL's does, loaded into a freshly built learner (load_from)."""
     c = dataclasses.replace(posttrain_cfg(), updates_per_batch=updates)
     c.engine.name = engine
-    policy = Learner.build(c.policy, train_config(c, mesh), mesh, torch.device("cpu"), seed=3)
-    return grpo.update_on(policy, policy.frozen_copy(), batch, c, LR)["loss"]
+    cfg = train_config(c, mesh)
+    source = Learner.build(c.policy, cfg, mesh, torch.device("cpu"), seed=3, trainable=False)
+    policy = Learner.build(c.policy, cfg, mesh, torch.device("cpu"), seed=11)
+    policy.load_from(source)
+    return grpo.update_on(policy, source, batch, c, LR)["loss"]
 
 
 def worker(rank: int, world: int) -> tuple[dict, float]:
@@ -116,8 +120,9 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 def test_grpo_update_under_ep2_equals_one_process():
     """ep2 x dp2 with the native engine (gradients compared), and with DeepSpeed ZeRO-1 (the loss
     after one update compared: it differs from the first update's, so the update is in it; it
-    catches a wrong gradient direction, e.g. one rank's rows only, but not a uniform scale, which
-    Adam's first step does not see)."""
+    catches a wrong gradient direction, e.g. one rank's rows only, or weights loaded into the
+    module that DeepSpeed's masters did not take, but not a uniform scale, which Adam's first
+    step does not see)."""
     single = one_update(Mesh.single(), rollouts())
     single_second = last_update_loss(Mesh.single(), rollouts())
     runs = run_ranks(worker, 2)
@@ -203,9 +208,10 @@ def test_grpo_update_under_pp2_equals_one_process():
 
 SFT_STEPS = 3
 # (name, parallel sizes, engine) on 4 ranks; each is held to the one process's per-step losses
-SFT_LAYOUTS = (("ep2 x dp4, ZeRO-1", {"dp": 4, "ep": 2, "zero1": True}, "native"),
-               ("pp2 x dp2, 1F1B", {"pp": 2, "dp": 2, "micro_batches": 2}, "native"),
-               ("ep2 x dp4, DeepSpeed ZeRO-1", {"dp": 4, "ep": 2}, "deepspeed"))
+SFT_LAYOUTS = (("ep2 x dp4, ZeRO-1", {"dp": 4, "ep": 2, "zero1": True}, "native", "policy"),
+               ("pp2 x dp2, 1F1B", {"pp": 2, "dp": 2, "micro_batches": 2}, "native", "policy"),
+               ("ep2 x dp4, DeepSpeed ZeRO-1", {"dp": 4, "ep": 2}, "deepspeed", "policy"),
+               ("dense student, dp4, DeepSpeed ZeRO-1", {"dp": 4}, "deepspeed", "student"))
 
 
 def sft_rows() -> list:
@@ -217,14 +223,16 @@ def sft_rows() -> list:
     return [Row(p.prompt, reference_completion(p)) for p in task.problems(24, seed=4)]
 
 
-def sft_losses(mesh: Mesh, sizes: dict | None = None, engine: str = "native") -> list[float]:
-    """SFT_STEPS supervised steps on this rank's share of batches of 8 rows; the global losses."""
+def sft_losses(mesh: Mesh, sizes: dict | None = None, engine: str = "native",
+               model: str = "policy") -> list[float]:
+    """SFT_STEPS supervised steps of `model` (the MoE policy or the dense student) on this rank's
+    share of batches of 8 rows; the global losses."""
     from framework.posttrain import driver
 
     c = PosttrainConfig(batch_size=8)
     c.parallel = dataclasses.replace(c.parallel, **(sizes or {}))
     c.engine.name = engine
-    learner = Learner.build(c.policy, train_config(c, mesh), mesh, torch.device("cpu"), seed=3)
+    learner = Learner.build(getattr(c, model), train_config(c, mesh), mesh, torch.device("cpu"), seed=3)
     rows_of = driver.file_rows(sft_rows(), c, mesh.dp_rank, mesh.dp)
     return driver.supervised(learner, rows_of, SFT_STEPS, 3e-3)
 
@@ -233,23 +241,24 @@ def sft_worker(rank: int, world: int) -> list[list[float]]:
     from parallel.mesh import Layout, build_mesh
 
     out = []
-    for _, sizes, engine in SFT_LAYOUTS:
+    for _, sizes, engine, model in SFT_LAYOUTS:
         parallel = dataclasses.replace(PosttrainConfig().parallel, **sizes)
-        out.append(sft_losses(build_mesh(Layout.from_config(parallel)), sizes, engine))
+        out.append(sft_losses(build_mesh(Layout.from_config(parallel)), sizes, engine, model))
     return out
 
 
 def test_sft_on_every_layout_equals_one_process():
     """SFT (response-token CE over the global target count) under expert parallelism with ZeRO-1,
     a pipeline (the loss a head on the last stage's logits, 2 micro-batches) and DeepSpeed's
-    ZeRO-1: each step's loss equals one process's on the whole batch (1e-6), so every update did."""
-    single = sft_losses(Mesh.single())
-    assert single[0] > single[-1]  # it trains
+    ZeRO-1, and the dense distillation student under DeepSpeed: each step's loss equals one
+    process's on the whole batch (1e-6), so every update did."""
+    single = {model: sft_losses(Mesh.single(), model=model) for model in ("policy", "student")}
+    assert all(losses[0] > losses[-1] for losses in single.values())  # it trains
     runs = run_ranks(sft_worker, 4)
-    for k, (name, _, _) in enumerate(SFT_LAYOUTS):
+    for k, (name, _, _, model) in enumerate(SFT_LAYOUTS):
         for r in runs:
             assert len(r[k]) == SFT_STEPS
-            assert max(abs(a - b) for a, b in zip(r[k], single)) < 1e-6, (name, r[k], single)
+            assert max(abs(a - b) for a, b in zip(r[k], single[model])) < 1e-6, (name, r[k], single[model])
 
 
 TINY_R1 = ["pretrain_steps=4", "pretrain_until=0", "sft_steps=2", "grpo_steps=2", "prompts_per_step=4",

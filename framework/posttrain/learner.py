@@ -124,8 +124,11 @@ class Learner:
 
     @torch.no_grad()
     def load_from(self, source: Learner) -> None:
-        """Copy source's weights (same layout: each rank copies its own shard)."""
+        """Copy source's weights (same layout: each rank copies its own shard); an engine that keeps
+        its own copy of them (DeepSpeed's fp32 masters) takes them too."""
         self.model.load_state_dict(source.model.state_dict())
+        if self.built.engine is not None:
+            self.built.engine.params_changed()
 
     def global_sum(self, value: torch.Tensor | float) -> float:
         """Sum over the data-parallel ranks (a count of sequences or tokens)."""
