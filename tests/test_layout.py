@@ -5,8 +5,6 @@ of tests/test_parallel.py.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -63,8 +61,9 @@ def test_chunk_matches_torch_chunk():
 
 
 def test_spawn_helper_reports_a_failing_rank():
-    start = time.monotonic()
     with pytest.raises(RankError) as info:
         run_ranks(_rank_one_fails, 2, timeout_s=60)
     assert "--- rank 1 ---" in str(info.value) and "ValueError: boom on rank 1" in str(info.value)
-    assert time.monotonic() - start < 45  # stopped soon after the failure, not at the deadline
+    # stopped soon after the failure (its peer's own error, or "stopped after another rank
+    # failed"), not at the deadline
+    assert "no result within" not in str(info.value)
