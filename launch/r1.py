@@ -169,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from framework.config import world_size
     from framework.errors import DataError, TrainingError
+    from framework.posttrain.config import train_config
     from framework.posttrain.driver import run
     from launch.spawn import in_torchrun_worker
 
-    world = c.parallel.pp * c.parallel.dp
+    world = world_size(train_config(c))
     started = int(os.environ["WORLD_SIZE"]) if in_torchrun_worker() else 1
     if started != world:
         return fail([f"the layout needs parallel.pp * parallel.dp = {world} ranks and {started} "

@@ -11,6 +11,7 @@ Legend: B batch, T sequence, D model dim, V vocabulary.
 """
 
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -106,16 +107,22 @@ def mtp_weighted(weight: float, ce_k: list[torch.Tensor], like: torch.Tensor) ->
     return weight * torch.stack(ce_k).sum() if ce_k else like.new_zeros(())
 
 
+def mtp_hiddens(mtp: nn.ModuleList, embed: nn.Embedding, h_BTD: torch.Tensor,
+                targets_BT: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(k, normed h of depth k) for every MTP depth with something to predict, from the main
+    model's normed h; depth k's h_BTD[:, i] predicts targets_BT[:, i + k]."""
+    for k in range(1, mtp_depths(len(mtp), targets_BT.shape[1]) + 1):
+        module = mtp[k - 1]
+        h_BTD = module.norm(module.block(mtp_input(module, embed, k, h_BTD, targets_BT)))
+        yield k, h_BTD
+
+
 def _output_losses(cfg: ModelConfig, embed: nn.Embedding, head: nn.Linear, mtp: nn.ModuleList,
                    h_BTD: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Main next-token CE and the weighted MTP loss from the normed h."""
     main = _head_ce(head, h_BTD, targets_BT)
-    T = targets_BT.shape[1]
-    mtp_ce = []
-    for k in range(1, mtp_depths(len(mtp), T) + 1):
-        module = mtp[k - 1]
-        h_BTD = module.norm(module.block(mtp_input(module, embed, k, h_BTD, targets_BT)))
-        mtp_ce.append(_head_ce(head, h_BTD, targets_BT[:, k:]))
+    mtp_ce = [_head_ce(head, n_BTD, targets_BT[:, k:])
+              for k, n_BTD in mtp_hiddens(mtp, embed, h_BTD, targets_BT)]
     return main, mtp_weighted(cfg.mtp_loss_weight / max(len(mtp), 1), mtp_ce, main)
 
 

@@ -123,9 +123,9 @@ def train_config(c: PosttrainConfig, mesh=None) -> TrainConfig:
 
 def _layout_lines(c: PosttrainConfig) -> list[str]:
     """duet-train's layout and engine checks, in duet-r1's key names, plus post-training's own."""
+    cfg = train_config(c)
     lines = [line.replace("data.batch_size", "batch_size").replace("model.", "policy.")
-             for line in layout_problems(train_config(c)) + engine_problems(train_config(c))
-             if not line.startswith("launch.")]
+             for line in layout_problems(cfg) + engine_problems(cfg) if not line.startswith("launch.")]
     par = c.parallel
     if par.pp > 1 and c.micro_batches != par.micro_batches:
         lines.append(f"micro_batches={c.micro_batches}: under parallel.pp > 1 GRPO's pieces are the "

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from framework.model.transformer import mtp_depths, mtp_input
+from framework.model.transformer import mtp_hiddens
 from framework.posttrain import replay
 from framework.posttrain.config import PosttrainConfig
 from framework.posttrain.learner import Learner
@@ -310,10 +310,8 @@ def mtp_response_loss(model, h_BTD: torch.Tensor, mb: Rollouts, n_tokens: float)
     predicting the policy's own tokens as it moves."""
     mask_BT, targets_BT = mb.mask_BT, mb.targets_BT
     B, T = targets_BT.shape
-    n_BTD, total = h_BTD, h_BTD.new_zeros((), dtype=torch.float32)
-    for k in range(1, mtp_depths(len(model.mtp), T) + 1):
-        module = model.mtp[k - 1]
-        n_BTD = module.norm(module.block(mtp_input(module, model.embed, k, n_BTD, targets_BT)))
+    total = h_BTD.new_zeros((), dtype=torch.float32)
+    for k, n_BTD in mtp_hiddens(model.mtp, model.embed, h_BTD, targets_BT):
         ce_BT = F.cross_entropy(model.head(n_BTD).flatten(0, 1).float(), targets_BT[:, k:].flatten(),
                                 reduction="none").view(B, T - k)
         total = total + (ce_BT * mask_BT[:, k:]).sum() / max(n_tokens, 1.0)

@@ -26,25 +26,20 @@ context, so replay is refused with model.recompute (posttrain/config.py).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 
 import torch
 
-from framework.model.moe import Router
+from framework.model.moe import MoE, Router
 
 Routes = dict[int, torch.Tensor]  # main MoE layer -> [T, K] expert ids of one micro-batch's tokens
 
 
 def main_routers(model) -> dict[int, Router]:
     """The routers of the main blocks this rank holds, by MoE layer (MTP blocks excluded: the
-    sampler does not route through them)."""
-    out = {}
-    for name, module in model.named_modules():
-        match = re.fullmatch(r"blocks\.(\d+)\..*", name)
-        if isinstance(module, Router) and match:
-            out[int(match.group(1)) - model.cfg.n_dense_layers] = module
-    return out
+    sampler does not route through them; blocks a pipeline rank pruned are Identity)."""
+    return {i - model.cfg.n_dense_layers: block.ffn.router for i, block in enumerate(model.blocks)
+            if isinstance(getattr(block, "ffn", None), MoE)}
 
 
 @contextlib.contextmanager
