@@ -24,13 +24,17 @@ from torch import nn
 from framework.config import ModelConfig
 from framework.model.norm import RMSNorm
 from framework.model.rope import apply_rope, rope_tables, softmax_scale
+from kernels.cpu_attention import causal_attention
 
 # DeepSeek's reference and transformers both build the two latent norms with eps 1e-6 regardless
 # of the model's norm eps; keep that so imported checkpoints behave identically.
 LATENT_NORM_EPS = 1e-6
 # PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 on short sequences (fwd + bwd,
 # one thread, AVX512-BF16: 2.0x slower at 128 tokens, 1.2x at 256, 0.8-0.9x from 512 on), so
-# shorter bf16 sequences run the core in fp32 there and cast the output back.
+# shorter bf16 sequences run the core in fp32 there and cast the output back. From 512 tokens on,
+# bf16 runs flash's forward with kernels/cpu_attention.py's blocked backward, which is faster than
+# flash's own backward (fwd + bwd at MLA's shapes, 2 threads with AMX: 1.4x at 4 x 512, 1.1-1.2x
+# at 1 x 2048).
 CPU_BF16_ATTENTION_MIN_SEQ = 512  # (torch 2.13)
 
 
@@ -39,11 +43,13 @@ def attention_core(q_BHTK: torch.Tensor, k_BHTK: torch.Tensor, v_BHTV: torch.Ten
     """Causal softmax(q k^T * scale) v -> o_BHTV; pad_v=False is the plain call (the reference)."""
     K, V = q_BHTK.shape[-1], v_BHTV.shape[-1]
     dtype, T = v_BHTV.dtype, q_BHTK.shape[-2]
-    half = dtype in (torch.bfloat16, torch.float16)  # fp64 stays fp64 (exactness checks)
-    if q_BHTK.device.type == "cpu" and half and T < CPU_BF16_ATTENTION_MIN_SEQ:
-        with torch.autocast("cpu", enabled=False):  # autocast would send SDPA back to bf16
-            o_BHTV = attention_core(q_BHTK.float(), k_BHTK.float(), v_BHTV.float(), scale, pad_v)
-        return o_BHTV.to(dtype)
+    if q_BHTK.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        if T < CPU_BF16_ATTENTION_MIN_SEQ:
+            with torch.autocast("cpu", enabled=False):  # autocast would send SDPA back to bf16
+                o_BHTV = attention_core(q_BHTK.float(), k_BHTK.float(), v_BHTV.float(), scale, pad_v)
+            return o_BHTV.to(dtype)
+        if pad_v and V <= K and dtype == torch.bfloat16:
+            return causal_attention(q_BHTK, k_BHTK, v_BHTV, scale)
     if not pad_v or V >= K:  # (V > K never occurs in DeepSeek's configs)
         return F.scaled_dot_product_attention(q_BHTK, k_BHTK, v_BHTV, is_causal=True, scale=scale)
     o_BHTK = F.scaled_dot_product_attention(q_BHTK, k_BHTK, F.pad(v_BHTV, (0, K - V)), is_causal=True,
