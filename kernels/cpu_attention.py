@@ -31,11 +31,11 @@ import torch.nn.functional as F
 BLOCK = 256  # query rows per backward block (128 and 512 measured slower at 4 x 512 and 1 x 2048)
 
 
-def _with_hi_lo(x_BHQK: torch.Tensor, c_BHQ: torch.Tensor) -> torch.Tensor:
+def _with_hi_lo(x_BHTK: torch.Tensor, c_BHT: torch.Tensor) -> torch.Tensor:
     """x with two columns appended that hold c (fp32 or fp64) as a high part in x's dtype plus the rest."""
-    hi = c_BHQ.to(x_BHQK.dtype)
-    lo = (c_BHQ - hi.to(c_BHQ.dtype)).to(x_BHQK.dtype)
-    return torch.cat([x_BHQK, hi.unsqueeze(-1), lo.unsqueeze(-1)], dim=-1)
+    hi = c_BHT.to(x_BHTK.dtype)
+    lo = (c_BHT - hi.to(c_BHT.dtype)).to(x_BHTK.dtype)
+    return torch.cat([x_BHTK, hi.unsqueeze(-1), lo.unsqueeze(-1)], dim=-1)
 
 
 def _ones_columns(x_BHSK: torch.Tensor) -> torch.Tensor:
@@ -59,42 +59,37 @@ class FlashBlockedBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do_BHTV):
         q_BHTK, k_BHTK, v_BHTV, o_BHTV, lse_BHT = ctx.saved_tensors
-        scale, dtype, T = ctx.scale, q_BHTK.dtype, q_BHTK.shape[-2]
-        # The model hands over transposed views (B T H K -> B H T K); one copy here saves a copy
-        # of every block's operands inside the GEMMs.
-        q_BHTK, k_BHTK, v_BHTV = q_BHTK.contiguous(), k_BHTK.contiguous(), v_BHTV.contiguous()
-        do_BHTV = do_BHTV.to(dtype).contiguous()
+        scale, dtype, (T, K), V = ctx.scale, q_BHTK.dtype, q_BHTK.shape[-2:], v_BHTV.shape[-1]
         acc = torch.float64 if dtype == torch.float64 else torch.float32
+        do_BHTV = do_BHTV.to(dtype)
         d_BHT = (do_BHTV * o_BHTV).sum(-1, dtype=acc)
+        # What the GEMM rounds is log p + c for a query that sees n keys, with c about log(n) / 2:
+        # half of |log p| both where attention is flat (log p ~ -log n) and where it is peaked
+        # (log p ~ 0 at the keys that matter). c is a whole number of ln 2, so the factor e^-c it
+        # leaves in p is a power of two, taken out exactly by scaling do's rows (and D) by it:
+        # then dV = p'^T (do e^-c) and dS = p' * (dP - D) e^-c are the true ones.
+        shift_T = torch.arange(1, T + 1, dtype=acc).log2_().mul_(0.5).round_()
+        row_T1 = torch.exp2(-shift_T)[:, None]
+        # The operands, built once in the layouts the GEMMs read (the model hands over transposed
+        # views; a strided or transposed bf16 operand costs oneDNN a copy per block).
+        qa_BHTK = _with_hi_lo(q_BHTK, (shift_T * math.log(2.0) - lse_BHT) / scale)
+        doa_BHTV = _with_hi_lo((do_BHTV * row_T1.to(dtype)), -d_BHT * row_T1[:, 0])
         k1_BHTK, v1_BHTV = _ones_columns(k_BHTK), _ones_columns(v_BHTV)
         kT_BHKT = k_BHTK.transpose(-1, -2).contiguous()
-        dq_BHTK = torch.empty_like(q_BHTK)
-        dk_BHTK = torch.zeros_like(k_BHTK)
-        dv_BHTV = torch.zeros_like(v_BHTV)
+        dq_BHTK = torch.empty(q_BHTK.shape, dtype=dtype)
+        dk_BHTK = torch.zeros(k_BHTK.shape, dtype=dtype)
+        dv_BHTV = torch.zeros(v_BHTV.shape, dtype=dtype)
         for start in range(0, T, BLOCK):
             end = min(T, start + BLOCK)
-            q_BHQK, do_BHQV = q_BHTK[..., start:end, :], do_BHTV[..., start:end, :]
-            # Scores are formed transposed (keys x queries) so that every large operand below is
-            # read in its stored order: a transposed bf16 operand costs oneDNN a copy.
-            # What the GEMM rounds is log p + c for a query that sees n keys, with c about
-            # log(n) / 2: half of |log p| both where attention is flat (log p ~ -log n) and
-            # where it is peaked (log p ~ 0 at the keys that matter). c is a whole number of
-            # ln 2, so the factor e^-c it leaves in p is a power of two, taken out exactly on
-            # the small operands (do, q and dq rows) instead of on the scores.
-            shift_Q = torch.arange(start + 1, end + 1, dtype=acc).log2().mul_(0.5).round_()
-            half_log_n_Q = shift_Q * math.log(2.0)
-            row_Q = torch.exp2(-shift_Q).to(dtype)
-            qa_BHKQ = _with_hi_lo(q_BHQK, (half_log_n_Q - lse_BHT[..., start:end]) / scale).transpose(-1, -2)
-            pT_BHSQ = (k1_BHTK[..., :end, :] @ qa_BHKQ).mul_(scale)  # log p (module docstring)
-            diag_QQ = torch.ones(end - start, end - start, dtype=torch.bool).tril(-1)
-            pT_BHSQ[..., start:, :].masked_fill_(diag_QQ, float("-inf"))
+            qa_BHQK, doa_BHQV = qa_BHTK[..., start:end, :], doa_BHTV[..., start:end, :]
+            # Scores transposed (keys x queries), so every large operand is read as stored.
+            pT_BHSQ = (k1_BHTK[..., :end, :] @ qa_BHQK.transpose(-1, -2)).mul_(scale)  # log p + c
             pT_BHSQ.exp_()
-            dv_BHTV[..., :end, :] += pT_BHSQ @ (do_BHQV * row_Q[:, None])
-            # dS / scale = p * (dP - D), with dP - D formed inside the GEMM.
-            doa_BHVQ = _with_hi_lo(do_BHQV, -d_BHT[..., start:end]).transpose(-1, -2)
-            dsT_BHSQ = (v1_BHTV[..., :end, :] @ doa_BHVQ).mul_(pT_BHSQ)
-            dk_BHTK[..., :end, :] += dsT_BHSQ @ (q_BHQK * row_Q[:, None])
-            dq_BHTK[..., start:end, :] = (kT_BHKT[..., :end] @ dsT_BHSQ).transpose(-1, -2) * row_Q[:, None]
+            pT_BHSQ[..., start:, :].triu_()  # causal: key s > query q gets nothing
+            dv_BHTV[..., :end, :] += pT_BHSQ @ doa_BHQV[..., :V]
+            dsT_BHSQ = (v1_BHTV[..., :end, :] @ doa_BHQV.transpose(-1, -2)).mul_(pT_BHSQ)  # dS / scale
+            dk_BHTK[..., :end, :] += dsT_BHSQ @ qa_BHQK[..., :K]
+            dq_BHTK[..., start:end, :] = (kT_BHKT[..., :end] @ dsT_BHSQ).transpose(-1, -2)
         return dq_BHTK.mul_(scale), dk_BHTK.mul_(scale), dv_BHTV, None
 
 

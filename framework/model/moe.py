@@ -400,7 +400,9 @@ class GroupedExperts(nn.Module):
         order_M = order_M[:layout.rows]
         token_M = order_M // K
         if layout.rows:
-            y_MD = self.grouped_swiglu(x_ND[token_M], layout)
+            # index_select, not x_ND[token_M]: its backward is an index_add_ rather than an
+            # accumulating index_put_ (6x faster on CPU at 6144 x 256 rows).
+            y_MD = self.grouped_swiglu(x_ND.index_select(0, token_M), layout)
         else:  # nothing routed here (possible under expert parallelism): the weights get no gradient
             y_MD = x_ND.new_zeros(0, self.w2.shape[1])
         y_MD = y_MD * w_NK.flatten()[order_M, None].to(y_MD.dtype)

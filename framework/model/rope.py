@@ -76,6 +76,25 @@ def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tens
     return angle_TF.cos() * k, angle_TF.sin() * k
 
 
+def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) along the last dim."""
+    return torch.stack((x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+class _SwapPairs(torch.autograd.Function):
+    """A pair swap is a permutation that is its own transpose, so its backward is itself. Autograd's
+    own backward of flip or stack is 3-6x the forward on CPU (4 x 512 x 16 x 64 fp32: 11.6 ms fwd +
+    bwd for flip against 2.8 ms here)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _swap_pairs(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _swap_pairs(g)
+
+
 def apply_rope(x_BTHR: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of the last dim by the per-position angles (computed in fp32, or in
     fp64 for fp64 inputs: an fp32 round trip would cap fp64 reference checks at ~1e-7).
@@ -87,6 +106,5 @@ def apply_rope(x_BTHR: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor)
     x = x_BTHR.to(dtype)
     cos2_T1R = cos_TF.to(dtype).repeat_interleave(2, dim=-1)[:, None, :]
     sin2_T1R = torch.stack((-sin_TF, sin_TF), dim=-1).flatten(-2).to(dtype)[:, None, :]
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
-    out = (x * cos2_T1R).add_(swapped.mul_(sin2_T1R))
+    out = (x * cos2_T1R).add_(_SwapPairs.apply(x) * sin2_T1R)
     return out.to(x_BTHR.dtype)
