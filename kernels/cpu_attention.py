@@ -77,7 +77,6 @@ class FlashBlockedBackward(torch.autograd.Function):
         qa_BHTK = _with_hi_lo(q_BHTK, (shift_T * math.log(2.0) - lse_BHT) / scale)
         doa_BHTV = _with_hi_lo((do_BHTV * row_T1.to(dtype)), -d_BHT * row_T1[:, 0])
         k1_BHTK, v1_BHTV = _ones_columns(k_BHTK), _ones_columns(v_BHTV)
-        kT_BHKT = k_BHTK.transpose(-1, -2).contiguous()
         dq_BHTK = torch.empty(q_BHTK.shape, dtype=dtype)
         dk_BHTK = torch.zeros(k_BHTK.shape, dtype=dtype)
         dv_BHTV = torch.zeros(v_BHTV.shape, dtype=dtype)
@@ -91,7 +90,7 @@ class FlashBlockedBackward(torch.autograd.Function):
             dv_BHTV[..., :end, :] += pT_BHSQ @ doa_BHQV[..., :V]
             dsT_BHSQ = (v1_BHTV[..., :end, :] @ doa_BHQV.transpose(-1, -2)).mul_(pT_BHSQ)  # dS / scale
             dk_BHTK[..., :end, :] += dsT_BHSQ @ qa_BHQK[..., :K]
-            dq_BHTK[..., start:end, :] = (kT_BHKT[..., :end] @ dsT_BHSQ).transpose(-1, -2)
+            dq_BHTK[..., start:end, :] = (k1_BHTK[..., :end, :K].transpose(-1, -2) @ dsT_BHSQ).transpose(-1, -2)
         return dq_BHTK.mul_(scale), dk_BHTK.mul_(scale), dv_BHTV, None
 
 
