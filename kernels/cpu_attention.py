@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-BLOCK = 256  # query rows per backward block (of 128, 256 and 512, the fastest overall at 4 x 512 and 1 x 2048)
+BLOCK = 256  # query rows per backward block (of 128, 256 and 512 the fastest at 4 x 512 and 1 x 2048)
 
 
 def _with_hi_lo(x_BHTK: torch.Tensor, c_BHT: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,8 @@ class FlashBlockedBackward(torch.autograd.Function):
             dv_BHTV[..., :end, :] += pT_BHSQ @ doa_BHQV[..., :V]
             dsT_BHSQ = (v1_BHTV[..., :end, :] @ doa_BHQV.transpose(-1, -2)).mul_(pT_BHSQ)  # dS / scale
             dk_BHTK[..., :end, :] += dsT_BHSQ @ qa_BHQK[..., :K]
-            dq_BHTK[..., start:end, :] = (k1_BHTK[..., :end, :K].transpose(-1, -2) @ dsT_BHSQ).transpose(-1, -2)
+            dqT_BHKQ = k1_BHTK[..., :end, :K].transpose(-1, -2) @ dsT_BHSQ
+            dq_BHTK[..., start:end, :] = dqT_BHKQ.transpose(-1, -2)
         return dq_BHTK.mul_(scale), dk_BHTK.mul_(scale), dv_BHTV, None
 
 
