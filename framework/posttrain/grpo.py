@@ -36,7 +36,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from framework.model.transformer import mtp_hiddens
 from framework.posttrain import replay
@@ -44,7 +43,7 @@ from framework.posttrain.config import PosttrainConfig
 from framework.posttrain.learner import Learner
 from framework.posttrain.rewards import total_rewards
 from framework.posttrain.rollout import sample, target_logprobs
-from framework.posttrain.sft import decode, encode
+from framework.posttrain.sft import decode, encode, masked_ce
 from framework.posttrain.tasks import Problem, Task
 
 STD_EPS = 1e-4
@@ -309,12 +308,9 @@ def mtp_response_loss(model, h_BTD: torch.Tensor, mb: Rollouts, n_tokens: float)
     and divided by the global response-token count, times mtp_loss_weight / depth: MTP keeps
     predicting the policy's own tokens as it moves."""
     mask_BT, targets_BT = mb.mask_BT, mb.targets_BT
-    B, T = targets_BT.shape
-    total = h_BTD.new_zeros((), dtype=torch.float32)
-    for k, n_BTD in mtp_hiddens(model.mtp, model.embed, h_BTD, targets_BT):
-        ce_BT = F.cross_entropy(model.head(n_BTD).flatten(0, 1).float(), targets_BT[:, k:].flatten(),
-                                reduction="none").view(B, T - k)
-        total = total + (ce_BT * mask_BT[:, k:]).sum() / max(n_tokens, 1.0)
+    total = sum((masked_ce(model.head(n_BTD), targets_BT[:, k:], mask_BT[:, k:], max(n_tokens, 1.0))
+                 for k, n_BTD in mtp_hiddens(model.mtp, model.embed, h_BTD, targets_BT)),
+                h_BTD.new_zeros((), dtype=torch.float32))
     return model.cfg.mtp_loss_weight / len(model.mtp) * total
 
 

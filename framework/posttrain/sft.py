@@ -153,9 +153,16 @@ def collate(rows: list[Row], whole: bool = False) -> Batch:
     return Batch(tokens, targets, mask)
 
 
+def masked_ce(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, mask_BT: torch.Tensor,
+              n_targets: float) -> torch.Tensor:
+    """Sum of the cross-entropy over the targets where mask_BT holds, divided by n_targets (the
+    global count)."""
+    targets = torch.where(mask_BT, targets_BT, IGNORE)
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum") / n_targets
+
+
 def response_ce(logits_BTV: torch.Tensor, batch: Batch, n_targets: float) -> torch.Tensor:
     """Sum over response targets of the next-token cross-entropy, divided by n_targets (the
     global count)."""
-    targets = torch.where(batch.mask_BT, batch.targets_BT, IGNORE)
-    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                           reduction="sum") / n_targets
+    return masked_ce(logits_BTV, batch.targets_BT, batch.mask_BT, n_targets)
