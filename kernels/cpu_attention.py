@@ -6,8 +6,8 @@ tokens: 32 ms forward, 207 ms backward). This backward instead walks query block
 each against the keys it can see (the causal prefix), with large batched GEMMs in the input dtype,
 recomputing the probabilities from the forward's log-sum-exp. On this kind of CPU the elementwise
 passes over the scores cost as much as the GEMMs, so there are three (a scale, exp, and
-dS = p * (dP - D); the causal mask touches only the diagonal block) and no large operand is read
-transposed or strided (oneDNN copies those first).
+dS = p * (dP - D); the causal mask touches only the diagonal block) and every GEMM operand is laid
+out so that oneDNN reads it without a copy (see backward).
 
 Precision. A bf16 GEMM rounds its output to bf16. Rounding the scores q.k (magnitude up to tens)
 would put an error of |s| * 2^-9 into every exp; so the GEMM computes s - lse directly, by
@@ -71,17 +71,21 @@ class FlashBlockedBackward(torch.autograd.Function):
         # then dV = p'^T (do e^-c) and dS = p' * (dP - D) e^-c are the true ones.
         shift_T = torch.arange(1, T + 1, dtype=acc).log2_().mul_(0.5).round_()
         row_T1 = torch.exp2(-shift_T)[:, None]
-        # The operands, built once in the layouts the GEMMs read (the model hands over transposed
-        # views; a strided or transposed bf16 operand costs oneDNN a copy per block).
-        qa_BHTK = _with_hi_lo(q_BHTK, (shift_T * math.log(2.0) - lse_BHT) / scale)
-        doa_BHTV = _with_hi_lo((do_BHTV * row_T1.to(dtype)), -d_BHT * row_T1[:, 0])
+        # The operands in the layouts the GEMMs read without a copy: oneDNN copies a transposed
+        # operand unless its batch stride is whole (so the query-side ones are built per block,
+        # each contiguous) and any operand whose rows are a column slice (so dq is formed against
+        # k with its ones columns, and those two columns of it dropped).
+        c_BHT = (shift_T * math.log(2.0) - lse_BHT) / scale
+        do_BHTV = do_BHTV * row_T1.to(dtype)
+        dn_BHT = -d_BHT * row_T1[:, 0]
         k1_BHTK, v1_BHTV = _ones_columns(k_BHTK), _ones_columns(v_BHTV)
         dq_BHTK = torch.empty(q_BHTK.shape, dtype=dtype)
         dk_BHTK = torch.zeros(k_BHTK.shape, dtype=dtype)
         dv_BHTV = torch.zeros(v_BHTV.shape, dtype=dtype)
         for start in range(0, T, BLOCK):
             end = min(T, start + BLOCK)
-            qa_BHQK, doa_BHQV = qa_BHTK[..., start:end, :], doa_BHTV[..., start:end, :]
+            qa_BHQK = _with_hi_lo(q_BHTK[..., start:end, :], c_BHT[..., start:end])
+            doa_BHQV = _with_hi_lo(do_BHTV[..., start:end, :], dn_BHT[..., start:end])
             # Scores transposed (keys x queries), so every large operand is read as stored.
             pT_BHSQ = (k1_BHTK[..., :end, :] @ qa_BHQK.transpose(-1, -2)).mul_(scale)  # log p + c
             pT_BHSQ.exp_()
@@ -89,8 +93,7 @@ class FlashBlockedBackward(torch.autograd.Function):
             dv_BHTV[..., :end, :] += pT_BHSQ @ doa_BHQV[..., :V]
             dsT_BHSQ = (v1_BHTV[..., :end, :] @ doa_BHQV.transpose(-1, -2)).mul_(pT_BHSQ)  # dS / scale
             dk_BHTK[..., :end, :] += dsT_BHSQ @ qa_BHQK[..., :K]
-            dqT_BHKQ = k1_BHTK[..., :end, :K].transpose(-1, -2) @ dsT_BHSQ
-            dq_BHTK[..., start:end, :] = dqT_BHKQ.transpose(-1, -2)
+            dq_BHTK[..., start:end, :] = (dsT_BHSQ.transpose(-1, -2) @ k1_BHTK[..., :end, :])[..., :K]
         return dq_BHTK.mul_(scale), dk_BHTK.mul_(scale), dv_BHTV, None
 
 
