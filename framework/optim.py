@@ -30,7 +30,8 @@ class AdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, moment_dtype: str = "fp32", foreach: bool = True) -> None:
+                 weight_decay: float = 0.0, moment_dtype: str = "fp32", foreach: bool = True,
+                 fused: bool = True) -> None:
         if moment_dtype not in _MOMENT_DTYPES:
             raise ValueError(f"precision.moment_dtype={moment_dtype!r}: choose fp32 or bf16")
         # Kept off the param groups so that they hold only what torch's AdamW holds.
@@ -38,6 +39,11 @@ class AdamW(torch.optim.Optimizer):
         # foreach=False updates one parameter at a time (`_update`): the reference the
         # foreach path is tested against, bit for bit.
         self.foreach = foreach
+        # fused=True (with foreach) does the fp32 arithmetic in torch's fused AdamW kernel: one
+        # pass over each tensor instead of eight (CPU, 35 M parameters: 32 ms against 120 ms per
+        # step). Its rounding differs from the foreach ops' by an ulp here and there; fused=False
+        # keeps the foreach ops, which equal `_update` bit for bit.
+        self.fused = fused and hasattr(torch, "_fused_adamw_")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
@@ -102,21 +108,41 @@ class AdamW(torch.optim.Optimizer):
             m, v = list(m_store), list(v_store)
             for i in low:
                 m[i], v[i] = m_store[i].to(torch.float32), v_store[i].to(torch.float32)
-            # Same operation order as _update (and torch.optim.AdamW).
-            torch._foreach_mul_(w, 1 - lr * wd)
-            torch._foreach_lerp_(m, grads, 1 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(w, m, denom, value=-lr / (1 - beta1 ** t))
+            # The fused kernel walks raw storage, so it takes contiguous tensors only (ZeRO's
+            # pieces cut along a later dimension are strided views); the rest go the foreach way.
+            fused = [self.fused and all(x.is_contiguous() for x in tensors)
+                     for tensors in zip(w, grads, m, v, strict=True)]
+            for device in {x.device for x, f in zip(w, fused, strict=True) if f}:
+                pick = [i for i, x in enumerate(w) if fused[i] and x.device == device]
+                # The kernel reads each tensor's step count from a tensor on its device.
+                steps = [torch.tensor(t, dtype=torch.float32, device=device)] * len(pick)
+                torch._fused_adamw_([w[i] for i in pick], [grads[i] for i in pick], [m[i] for i in pick],
+                                    [v[i] for i in pick], [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                                    weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+            rest = [i for i, f in enumerate(fused) if not f]
+            if rest:
+                self._foreach_math([w[i] for i in rest], [grads[i] for i in rest], [m[i] for i in rest],
+                                   [v[i] for i in rest], t, lr, wd, eps, beta1, beta2)
             if low:  # store the fp32 results back, rounded to the storage dtypes
                 torch._foreach_copy_([m_store[i] for i in low] + [v_store[i] for i in low],
                                      [m[i] for i in low] + [v[i] for i in low])
             masters = [i for i, st in enumerate(states) if "master" in st]
             if masters:
                 torch._foreach_copy_([ps[i] for i in masters], [w[i] for i in masters])
+
+    @staticmethod
+    def _foreach_math(w: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor],
+                      v: list[torch.Tensor], t: float, lr: float, wd: float, eps: float,
+                      beta1: float, beta2: float) -> None:
+        # The same operation order as _update (and torch.optim.AdamW).
+        torch._foreach_mul_(w, 1 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(w, m, denom, value=-lr / (1 - beta1 ** t))
 
     @staticmethod
     def _update(p: torch.Tensor, state: dict[str, torch.Tensor], lr: float, wd: float,

@@ -90,14 +90,15 @@ def test_dp4_equals_single_process(corpus, reference, reference_run, tmp_path, z
     assert len(logs) == 4 and all(p.stat().st_size > 0 for p in logs)
 
 
-def test_killed_rank_restarts_and_resumes_exactly(corpus, reference, tmp_path):
+def test_killed_rank_restarts_and_resumes_exactly(corpus, reference, reference_run, tmp_path):
     run_dir = tmp_path / "run"
     proc = duet_train(*args_for(corpus, run_dir, f"steps={STEPS}", "parallel.dp=2", "checkpoint.interval=4",
                                 "launch.max_restarts=1"), env={"DUET_FAULT": "kill:step:6:1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run_dir / ".fault-step-6-1").exists(), "the fault must actually have fired"
     assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
-    assert_losses_match(logged_losses(run_dir), reference, range(5, STEPS + 1), 1e-5)
+    flip = routing_flip_step(run_dir, reference_run)
+    assert_losses_match(logged_losses(run_dir), reference, range(5, flip or STEPS + 1), 1e-5)
 
 
 def test_checkpoint_reshards_from_dp4_to_dp2(corpus, reference, tmp_path):
@@ -172,14 +173,16 @@ def ep_train_worker(rank: int, world: int, argv: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("ep", [2, 4])
-def test_expert_parallel_training_equals_single_process(corpus, reference, tmp_path, ep):
+def test_expert_parallel_training_equals_single_process(corpus, reference, reference_run, tmp_path, ep):
     run_dir = tmp_path / "run"
     argv = args_for(corpus, run_dir, f"steps={STEPS}", f"parallel.dp={ep}", f"parallel.ep={ep}",
                     "checkpoint.interval=10", "checkpoint.keep_last=2")
     per_rank = run_ranks(ep_train_worker, ep, argv, timeout_s=400)
     assert [r["expert_rows"] for r in per_rank] == [8 // ep] * ep  # experts really sharded
+    flip = routing_flip_step(run_dir, reference_run)  # the steps before a near-tie flip must agree
     for r in per_rank:
-        assert_losses_match(dict(enumerate(r["losses"], start=1)), reference, range(1, STEPS + 1), 1e-5)
+        assert_losses_match(dict(enumerate(r["losses"], start=1)), reference, range(1, flip or STEPS + 1),
+                            1e-5)
         assert all(torch.equal(a, b) for a, b in zip(r["biases"], per_rank[0]["biases"], strict=True))
     assert any(b.abs().sum() > 0 for b in per_rank[0]["biases"])  # the bias update really ran
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -123,11 +123,11 @@ def test_bf16_moments_stay_close_to_fp32():
 @pytest.mark.parametrize("param_dtype, moments", [(torch.float32, "bf16"), (torch.bfloat16, "bf16"),
                                                    (torch.bfloat16, "fp32"), (torch.float32, "fp32")])
 def test_foreach_update_equals_per_parameter_update(param_dtype, moments):
-    """The foreach path (default) against the one-parameter-at-a-time path, bit for bit, over
-    steps with clipping-free training, two groups and a parameter without a gradient."""
+    """The foreach ops against the one-parameter-at-a-time path, bit for bit, over steps with
+    clipping-free training, two groups and a parameter without a gradient."""
     models = [tiny_model(dtype=param_dtype) for _ in range(2)]
     opts = [build_optimizer(m, CFG, moment_dtype=moments) for m in models]
-    opts[1].foreach = False
+    opts[0].fused, opts[1].foreach = False, False
     assert opts[0].foreach
     for s in range(4):
         for model, opt in zip(models, opts):
@@ -146,6 +146,53 @@ def test_foreach_update_equals_per_parameter_update(param_dtype, moments):
     assert float(opts[0].state[models[0][0].weight]["step"]) == 4
     assert any(not torch.equal(a, b) for a, b in zip(models[0].parameters(), tiny_model(dtype=param_dtype)
                                                      .parameters()))  # it trained
+
+
+def test_fused_update_matches_torch_fused_adamw_bit_for_bit():
+    """The default (fused) path against torch.optim.AdamW(fused=True): the same kernel asked the
+    same thing (lr, decay per group, step counts), so the same bits."""
+    ours_model, ref_model = tiny_model(), tiny_model()
+    ours = build_optimizer(ours_model, CFG)
+    assert ours.fused
+    matrices = [p for p in ref_model.parameters() if p.ndim >= 2]
+    vectors = [p for p in ref_model.parameters() if p.ndim < 2]
+    ref = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1},
+                             {"params": vectors, "weight_decay": 0.0}],
+                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    for s in range(6):
+        train(ours_model, ours, 1, start=s)
+        train(ref_model, ref, 1, start=s)
+    for a, b in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(ours_model[0].weight, tiny_model()[0].weight)
+
+
+@pytest.mark.parametrize("param_dtype, moments", [(torch.float32, "bf16"), (torch.bfloat16, "bf16"),
+                                                   (torch.bfloat16, "fp32"), (torch.float32, "fp32")])
+def test_fused_update_equals_per_parameter_update_to_rounding(param_dtype, moments):
+    """The fused kernel against the one-parameter-at-a-time path: the same arithmetic in another
+    order, so equal to a few fp32 ulps of the update (weights near 1, steps of lr = 1e-2 each)."""
+    models = [tiny_model(dtype=param_dtype) for _ in range(2)]
+    opts = [build_optimizer(m, CFG, moment_dtype=moments) for m in models]
+    opts[1].foreach = False
+    for s in range(4):
+        for model, opt in zip(models, opts):
+            opt.zero_grad(set_to_none=True)
+            loss_of(model, s).backward()
+            if s == 2:
+                model[1].bias.grad = None  # skipped this step: its step count falls behind
+            opt.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        for key, value in opts[0].state[p].items():
+            other = opts[1].state[q][key]
+            assert value.dtype == other.dtype, key
+            # bf16 storage: the fp32 results may round to neighbouring bf16 values.
+            ulps = 2.0 ** -7 if value.dtype == torch.bfloat16 else 1e-6
+            torch.testing.assert_close(value, other, rtol=ulps, atol=ulps * 1e-3, msg=key)
+        master = opts[0].state[p].get("master", p)
+        other = opts[1].state[q].get("master", q)
+        torch.testing.assert_close(master, other, rtol=0, atol=1e-6)
+    assert float(opts[0].state[models[0][1].bias]["step"]) == 3
 
 
 def test_bad_moment_dtype():
