@@ -89,8 +89,8 @@ class AdamW(torch.optim.Optimizer):
         parameter, which is most of the optimizer's time for models of many small tensors.
 
         Low-precision storage (bf16 moments, a bf16 parameter's fp32 master) goes the same way
-        as in `_update`: upcast to fp32 copies, the same fp32 operations in the same order,
-        rounded back with one foreach copy, so the results equal `_update`'s bit for bit.
+        as in `_update`: upcast to fp32 copies, the fp32 update (fused, or the same operations in
+        the same order, which equal `_update`'s bit for bit), rounded back with one foreach copy.
         Parameters whose step counts differ (e.g. after a partial load) go by step count so
         bias corrections stay per parameter."""
         by_step: dict[float, list[torch.Tensor]] = {}
