@@ -116,9 +116,13 @@ class AdamW(torch.optim.Optimizer):
                 pick = [i for i, x in enumerate(w) if fused[i] and x.device == device]
                 # The kernel reads each tensor's step count from a tensor on its device.
                 steps = [torch.tensor(t, dtype=torch.float32, device=device)] * len(pick)
+                updated = [w[i] for i in pick] + [m[i] for i in pick] + [v[i] for i in pick]
                 torch._fused_adamw_([w[i] for i in pick], [grads[i] for i in pick], [m[i] for i in pick],
                                     [v[i] for i in pick], [], steps, lr=lr, beta1=beta1, beta2=beta2,
                                     weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+                # The kernel leaves the tensors' version counters as they were (torch 2.13);
+                # what caches by version (the FP8 weight cache) must see the update.
+                torch.autograd.graph.increment_version(updated)
             rest = [i for i, f in enumerate(fused) if not f]
             if rest:
                 self._foreach_math([w[i] for i in rest], [grads[i] for i in rest], [m[i] for i in rest],

@@ -159,11 +159,14 @@ def test_fused_update_matches_torch_fused_adamw_bit_for_bit():
     ref = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1},
                              {"params": vectors, "weight_decay": 0.0}],
                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    versions = [p._version for p in ours_model.parameters()]
     for s in range(6):
         train(ours_model, ours, 1, start=s)
         train(ref_model, ref, 1, start=s)
     for a, b in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
         assert torch.equal(a, b)
+    # Each step moves the version counters, which caches of derived tensors key on.
+    assert all(p._version >= v + 6 for p, v in zip(ours_model.parameters(), versions, strict=True))
     assert not torch.equal(ours_model[0].weight, tiny_model()[0].weight)
 
 
