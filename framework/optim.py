@@ -43,7 +43,7 @@ class AdamW(torch.optim.Optimizer):
         # pass over each tensor instead of eight (CPU, 35 M parameters: 32 ms against 120 ms per
         # step). Its rounding differs from the foreach ops' by an ulp here and there; fused=False
         # keeps the foreach ops, which equal `_update` bit for bit.
-        self.fused = fused and hasattr(torch, "_fused_adamw_")
+        self.fused = fused
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
@@ -114,19 +114,18 @@ class AdamW(torch.optim.Optimizer):
                      for tensors in zip(w, grads, m, v, strict=True)]
             for device in {x.device for x, f in zip(w, fused, strict=True) if f}:
                 pick = [i for i, x in enumerate(w) if fused[i] and x.device == device]
+                w_f, g_f, m_f, v_f = ([xs[i] for i in pick] for xs in (w, grads, m, v))
                 # The kernel reads each tensor's step count from a tensor on its device.
                 steps = [torch.tensor(t, dtype=torch.float32, device=device)] * len(pick)
-                updated = [w[i] for i in pick] + [m[i] for i in pick] + [v[i] for i in pick]
-                torch._fused_adamw_([w[i] for i in pick], [grads[i] for i in pick], [m[i] for i in pick],
-                                    [v[i] for i in pick], [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                torch._fused_adamw_(w_f, g_f, m_f, v_f, [], steps, lr=lr, beta1=beta1, beta2=beta2,
                                     weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
                 # The kernel leaves the tensors' version counters as they were (torch 2.13);
                 # what caches by version (the FP8 weight cache) must see the update.
-                torch.autograd.graph.increment_version(updated)
+                torch.autograd.graph.increment_version(w_f + m_f + v_f)
             rest = [i for i, f in enumerate(fused) if not f]
             if rest:
-                self._foreach_math([w[i] for i in rest], [grads[i] for i in rest], [m[i] for i in rest],
-                                   [v[i] for i in rest], t, lr, wd, eps, beta1, beta2)
+                self._foreach_math(*([xs[i] for i in rest] for xs in (w, grads, m, v)),
+                                   t, lr, wd, eps, beta1, beta2)
             if low:  # store the fp32 results back, rounded to the storage dtypes
                 torch._foreach_copy_([m_store[i] for i in low] + [v_store[i] for i in low],
                                      [m[i] for i in low] + [v[i] for i in low])

@@ -6,8 +6,9 @@ tokens: 32 ms forward, 207 ms backward). This backward instead walks query block
 each against the keys it can see (the causal prefix), with large batched GEMMs in the input dtype,
 recomputing the probabilities from the forward's log-sum-exp. On this kind of CPU the elementwise
 passes over the scores cost as much as the GEMMs, so there are three (a scale, exp, and
-dS = p * (dP - D); the causal mask touches only the diagonal block) and every GEMM operand is laid
-out so that oneDNN reads it without a copy (see backward).
+dS = p * (dP - D); the causal mask touches only the diagonal block) and the large GEMM operands are
+laid out so that oneDNN reads them without a copy (see backward; a short block's key prefix and
+the column slices in the dK/dV products are still copied).
 
 Precision. A bf16 GEMM rounds its output to bf16. Rounding the scores q.k (magnitude up to tens)
 would put an error of |s| * 2^-9 into every exp; so the GEMM computes s - lse directly, by
@@ -71,10 +72,9 @@ class FlashBlockedBackward(torch.autograd.Function):
         # then dV = p'^T (do e^-c) and dS = p' * (dP - D) e^-c are the true ones.
         shift_T = torch.arange(1, T + 1, dtype=acc).log2_().mul_(0.5).round_()
         row_T1 = torch.exp2(-shift_T)[:, None]
-        # The operands in the layouts the GEMMs read without a copy: oneDNN copies a transposed
-        # operand unless its batch stride is whole (so the query-side ones are built per block,
-        # each contiguous) and any operand whose rows are a column slice (so dq is formed against
-        # k with its ones columns, and those two columns of it dropped).
+        # oneDNN copies a transposed operand unless its batch stride is whole (so the query-side
+        # operands are built per block, each contiguous) and any operand that is a column slice
+        # (so dq is formed against k with its ones columns, and those two columns dropped).
         c_BHT = (shift_T * math.log(2.0) - lse_BHT) / scale
         do_BHTV = do_BHTV * row_T1.to(dtype)
         dn_BHT = -d_BHT * row_T1[:, 0]

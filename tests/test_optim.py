@@ -41,18 +41,34 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, start:
 CFG = OptimConfig(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
+def torch_adamw(model: torch.nn.Module, **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW with CFG and build_optimizer's grouping written out: decay only on matrices."""
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1},
+                              {"params": vectors, "weight_decay": 0.0}],
+                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8, **kwargs)
+
+
+def train_side_by_side(models, opts, steps: int = 4) -> None:
+    """Each model its own optimizer on the same batches; at step 2 one bias gets no gradient, so
+    its step count falls behind the others'."""
+    for s in range(steps):
+        for model, opt in zip(models, opts, strict=True):
+            opt.zero_grad(set_to_none=True)
+            loss_of(model, s).backward()
+            if s == 2:
+                model[1].bias.grad = None
+            opt.step()
+
+
 # --------------------------------------------------------------------------- AdamW
 
 
 def test_matches_torch_adamw_in_fp32():
     ours_model, ref_model = tiny_model(), tiny_model()
     ours = build_optimizer(ours_model, CFG)
-    # The reference gets the same grouping written out by hand: decay only on matrices.
-    matrices = [p for p in ref_model.parameters() if p.ndim >= 2]
-    vectors = [p for p in ref_model.parameters() if p.ndim < 2]
-    ref = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1},
-                             {"params": vectors, "weight_decay": 0.0}],
-                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    ref = torch_adamw(ref_model, foreach=False)
     for s in range(8):
         lr = 1e-2 * (s + 1) / 8  # a changing lr exercises set_lr
         set_lr(ours, lr)
@@ -129,13 +145,7 @@ def test_foreach_update_equals_per_parameter_update(param_dtype, moments):
     opts = [build_optimizer(m, CFG, moment_dtype=moments) for m in models]
     opts[0].fused, opts[1].foreach = False, False
     assert opts[0].foreach
-    for s in range(4):
-        for model, opt in zip(models, opts):
-            opt.zero_grad(set_to_none=True)
-            loss_of(model, s).backward()
-            if s == 2:
-                model[1].bias.grad = None  # skipped this step: its step count falls behind
-            opt.step()
+    train_side_by_side(models, opts)
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(a, b)
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
@@ -154,11 +164,7 @@ def test_fused_update_matches_torch_fused_adamw_bit_for_bit():
     ours_model, ref_model = tiny_model(), tiny_model()
     ours = build_optimizer(ours_model, CFG)
     assert ours.fused
-    matrices = [p for p in ref_model.parameters() if p.ndim >= 2]
-    vectors = [p for p in ref_model.parameters() if p.ndim < 2]
-    ref = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1},
-                             {"params": vectors, "weight_decay": 0.0}],
-                            lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    ref = torch_adamw(ref_model, fused=True)
     versions = [p._version for p in ours_model.parameters()]
     for s in range(6):
         train(ours_model, ours, 1, start=s)
@@ -178,13 +184,7 @@ def test_fused_update_equals_per_parameter_update_to_rounding(param_dtype, momen
     models = [tiny_model(dtype=param_dtype) for _ in range(2)]
     opts = [build_optimizer(m, CFG, moment_dtype=moments) for m in models]
     opts[1].foreach = False
-    for s in range(4):
-        for model, opt in zip(models, opts):
-            opt.zero_grad(set_to_none=True)
-            loss_of(model, s).backward()
-            if s == 2:
-                model[1].bias.grad = None  # skipped this step: its step count falls behind
-            opt.step()
+    train_side_by_side(models, opts)
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         for key, value in opts[0].state[p].items():
             other = opts[1].state[q][key]
