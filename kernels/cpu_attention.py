@@ -5,10 +5,11 @@ PyTorch's CPU flash-attention forward is fast in bf16, but its backward is not: 
 tokens: 32 ms forward, 207 ms backward). This backward instead walks query blocks of BLOCK rows,
 each against the keys it can see (the causal prefix), with large batched GEMMs in the input dtype,
 recomputing the probabilities from the forward's log-sum-exp. On this kind of CPU the elementwise
-passes over the scores cost as much as the GEMMs, so there are three (a scale, exp, and
-dS = p * (dP - D); the causal mask touches only the diagonal block) and the large GEMM operands are
-laid out so that oneDNN reads them without a copy (see backward; a short block's key prefix and
-the column slices in the dK/dV products are still copied).
+passes over the scores cost as much as the GEMMs, so there are two (exp, and dS = p * (dP - D)):
+the softmax scale, the causal mask and the sums of dK and dV over blocks ride in the GEMMs
+(baddbmm's alpha, additive input and beta), and the large GEMM operands are laid out so that
+oneDNN reads them without a copy (see backward; a short block's key prefix and the column slices
+in the dK/dV products are still copied).
 
 Precision. A bf16 GEMM rounds its output to bf16. Rounding the scores q.k (magnitude up to tens)
 would put an error of |s| * 2^-9 into every exp; so the GEMM computes s - lse directly, by
@@ -17,10 +18,10 @@ columns of ones in k. What gets rounded is then about log p, which is small wher
 same trick folds the softmax-backward row term D = rowsum(dO * O) into dP = dO v^T, so dP - D is
 what gets rounded; a power-of-two shift per query row (see backward) keeps log p + c small at
 flat attention too. dK and dV are summed over query blocks in the input dtype. Measured against
-fp64 (tests/test_speed_paths.py), the gradients' error is 1.0-1.7x that of PyTorch's own bf16
+fp64 (tests/test_speed_paths.py), the gradients' error is 1.0-1.5x that of PyTorch's own bf16
 flash backward, which keeps fp32 scores; in fp64 the two agree to 1e-10.
 
-Legend: B batch, H heads, T sequence, S visible keys (the causal prefix of a block), K q/k head
+Legend: B batch, H heads, Z = B * H, T sequence, S visible keys (the causal prefix of a block), K q/k head
 dim, V value head dim, Q query rows of one block.
 """
 
@@ -43,6 +44,14 @@ def _with_hi_lo(x_BHTK: torch.Tensor, c_BHT: torch.Tensor) -> torch.Tensor:
 
 def _ones_columns(x_BHSK: torch.Tensor) -> torch.Tensor:
     return F.pad(x_BHSK, (0, 2), value=1.0)
+
+
+def _causal_mask_SQ(start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Added to the transposed scores of queries start:end against keys :end: 0 where the key
+    may be seen (s <= q), -inf where it may not, so exp gives exactly 0 there."""
+    mask_SQ = torch.zeros(end, end - start, dtype=dtype)
+    mask_SQ[start:] = torch.full((end - start, end - start), float("-inf"), dtype=dtype).tril_(-1)
+    return mask_SQ
 
 
 class FlashBlockedBackward(torch.autograd.Function):
@@ -78,23 +87,30 @@ class FlashBlockedBackward(torch.autograd.Function):
         c_BHT = (shift_T * math.log(2.0) - lse_BHT) / scale
         do_BHTV = do_BHTV * row_T1.to(dtype)
         dn_BHT = -d_BHT * row_T1[:, 0]
-        k1_BHTK, v1_BHTV = _ones_columns(k_BHTK), _ones_columns(v_BHTV)
-        dq_BHTK = torch.empty(q_BHTK.shape, dtype=dtype)
-        dk_BHTK = torch.zeros(k_BHTK.shape, dtype=dtype)
-        dv_BHTV = torch.zeros(v_BHTV.shape, dtype=dtype)
-        for start in range(0, T, BLOCK):
-            end = min(T, start + BLOCK)
-            qa_BHQK = _with_hi_lo(q_BHTK[..., start:end, :], c_BHT[..., start:end])
-            doa_BHQV = _with_hi_lo(do_BHTV[..., start:end, :], dn_BHT[..., start:end])
+        # 3-D views (Z = B * H) for baddbmm, which folds the softmax scale, the causal mask and the
+        # dK/dV accumulation into the GEMMs: each is applied to the fp32 accumulator before the one
+        # rounding to the output dtype, and no pass over the scores is spent on them.
+        (B, H), Z = q_BHTK.shape[:2], q_BHTK.shape[0] * q_BHTK.shape[1]
+        k1_ZTK = _ones_columns(k_BHTK).view(Z, T, K + 2)
+        v1_ZTV = _ones_columns(v_BHTV).view(Z, T, V + 2)
+        dq_ZTK = torch.empty(Z, T, K, dtype=dtype)
+        dk_ZTK = torch.empty(Z, T, K, dtype=dtype)
+        dv_ZTV = torch.empty(Z, T, V, dtype=dtype)
+        for start in reversed(range(0, T, BLOCK)):  # the last block sees every key: it starts dK and dV
+            end, Q = min(T, start + BLOCK), min(T, start + BLOCK) - start
+            beta = 0.0 if end == T else 1.0  # (beta 0 ignores the empty buffers' contents)
+            qa_ZQK = _with_hi_lo(q_BHTK[..., start:end, :], c_BHT[..., start:end]).view(Z, Q, K + 2)
+            doa_ZQV = _with_hi_lo(do_BHTV[..., start:end, :], dn_BHT[..., start:end]).view(Z, Q, V + 2)
             # Scores transposed (keys x queries), so every large operand is read as stored.
-            pT_BHSQ = (k1_BHTK[..., :end, :] @ qa_BHQK.transpose(-1, -2)).mul_(scale)  # log p + c
-            pT_BHSQ.exp_()
-            pT_BHSQ[..., start:, :].triu_()  # causal: key s > query q gets nothing
-            dv_BHTV[..., :end, :] += pT_BHSQ @ doa_BHQV[..., :V]
-            dsT_BHSQ = (v1_BHTV[..., :end, :] @ doa_BHQV.transpose(-1, -2)).mul_(pT_BHSQ)  # dS / scale
-            dk_BHTK[..., :end, :] += dsT_BHSQ @ qa_BHQK[..., :K]
-            dq_BHTK[..., start:end, :] = (dsT_BHSQ.transpose(-1, -2) @ k1_BHTK[..., :end, :])[..., :K]
-        return dq_BHTK.mul_(scale), dk_BHTK.mul_(scale), dv_BHTV, None
+            pT_ZSQ = torch.baddbmm(_causal_mask_SQ(start, end, dtype), k1_ZTK[:, :end],
+                                   qa_ZQK.transpose(-1, -2), alpha=scale)  # log p + c
+            pT_ZSQ.exp_()
+            dv_ZTV[:, :end].baddbmm_(pT_ZSQ, doa_ZQV[..., :V], beta=beta)
+            dsT_ZSQ = torch.bmm(v1_ZTV[:, :end], doa_ZQV.transpose(-1, -2)).mul_(pT_ZSQ)  # dS / scale
+            dk_ZTK[:, :end].baddbmm_(dsT_ZSQ, qa_ZQK[..., :K], beta=beta, alpha=scale)
+            dq_ZQK1 = torch.bmm(dsT_ZSQ.transpose(-1, -2), k1_ZTK[:, :end])
+            torch.mul(dq_ZQK1[..., :K], scale, out=dq_ZTK[:, start:end])
+        return dq_ZTK.view(B, H, T, K), dk_ZTK.view(B, H, T, K), dv_ZTV.view(B, H, T, V), None
 
 
 def causal_attention(q_BHTK: torch.Tensor, k_BHTK: torch.Tensor, v_BHTV: torch.Tensor,
