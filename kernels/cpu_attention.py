@@ -21,8 +21,8 @@ flat attention too. dK and dV are summed over query blocks in the input dtype. M
 fp64 (tests/test_speed_paths.py), the gradients' error is 1.0-1.5x that of PyTorch's own bf16
 flash backward, which keeps fp32 scores; in fp64 the two agree to 1e-10.
 
-Legend: B batch, H heads, Z = B * H, T sequence, S visible keys (the causal prefix of a block), K q/k head
-dim, V value head dim, Q query rows of one block.
+Legend: B batch, H heads, Z = B * H, T sequence, S visible keys (the causal prefix of a block),
+K q/k head dim, V value head dim, Q query rows of one block.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class FlashBlockedBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do_BHTV):
         q_BHTK, k_BHTK, v_BHTV, o_BHTV, lse_BHT = ctx.saved_tensors
-        scale, dtype, (T, K), V = ctx.scale, q_BHTK.dtype, q_BHTK.shape[-2:], v_BHTV.shape[-1]
+        scale, dtype, (B, H, T, K), V = ctx.scale, q_BHTK.dtype, q_BHTK.shape, v_BHTV.shape[-1]
+        Z = B * H
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         d_BHT = (do_BHTV * o_BHTV).sum(-1, dtype=acc)
         # What the GEMM rounds is log p + c for a query that sees n keys, with c about log(n) / 2:
@@ -90,14 +91,14 @@ class FlashBlockedBackward(torch.autograd.Function):
         # 3-D views (Z = B * H) for baddbmm, which folds the softmax scale, the causal mask and the
         # dK/dV accumulation into the GEMMs: each is applied to the fp32 accumulator before the one
         # rounding to the output dtype, and no pass over the scores is spent on them.
-        (B, H), Z = q_BHTK.shape[:2], q_BHTK.shape[0] * q_BHTK.shape[1]
         k1_ZTK = _ones_columns(k_BHTK).view(Z, T, K + 2)
         v1_ZTV = _ones_columns(v_BHTV).view(Z, T, V + 2)
         dq_ZTK = torch.empty(Z, T, K, dtype=dtype)
         dk_ZTK = torch.empty(Z, T, K, dtype=dtype)
         dv_ZTV = torch.empty(Z, T, V, dtype=dtype)
         for start in reversed(range(0, T, BLOCK)):  # the last block sees every key: it starts dK and dV
-            end, Q = min(T, start + BLOCK), min(T, start + BLOCK) - start
+            end = min(T, start + BLOCK)
+            Q = end - start
             beta = 0.0 if end == T else 1.0  # (beta 0 ignores the empty buffers' contents)
             qa_ZQK = _with_hi_lo(q_BHTK[..., start:end, :], c_BHT[..., start:end]).view(Z, Q, K + 2)
             doa_ZQV = _with_hi_lo(do_BHTV[..., start:end, :], dn_BHT[..., start:end]).view(Z, Q, V + 2)
