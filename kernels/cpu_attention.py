@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 BLOCK = 256  # query rows per backward block (of 128, 256 and 512 the fastest at 4 x 512 and 1 x 2048)
 
@@ -42,8 +41,17 @@ def _with_hi_lo(x_BHTK: torch.Tensor, c_BHT: torch.Tensor) -> torch.Tensor:
     return torch.cat([x_BHTK, hi.unsqueeze(-1), lo.unsqueeze(-1)], dim=-1)
 
 
+def _padded(x_BHTK: torch.Tensor, n: int, value: float) -> torch.Tensor:
+    """x with n columns of value appended. (F.pad fills the whole output before copying x in.)"""
+    W = x_BHTK.shape[-1]
+    out_BHTX = x_BHTK.new_empty(*x_BHTK.shape[:-1], W + n)
+    out_BHTX[..., :W] = x_BHTK
+    out_BHTX[..., W:] = value
+    return out_BHTX
+
+
 def _ones_columns(x_BHSK: torch.Tensor) -> torch.Tensor:
-    return F.pad(x_BHSK, (0, 2), value=1.0)
+    return _padded(x_BHSK, 2, 1.0)
 
 
 def _causal_mask_SQ(start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
@@ -60,7 +68,7 @@ class FlashBlockedBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_BHTK, k_BHTK, v_BHTV, scale: float):
         K, V = q_BHTK.shape[-1], v_BHTV.shape[-1]
-        v_pad_BHTK = F.pad(v_BHTV, (0, K - V))  # flash needs one head dim; zero columns add nothing
+        v_pad_BHTK = _padded(v_BHTV, K - V, 0.0)  # flash needs one head dim; zero columns add nothing
         o_BHTK, lse_BHT = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q_BHTK, k_BHTK, v_pad_BHTK, 0.0, True, scale=scale)[:2]
         o_BHTV = o_BHTK[..., :V]

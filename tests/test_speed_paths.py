@@ -1,6 +1,6 @@
-"""The fast paths equal the plain ones: MLA's padded-v attention core, the three-pass rope, the
-bucketed bf16 CPU experts, the chunked head cross-entropy (no full logits), precision=auto's
-pick, and the one FLOP count (hand-counted)."""
+"""The fast paths equal the plain ones: MLA's padded-v attention core, the three-pass rope,
+RMSNorm's closed-form backward, the bucketed bf16 CPU experts, the chunked head cross-entropy
+(no full logits), precision=auto's pick, and the one FLOP count (hand-counted)."""
 
 import functools
 
@@ -13,6 +13,7 @@ from framework.model import Transformer, moe
 from framework.model import transformer as transformer_module
 from framework.model.attention import attention_core
 from framework.model.loss import head_cross_entropy
+from framework.model.norm import RMSNorm
 from framework.model.rope import apply_rope
 from framework.precision import resolve_compute
 from launch.run import compose
@@ -98,6 +99,26 @@ def test_rope_equals_the_pairwise_rotation_bit_for_bit_and_a_complex_product():
         torch.ones_like(angle_TF), angle_TF)[:, None]
     assert torch.allclose(apply_rope(x, angle_TF.cos(), angle_TF.sin()), torch.view_as_real(z).flatten(-2),
                           rtol=0, atol=1e-12)
+
+
+def test_rms_norm_backward_equals_autograd_of_the_reference_formula():
+    torch.manual_seed(0)
+    D = 40
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 2 ** -7)):
+        norm = RMSNorm(D, eps=1e-6).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        x = (3 * torch.randn(2, 5, D, dtype=torch.float64)).to(dtype).requires_grad_()
+        weight = norm.weight.detach().clone().requires_grad_()
+        # The reference's arithmetic (DeepSeek's and transformers'), differentiated by autograd.
+        x32 = x.to(weight.dtype)
+        plain = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        got = norm(x)
+        g = torch.randn_like(got)
+        assert torch.equal(got, plain), dtype
+        (dx, dw), (dx_ref, dw_ref) = (torch.autograd.grad(y, (x, w), g)
+                                      for y, w in ((got, norm.weight), (plain, weight)))
+        assert dx.dtype == dtype and rel(dx, dx_ref) < tol and rel(dw, dw_ref) < 1e-12, dtype
 
 
 def test_bucket_rows_pads_less_than_half_and_takes_two_sizes_per_octave():
