@@ -197,7 +197,11 @@ def test_expert_parallel_training_equals_single_process(corpus, reference, refer
         shutil.rmtree(run_dir / "checkpoints" / "step_00000020")
         resumed = Trainer(compose(args_for(corpus, run_dir, f"steps={STEPS}"))).run()
         assert resumed.start_step == 10
-        assert_losses_match(dict(enumerate(resumed.losses, start=11)), reference, range(11, STEPS + 1), 1e-5)
+        # The resumed steps' loads replace the sharded run's in metrics.jsonl; its state differs from
+        # the reference's by reduction order, so it may meet a near-tie flip of its own.
+        flip = routing_flip_step(run_dir, reference_run)
+        assert_losses_match(dict(enumerate(resumed.losses, start=11)), reference, range(11, flip or STEPS + 1),
+                            1e-5)
 
 
 @pytest.mark.parametrize("layout", [
