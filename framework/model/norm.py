@@ -10,10 +10,10 @@ from torch import nn
 class _RMSNormFunction(torch.autograd.Function):
     """weight * (x * rsqrt(mean(x^2) + eps)) with a closed-form backward.
 
-    The forward is the reference's arithmetic, op for op. Autograd's backward of that chain makes
-    about ten passes over the rows (a cast, pow, mean, two products and their sums, rsqrt's and
-    the cast's backward); the closed form makes four, and it saves x in its own dtype plus one
-    scale per row instead of an fp32 copy (fwd + bwd on this CPU: 1.4-1.8x faster).
+    The forward is the reference's arithmetic, op for op. Autograd's backward of that chain runs
+    each op's backward in turn (torch.profiler at [4, 512, 512]: 29 aten calls for a bf16 input,
+    22 for fp32); the closed form takes 21 and 13, and it saves x in its own dtype plus one scale
+    per row instead of an fp32 copy (fwd + bwd medians on this noisy CPU: 1.4-1.9x faster).
     """
 
     @staticmethod
