@@ -128,19 +128,24 @@ def test_bucket_rows_pads_less_than_half_and_takes_two_sizes_per_octave():
     assert len(set(sizes)) == 17  # 16, 24, 32, ..., 3072, 4096
 
 
-def test_bucketed_bf16_experts_equal_the_plain_grouped_gemms():
+@pytest.mark.parametrize("max_rows, block", [(0, 0), (10.0, 96)])  # per-expert buckets; one block of 96
+def test_bucketed_bf16_experts_equal_the_plain_grouped_gemms(monkeypatch, max_rows, block):
     torch.manual_seed(0)
     E, M, D, I, tail = 4, 150, 32, 16, 7
     ws = [(0.1 * torch.randn(*shape)).requires_grad_() for shape in ((E, I, D), (E, I, D), (E, D, I))]
     x = torch.randn(M + tail, D).bfloat16().requires_grad_()
     count_E = torch.tensor([70, 0, 33, 47])  # an idle expert, and tail rows for other ranks
     g = torch.randn(M + tail, D).bfloat16()
+    swiglu, seen = moe._swiglu, []
+    monkeypatch.setattr(moe, "CPU_UNIFORM_MAX_ROWS", max_rows)
+    monkeypatch.setattr(moe, "_swiglu", lambda *a, **kw: seen.append(a[4].block_rows) or swiglu(*a, **kw))
     outs = []
-    for fn in (moe._bucketed_swiglu, functools.partial(moe._swiglu, grouped=True)):
+    for fn in (moe._bucketed_swiglu, functools.partial(swiglu, grouped=True)):
         layout = moe.ExpertRows(count_E, M + tail, None, exact=False)
         y = fn(x, *ws, layout=layout, weight_grad=None)
         outs.append((y, torch.autograd.grad(y, [x, *ws], g)))
     (y, grads), (y_ref, grads_ref) = outs
+    assert seen == [block]  # the path under test ran (0: per-expert buckets, else bmm blocks)
     assert y.shape == y_ref.shape and y.dtype == torch.bfloat16
     assert not y[M:].any()  # tail rows stay zero
     assert rel(y, y_ref) < 1e-3

@@ -183,8 +183,12 @@ class ExpertRows:
     come from the dispatch handle (read once there), or, when no handle gave them, from the one
     read GroupedExperts.forward makes of count_E."""
 
-    def __init__(self, count_E: torch.Tensor, rows: int, host_counts: list[int] | None, exact: bool) -> None:
+    def __init__(self, count_E: torch.Tensor, rows: int, host_counts: list[int] | None, exact: bool,
+                 block_rows: int = 0) -> None:
         self.count_E, self.rows, self._host, self.exact = count_E, rows, host_counts, exact
+        # > 0: every expert owns exactly block_rows rows (the CPU bucketed path), so the grouped
+        # GEMMs are batched GEMMs over [E, block_rows, *] views.
+        self.block_rows = block_rows
         self._offs: torch.Tensor | None = None
         self._keep: torch.Tensor | None = None
 
@@ -235,6 +239,9 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 def _gmm(x_MI: torch.Tensor, w_EOI: torch.Tensor, layout: ExpertRows, grouped: bool) -> torch.Tensor:
     """y_MO[m] = x_MI[m] @ w_EOI[e(m)].T, e(m) the expert owning row m; tail rows zero."""
+    if layout.block_rows:
+        E, P = w_EOI.shape[0], layout.block_rows
+        return torch.bmm(x_MI.view(E, P, -1), w_EOI.transpose(1, 2)).view(E * P, -1)
     if grouped:
         return layout.mask_tail(torch._grouped_mm(_aligned(x_MI), w_EOI.transpose(1, 2), offs=layout.offs_E))
     y_MO = x_MI.new_empty(x_MI.shape[0], w_EOI.shape[1])
@@ -249,6 +256,9 @@ def _gmm(x_MI: torch.Tensor, w_EOI: torch.Tensor, layout: ExpertRows, grouped: b
 
 def _gmm_wgrad(g_MO: torch.Tensor, x_MI: torch.Tensor, layout: ExpertRows, grouped: bool) -> torch.Tensor:
     """grad_w_EOI[e] = g_e.T @ x_e over expert e's rows (tail rows excluded); one [E, O, I] buffer."""
+    if layout.block_rows:
+        E, P = layout.count_E.shape[0], layout.block_rows
+        return torch.bmm(g_MO.view(E, P, -1).transpose(1, 2), x_MI.view(E, P, -1))
     if grouped:
         return torch._grouped_mm(g_MO.T, x_MI, offs=layout.offs_E)
     out_EOI = g_MO.new_zeros(len(layout.host_counts), g_MO.shape[1], x_MI.shape[1])
@@ -315,6 +325,9 @@ def _swiglu(x_MD, w1_EID, w3_EID, w2_EDI, layout: ExpertRows, grouped: bool, wei
 
 # Smallest padded row count of an expert on the bucketed CPU path (below it, one bucket).
 CPU_BUCKET_MIN_ROWS = 16
+# Pad every expert to one block (batched GEMMs) while that costs at most this many times the
+# per-expert buckets' rows (0: never). Measured break-even at about 1.4x (_bucketed_swiglu).
+CPU_UNIFORM_MAX_ROWS = 1.25
 
 
 def bucket_rows(n: int) -> int:
@@ -335,16 +348,28 @@ def _bucketed_swiglu(x_MD, w1_EID, w3_EID, w2_EDI, layout: ExpertRows, weight_gr
     thread: 45 ms with the same counts every call, 440 ms with new ones; fp32 goes to a GEMM
     without JIT and is unaffected, so it keeps the plain path). With ~two sizes per octave the
     kernels are built once. The padding rows are zero and are dropped again: the kept rows'
-    values and the weight gradients are those of the unpadded GEMMs."""
+    values and the weight gradients are those of the unpadded GEMMs.
+
+    When routing is near balanced every expert is padded to the fullest one's bucket, and the
+    GEMMs become torch.bmm over [E, block, *] views: oneDNN's batched GEMM beats the per-expert
+    ones (8 x 768 rows of 256 x 256, bf16, 2 threads with AMX: SwiGLU fwd + bwd 1.16-1.22x; the
+    weight gradient alone 2.5x), and loses once the padding grows (one expert at twice the
+    others' rows: 0.75-0.84x), hence CPU_UNIFORM_MAX_ROWS."""
     counts = layout.count_E.tolist()  # a CPU tensor: no device sync (the CPU _grouped_mm reads it too)
     padded = [bucket_rows(n) for n in counts]
+    # One block for every expert (batched GEMMs) while it pads little more than the buckets.
+    block = bucket_rows(max(counts))
+    if block * len(counts) <= CPU_UNIFORM_MAX_ROWS * sum(padded):
+        padded = [block] * len(counts)
+    else:
+        block = 0
     used, total = sum(counts), sum(padded)
     count_E, padded_E = torch.tensor(counts, dtype=torch.int64), torch.tensor(padded, dtype=torch.int64)
     start_E = torch.cumsum(count_E, 0) - count_E
     pad_start_E = torch.cumsum(padded_E, 0) - padded_E
     # Row r of expert e (r - start_e into its block) goes to pad_start_e + (r - start_e).
     dest_R = torch.arange(used) + torch.repeat_interleave(pad_start_E - start_E, count_E, output_size=used)
-    padded_layout = ExpertRows(padded_E.to(layout.count_E.dtype), total, padded, exact=True)
+    padded_layout = ExpertRows(padded_E.to(layout.count_E.dtype), total, padded, exact=True, block_rows=block)
     x_PD = x_MD.new_zeros(total, x_MD.shape[1]).index_copy(0, dest_R, x_MD[:used])
     y_PD = _swiglu(x_PD, w1_EID, w3_EID, w2_EDI, padded_layout, True, weight_grad)
     y_RD = y_PD.index_select(0, dest_R)
