@@ -352,7 +352,7 @@ def _bucketed_swiglu(x_MD, w1_EID, w3_EID, w2_EDI, layout: ExpertRows, weight_gr
 
     When routing is near balanced every expert is padded to the fullest one's bucket, and the
     GEMMs become torch.bmm over [E, block, *] views: oneDNN's batched GEMM beats the per-expert
-    ones (8 x 768 rows of 256 x 256, bf16, 2 threads with AMX: SwiGLU fwd + bwd 1.16-1.22x; the
+    ones (8 x 768 rows of 256 x 256, bf16, 2 threads with AMX: SwiGLU fwd + bwd 1.10-1.22x; the
     weight gradient alone 2.5x), and loses once the padding grows (one expert at twice the
     others' rows: 0.75-0.84x), hence CPU_UNIFORM_MAX_ROWS."""
     counts = layout.count_E.tolist()  # a CPU tensor: no device sync (the CPU _grouped_mm reads it too)
