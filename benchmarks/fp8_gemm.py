@@ -21,7 +21,7 @@ import argparse
 import torch
 
 from benchmarks.timing import bench_ms
-from kernels import fp8
+from duet_kernels import fp8
 
 
 def scaled_mm_fn(a_MK, b_NK, a_q, a_s, b_q, b_s, expect):

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from framework.plots import write_timeline
-from kernels.deferred import defer_or_return
+from duet_kernels.deferred import defer_or_return
 from parallel.pipeline.schedules import SCHEDULES, Action, Placement, build
 from parallel.pipeline.simulator import Costs, simulate
 from parallel.pipeline.timeline import Timeline, write_chrome_trace

@@ -16,7 +16,7 @@ forward (the trick torch.nn.utils.parametrize uses). Module and parameter identi
 names, shapes and dtypes stay the same, so a converted model has the same state_dict
 (checkpoints, resharding and HF export are unaffected), an optimizer or pipeline stage
 built before the conversion keeps working, and converting twice changes nothing. The
-model files need no precision code: FP8 lives here and in kernels/fp8.
+model files need no precision code: FP8 lives here and in duet_kernels/fp8.
 
 Weights stay FP32 masters and are quantised (128x128 blocks) on the forward -- once per
 optimizer step when the step runs inside `fp8_weight_cache()` (micro-batches reuse the bytes),
@@ -40,8 +40,8 @@ from framework.model.attention import MLA
 from framework.model.mlp import MLP
 from framework.model.moe import ExpertRows, GroupedExperts
 from framework.model.mtp import MTPModule
-from kernels.deferred import defer_or_return
-from kernels.fp8 import (
+from duet_kernels.deferred import defer_or_return
+from duet_kernels.fp8 import (
     TILE,
     dequantize_act,
     fp8_linear,
@@ -52,7 +52,7 @@ from kernels.fp8 import (
     quantize_weight_once,
     weight_cache,
 )
-from kernels.fp8.tuning import warming_up
+from duet_kernels.fp8.tuning import warming_up
 
 FP8_COMPUTE = "fp8"
 # Around one optimizer step's forward/backward passes: each weight quantised once, not per
@@ -83,7 +83,7 @@ def _fp8_region(x: torch.Tensor):
 
 
 class Float8Linear(nn.Linear):
-    """nn.Linear whose three GEMMs run in FP8 (kernels.fp8.FP8Linear). Made by apply_fp8."""
+    """nn.Linear whose three GEMMs run in FP8 (duet_kernels.fp8.FP8Linear). Made by apply_fp8."""
 
     fp8_backend = "auto"  # "auto" | "triton" | "torch", set per module by apply_fp8
 
@@ -100,7 +100,7 @@ class PaddedLayout:
     to a multiple of 128 rows, so no GEMM tile straddles two experts.
 
     Built without a host read: the sizes come from host counts (a dispatch handle's), the
-    row positions from the same counts on the device. (kernels.fp8.contiguous_layout sorts
+    row positions from the same counts on the device. (duet_kernels.fp8.contiguous_layout sorts
     arbitrary rows and reads its sizes back; here the rows arrive sorted.)
 
     m_indices [P] int32  expert per padded row, -1 for padding

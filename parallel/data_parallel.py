@@ -205,7 +205,7 @@ class DataParallelOptimizer:
                     shape[e.dim] = length
                     piece = out[j * total + slot:][:length * e.row_numel()].view(shape)
                     # Through the parameter, not .data: the write moves its version counter, which
-                    # tells the FP8 weight cache (kernels/fp8/weight_cache.py) the weight changed.
+                    # tells the FP8 weight cache (duet_kernels/fp8/weight_cache.py) the weight changed.
                     e.param.narrow(e.dim, start, length).copy_(piece)
 
     # --- checkpoint state ------------------------------------------------------------------

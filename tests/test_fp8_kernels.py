@@ -13,12 +13,12 @@ import zlib
 import pytest
 import torch
 
-from kernels import fp8
-from kernels.fp8 import quantize as fp8_quantize
+from duet_kernels import fp8
+from duet_kernels.fp8 import quantize as fp8_quantize
 
 # By module path: the package re-exports functions named gemm and grouped_gemm.
-fp8_gemm = importlib.import_module("kernels.fp8.gemm")
-fp8_grouped = importlib.import_module("kernels.fp8.grouped_gemm")
+fp8_gemm = importlib.import_module("duet_kernels.fp8.gemm")
+fp8_grouped = importlib.import_module("duet_kernels.fp8.grouped_gemm")
 
 E4M3 = torch.float8_e4m3fn
 GEMM_TOL = 1e-3  # DeepGEMM's pass criterion for calc_diff against the unquantised product
@@ -472,7 +472,7 @@ def test_k_grouped_wgrad_is_one_gemm_1x128_per_expert():
 
 
 def test_autotune_keys_bucket_the_batch_sizes():
-    from kernels.fp8.tuning import pow2_bucket
+    from duet_kernels.fp8.tuning import pow2_bucket
 
     assert [pow2_bucket(n) for n in (1, 16, 17, 128, 129, 1000, 1024, 1025)] == [16, 16, 32, 128, 256,
                                                                                  1024, 1024, 2048]
@@ -492,7 +492,7 @@ def _two_rank_world(monkeypatch):
 
 
 def test_no_tuning_inside_a_multi_rank_step_only_in_a_warm_up(monkeypatch):
-    from kernels.fp8.tuning import ConfigTable, may_tune, warming_up
+    from duet_kernels.fp8.tuning import ConfigTable, may_tune, warming_up
 
     configs = fp8_gemm.tuning_configs()
     table = ConfigTable("t", configs, ("M", "N"), ("M",))

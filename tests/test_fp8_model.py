@@ -1,7 +1,7 @@
 """FP8 training of duet's model (framework/fp8.py): what is converted, how close it stays to FP32.
 
 Expected values come from the unconverted FP32/FP64 model, from fp64 re-statements of the
-recipe in shared/ANCHORS.md (quantise with kernels.fp8, which test_fp8_kernels.py checks),
+recipe in shared/ANCHORS.md (quantise with duet_kernels.fp8, which test_fp8_kernels.py checks),
 or from hand-built routing -- never from the code under test. Error bounds are calc_diff
 (DeepGEMM's 1 - 2<x,y>/(|x|^2+|y|^2)); each states the value measured when it was chosen.
 
@@ -31,7 +31,7 @@ from framework.model import GroupedExperts, RMSNorm, Router, Transformer
 from framework.model.init import draw_seed, init_weights
 from framework.optim import build_optimizer
 from framework.trainer import Trainer
-from kernels.fp8 import calc_diff, dequantize_act, dequantize_weight, quantize_act, quantize_weight
+from duet_kernels.fp8 import calc_diff, dequantize_act, dequantize_weight, quantize_act, quantize_weight
 from launch.run import compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -336,10 +336,10 @@ def test_fp8_training_tracks_fp32(tmp_path, corpus):
 
 
 def test_fp8_weight_gradients_defer_under_the_pipeline_split():
-    """Inside kernels.deferred.capture() the FP8 linear and FP8 experts compute input gradients
+    """Inside duet_kernels.deferred.capture() the FP8 linear and FP8 experts compute input gradients
     only and queue their weight-gradient GEMMs; running the queue gives exactly the gradients
     of an ordinary backward."""
-    from kernels.deferred import capture
+    from duet_kernels.deferred import capture
 
     torch.manual_seed(0)
     model = apply_fp8(Transformer(CFG), backend="torch")
@@ -374,7 +374,7 @@ def test_weights_quantised_once_per_optimizer_step_not_per_micro_batch(monkeypat
 
     from framework.fp8 import fp8_weight_cache
 
-    wc = importlib.import_module("kernels.fp8.weight_cache")  # the package re-exports a function of that name
+    wc = importlib.import_module("duet_kernels.fp8.weight_cache")  # the package re-exports a function of that name
 
     calls = []
     real = wc.quantize_weight

@@ -11,7 +11,7 @@ running it: dispatch, experts, combine (wrappers set by `label`), or backward.
 Also here: the grouped experts against a plain per-(token, k) loop written in this file
 (grouped path with and without host counts, an expert with no rows, unaligned dims that force
 the split fallback, rows past the last offset poisoned with NaN, deferred weight gradients),
-and the FP8 experts' padded layout against kernels.fp8.contiguous_layout.
+and the FP8 experts' padded layout against duet_kernels.fp8.contiguous_layout.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from framework.config import ModelConfig
 from framework.fp8 import PaddedLayout
 from framework.model.init import draw_seed, init_weights
 from framework.model.moe import GroupedExperts, MoE
-from kernels.fp8 import contiguous_layout
+from duet_kernels.fp8 import contiguous_layout
 from launch.ranks import run_ranks
 from parallel.pipeline.wgrad import SplitGroupedExperts, capture
 
@@ -337,7 +337,7 @@ def test_experts_with_counts_read_nothing():
 
 def test_fp8_padded_layout_matches_contiguous_layout():
     """framework.fp8's layout for rows already sorted by expert, built from the handle's host
-    counts without a read, equals kernels.fp8.contiguous_layout's (which reads its sizes)."""
+    counts without a read, equals duet_kernels.fp8.contiguous_layout's (which reads its sizes)."""
     counts = [130, 0, 5, 128]
     expert_M = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
     want = contiguous_layout(expert_M, 4)

@@ -1,5 +1,5 @@
 """The layers import one way: no import cycle among the modules of framework/, parallel/,
-launch/ (and kernels/), counting every static import, also those inside functions.
+launch/ (and duet_kernels/), counting every static import, also those inside functions.
 
 The graph is read from the source with ast, not by importing: an edge A -> B for each
 `import B`, `from B import name` and `from B.pkg import module` (to the module named), relative
@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("framework", "parallel", "launch", "kernels")
+PACKAGES = ("framework", "parallel", "launch", "duet_kernels")
 
 
 def module_files() -> dict[str, Path]:

@@ -20,7 +20,7 @@ import torch
 
 from framework.config import ModelConfig
 from framework.model import Transformer
-from kernels.fp8.reference import calc_diff
+from duet_kernels.fp8.reference import calc_diff
 from launch.ranks import run_ranks
 from parallel.pipeline.runtime import PipelineRunner, hold_stages, holders
 from parallel.pipeline.schedules import Placement, build, check

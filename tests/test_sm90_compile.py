@@ -1,6 +1,6 @@
-"""Every Triton kernel in kernels/ compiled for sm90 (H100/H200) by Triton's offline compiler, on CPU.
+"""Every Triton kernel in duet_kernels/ compiled for sm90 (H100/H200) by Triton's offline compiler, on CPU.
 
-`python -m kernels.sm90_report` compiles each kernel for every config its autotuner may pick
+`python -m duet_kernels.sm90_report` compiles each kernel for every config its autotuner may pick
 and every constexpr/dtype variant the public functions launch, and reads registers, stack
 (spill) and local bytes from the cubin with the cuobjdump in the triton wheel. It runs once, in
 a subprocess: without TRITON_INTERPRET (conftest sets it for the interpreter tests, and
@@ -40,7 +40,7 @@ def report(tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", "kernels.sm90_report", "--jobs", "2",
+    proc = subprocess.run([sys.executable, "-m", "duet_kernels.sm90_report", "--jobs", "2",
                            "--json", str(tmp / "report.json"), "--ptx-dir", str(tmp / "ptx")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert (tmp / "report.json").exists(), f"no report (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -63,7 +63,7 @@ def test_every_kernel_compiles_for_sm90(report):
     errors = [f"{label(r)}: {r['error']}" for r in report["rows"] if "error" in r]
     assert not errors, "\n".join(errors)
     assert report["returncode"] == 0, report["stderr"][-4000:]
-    # Every kernel under kernels/ (the report fails on one it has no launch for) is here.
+    # Every kernel under duet_kernels/ (the report fails on one it has no launch for) is here.
     assert {r["kernel"] for r in report["rows"]} == (QUANTISERS | GEMMS | WGRAD_GEMMS
                                                      | {"_cast_kernel", "_dequant_kernel"})
 
@@ -79,8 +79,8 @@ def test_no_spills_and_within_sm90_limits(report):
 def test_every_autotune_config_and_runtime_variant_is_compiled(report):
     # Read from the autotuners themselves, in this (interpreter) process: a config added to a
     # tuner but missing from the report fails here.
-    gemm = importlib.import_module("kernels.fp8.gemm")
-    grouped = importlib.import_module("kernels.fp8.grouped_gemm")
+    gemm = importlib.import_module("duet_kernels.fp8.gemm")
+    grouped = importlib.import_module("duet_kernels.fp8.grouped_gemm")
     # (b-scale rows, accumulate, output dtype) that gemm / gemm_1x128 launch, per tuner.
     gemm_variants = [(gemm._gemm_tuned, 128, False, "bf16"), (gemm._gemm_tuned, 128, False, "fp32"),
                      (gemm._gemm_tuned, 1, False, "fp32"), (gemm._gemm_acc_tuned, 1, True, "fp32")]

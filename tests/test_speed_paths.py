@@ -49,10 +49,10 @@ def _attention_grads(fn, q64, k64, v64, g64, dtype):
 
 
 def test_cpu_blocked_attention_backward_equals_the_plain_call_and_keeps_flash_precision():
-    """kernels/cpu_attention.py: flash's forward, its own blocked backward. In fp64 it equals the
+    """duet_kernels/cpu_attention.py: flash's forward, its own blocked backward. In fp64 it equals the
     plain call; in bf16 its error against that fp64 answer stays near the error of PyTorch's own
     bf16 flash backward (which keeps fp32 scores), at flat and at peaked attention."""
-    from kernels import cpu_attention
+    from duet_kernels import cpu_attention
 
     def plain(q, k, v, scale):
         return attention_core(q, k, v, scale, pad_v=False)

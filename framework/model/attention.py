@@ -24,7 +24,7 @@ from torch import nn
 from framework.config import ModelConfig
 from framework.model.norm import RMSNorm
 from framework.model.rope import apply_rope, rope_tables, softmax_scale
-from kernels.cpu_attention import causal_attention
+from duet_kernels.cpu_attention import causal_attention
 
 # DeepSeek's reference and transformers both build the two latent norms with eps 1e-6 regardless
 # of the model's norm eps; keep that so imported checkpoints behave identically.
@@ -32,7 +32,7 @@ LATENT_NORM_EPS = 1e-6
 # PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 on short sequences (fwd + bwd,
 # one thread, AVX512-BF16: 2.0x slower at 128 tokens, 1.2x at 256, 0.8-0.9x from 512 on), so
 # shorter bf16 sequences run the core in fp32 there and cast the output back. From 512 tokens on,
-# bf16 runs flash's forward with kernels/cpu_attention.py's blocked backward, which is faster than
+# bf16 runs flash's forward with duet_kernels/cpu_attention.py's blocked backward, which is faster than
 # flash's own backward (fwd + bwd at MLA's shapes, 2 threads with AMX: 1.4x at 4 x 512, 1.1-1.2x
 # at 1 x 2048).
 CPU_BF16_ATTENTION_MIN_SEQ = 512  # (torch 2.13)

@@ -273,7 +273,7 @@ def _gmm_wgrad(g_MO: torch.Tensor, x_MI: torch.Tensor, layout: ExpertRows, group
 class _GroupedLinear(torch.autograd.Function):
     """x_MI @ w_EOI[e].T per row's expert, as one grouped GEMM. The weight gradient goes through
     `weight_grad(weight, compute)` when given (the pipeline's deferred weight gradients:
-    kernels.deferred.defer_or_return), else straight back to autograd."""
+    duet_kernels.deferred.defer_or_return), else straight back to autograd."""
 
     @staticmethod
     def forward(ctx, x_MI, w_EOI, layout: ExpertRows, grouped: bool, weight_grad):
@@ -382,7 +382,7 @@ class GroupedExperts(nn.Module):
     """The routed experts of one layer (or this rank's share), stored stacked for grouped GEMMs."""
 
     # Hook for the weight gradients of the three GEMMs (None: autograd's usual accumulation);
-    # parallel/pipeline/wgrad.py sets kernels.deferred.defer_or_return to defer them.
+    # parallel/pipeline/wgrad.py sets duet_kernels.deferred.defer_or_return to defer them.
     weight_grad = None
     # Global id of expert 0 here: expert parallelism keeps a block of a layer's experts, and an
     # expert's initial weights are drawn from its global id (framework/model/init.py).

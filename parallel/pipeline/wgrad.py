@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from framework.model.moe import GroupedExperts
-from kernels.deferred import WeightGradWork, capture, current, defer_or_return  # noqa: F401 (re-export)
+from duet_kernels.deferred import WeightGradWork, capture, current, defer_or_return  # noqa: F401 (re-export)
 
 
 class _SplitLinearFn(torch.autograd.Function):

@@ -1,6 +1,6 @@
-"""Compile every Triton kernel in kernels/ for sm90 (H100/H200) without a GPU and report its resources.
+"""Compile every Triton kernel in duet_kernels/ for sm90 (H100/H200) without a GPU and report its resources.
 
-    python -m kernels.sm90_report [--jobs 2] [--json out.json] [--ptx-dir DIR]
+    python -m duet_kernels.sm90_report [--jobs 2] [--json out.json] [--ptx-dir DIR]
 
 Each kernel is compiled with Triton's offline compiler (`triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 90, 32))`) for every launch the code can make on a GPU: every config
@@ -8,7 +8,7 @@ its autotuner may pick, and every constexpr/dtype variant the public functions p
 registers, stack (spill) and local bytes are read from the cubin with the `cuobjdump` that
 ships in the triton wheel; dynamic shared memory comes from the compiled kernel's metadata.
 A table goes to stdout (--json: the rows with their signatures, constexprs and options;
---ptx-dir: each launch's PTX). Exit status 1 if a compile failed or a kernel under kernels/
+--ptx-dir: each launch's PTX). Exit status 1 if a compile failed or a kernel under duet_kernels/
 (a `@triton.jit` function named `*_kernel`) has no launch listed in `all_cases`.
 
 TRITON_INTERPRET must not be set: under the interpreter `@triton.jit` builds interpreter
@@ -97,13 +97,13 @@ def _tuned_cases(module: str, fn_name: str, tuner, variant: str, ptrs: dict, int
 
 def all_cases() -> list[Case]:
     """Every kernel x variant x config the fp8 package can launch on a GPU."""
-    # By module path: kernels.fp8 re-exports functions named gemm and grouped_gemm.
-    g = importlib.import_module("kernels.fp8.gemm")
-    gg = importlib.import_module("kernels.fp8.grouped_gemm")
-    q = importlib.import_module("kernels.fp8.quantize")
+    # By module path: duet_kernels.fp8 re-exports functions named gemm and grouped_gemm.
+    g = importlib.import_module("duet_kernels.fp8.gemm")
+    gg = importlib.import_module("duet_kernels.fp8.grouped_gemm")
+    q = importlib.import_module("duet_kernels.fp8.quantize")
 
     cases: list[Case] = []
-    Q = "kernels.fp8.quantize"
+    Q = "duet_kernels.fp8.quantize"
     in_dtypes = ("fp32", "bf16")  # activations and weights reach the quantisers in fp32 or bf16
 
     for x in in_dtypes:
@@ -148,7 +148,7 @@ def all_cases() -> list[Case]:
         ptrs = {"a_ptr": "fp8e4nv", "as_ptr": "fp32", "b_ptr": "fp8e4nv", "bs_ptr": "fp32", "c_ptr": out}
         unit = "stride_bsk" if rows == q.TILE else "stride_bsn"
         fixed = {unit: 1, "B_SCALE_ROWS": rows, "ACCUMULATE": acc, "BLOCK_K": q.TILE}
-        cases += _tuned_cases("kernels.fp8.gemm", "_gemm_kernel", tuner, label, ptrs,
+        cases += _tuned_cases("duet_kernels.fp8.gemm", "_gemm_kernel", tuner, label, ptrs,
                               [n for n in ints if n != unit], fixed, aligned)
 
     ints = ["M", "N", "K", "E", "stride_am", "stride_asm", "stride_be", "stride_bn", "stride_bse",
@@ -157,31 +157,31 @@ def all_cases() -> list[Case]:
     for out in ("bf16", "fp32"):  # the MoE experts ask for fp32 (h1, h3, dgrad) and the model dtype
         ptrs = {"a_ptr": "fp8e4nv", "as_ptr": "fp32", "b_ptr": "fp8e4nv", "bs_ptr": "fp32", "c_ptr": out,
                 "mi_ptr": "i32"}
-        cases += _tuned_cases("kernels.fp8.grouped_gemm", "_grouped_gemm_kernel", gg._grouped_tuned,
+        cases += _tuned_cases("duet_kernels.fp8.grouped_gemm", "_grouped_gemm_kernel", gg._grouped_tuned,
                               f"{out} out", ptrs, ints, {"BLOCK_K": q.TILE}, aligned)
     # The experts' weight gradients: one k-grouped launch, fp32 out, 1x128 b-scales as [Kb, N]
     # (column stride 1, a constexpr as in gemm_1x128); stride_bsk is N, not assumed aligned.
     ints = ["M", "N", "stride_am", "stride_asm", "stride_bn", "stride_bsk", "stride_ce", "stride_cm"]
     ptrs = {"a_ptr": "fp8e4nv", "as_ptr": "fp32", "b_ptr": "fp8e4nv", "bs_ptr": "fp32", "c_ptr": "fp32",
             "seg_ptr": "i32"}
-    cases += _tuned_cases("kernels.fp8.grouped_gemm", "_k_grouped_kernel", gg._k_grouped_tuned, "fp32 out",
+    cases += _tuned_cases("duet_kernels.fp8.grouped_gemm", "_k_grouped_kernel", gg._k_grouped_tuned, "fp32 out",
                           ptrs, ints, {"stride_bsn": 1, "BLOCK_K": q.TILE},
                           ("M", "N", "stride_am", "stride_bn", "stride_ce", "stride_cm"))
     return cases
 
 
 def discover_kernels() -> set[tuple[str, str]]:
-    """(module, name) of every Triton kernel under kernels/: each `@triton.jit` function whose
+    """(module, name) of every Triton kernel under duet_kernels/: each `@triton.jit` function whose
     name ends in `_kernel` (the convention here). Device helpers such as `round_to_e4m3` or
     `block_scaled_acc` are compiled inside the kernels that call them."""
     import pkgutil
 
     import triton
 
-    import kernels
+    import duet_kernels
 
     found = set()
-    for info in pkgutil.walk_packages(kernels.__path__, "kernels."):
+    for info in pkgutil.walk_packages(duet_kernels.__path__, "duet_kernels."):
         if info.name == (__spec__.name if __spec__ else __name__):
             continue  # this module: no kernels, and `python -m` has it loaded as __main__ already
         module = importlib.import_module(info.name)
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     cases = all_cases()
-    # A kernel added under kernels/ without cases here would go unchecked: that is an error too.
+    # A kernel added under duet_kernels/ without cases here would go unchecked: that is an error too.
     uncovered = sorted(discover_kernels() - {(c.module, c.fn_name) for c in cases})
     if args.kernel:
         cases = [c for c in cases if c.fn_name in args.kernel]
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.ptx_dir, exist_ok=True)
     rows = run(cases, args.jobs, args.ptx_dir)
     rows += [{"kernel": name, "module": module, "variant": "-", "config": "-",
-              "error": "no launch of this kernel is listed in kernels/sm90_report.py:all_cases"}
+              "error": "no launch of this kernel is listed in duet_kernels/sm90_report.py:all_cases"}
              for module, name in uncovered]
     print(format_table(rows))
     if args.json:

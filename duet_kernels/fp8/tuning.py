@@ -94,7 +94,7 @@ def note_shape(op: str, **shape: int) -> None:
 class ConfigTable:
     """A kernel's configs and the table of the best one per key (see the module docstring).
 
-    `configs` is a list of triton.Config, as on a triton.autotune object, so kernels/sm90_report.py
+    `configs` is a list of triton.Config, as on a triton.autotune object, so duet_kernels/sm90_report.py
     compiles every entry. Keys are tuples of `fields` built by `key()`, the `bucketed` ones
     rounded up to powers of two.
     """

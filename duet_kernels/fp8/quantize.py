@@ -215,7 +215,7 @@ def _dequant_kernel(x_ptr, s_ptr, y_ptr, R, C, stride_xb, stride_xr, stride_sb, 
 
 # ----------------------------------------------------------------------------- public API
 
-# GPU launch shapes (kernels/sm90_report.py compiles exactly these for sm90).
+# GPU launch shapes (duet_kernels/sm90_report.py compiles exactly these for sm90).
 CAST_BLOCK = 1024  # elements per program of the plain cast
 ROWS_PER_PROGRAM = 32  # rows (quantize_act) or channels (quantize_act_transposed) per program
 QUANT_BLOCKS_WARPS = 8  # one 128x128 fp32 weight block per program: 64 values per thread

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.deferred import defer_or_return
+from duet_kernels.deferred import defer_or_return
 
 from . import reference as ref
 from .quantize import (
@@ -122,7 +122,7 @@ def tuning_configs():
             for bm, bn, w, s in shapes]
 
 
-# Config tables for the GPU (kernels/fp8/tuning.py): M and K bucketed to powers of two (M follows
+# Config tables for the GPU (duet_kernels/fp8/tuning.py): M and K bucketed to powers of two (M follows
 # the batch; K, in the weight gradient, is the token count), N exact. The accumulating variant
 # has its own table; tuning benchmarks it on a scratch copy of c, never on the gradient itself.
 _gemm_tuned = ConfigTable("gemm", tuning_configs(), ("M", "N", "K", "B_SCALE_ROWS", "out"), ("M", "K"))

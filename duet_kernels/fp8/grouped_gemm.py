@@ -97,7 +97,7 @@ def grouped_tuning_configs():
     return configs
 
 
-# M (padded expert rows) follows the routing: bucketed to powers of two (kernels/fp8/tuning.py).
+# M (padded expert rows) follows the routing: bucketed to powers of two (duet_kernels/fp8/tuning.py).
 _grouped_tuned = ConfigTable("grouped_gemm", grouped_tuning_configs(), ("M", "N", "K", "E", "out"), ("M",))
 
 
