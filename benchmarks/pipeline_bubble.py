@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from framework.plots import write_timeline
 from duet_kernels.deferred import defer_or_return
+from framework.plots import write_timeline
 from parallel.pipeline.schedules import SCHEDULES, Action, Placement, build
 from parallel.pipeline.simulator import Costs, simulate
 from parallel.pipeline.timeline import Timeline, write_chrome_trace

@@ -164,8 +164,8 @@ def all_cases() -> list[Case]:
     ints = ["M", "N", "stride_am", "stride_asm", "stride_bn", "stride_bsk", "stride_ce", "stride_cm"]
     ptrs = {"a_ptr": "fp8e4nv", "as_ptr": "fp32", "b_ptr": "fp8e4nv", "bs_ptr": "fp32", "c_ptr": "fp32",
             "seg_ptr": "i32"}
-    cases += _tuned_cases("duet_kernels.fp8.grouped_gemm", "_k_grouped_kernel", gg._k_grouped_tuned, "fp32 out",
-                          ptrs, ints, {"stride_bsn": 1, "BLOCK_K": q.TILE},
+    cases += _tuned_cases("duet_kernels.fp8.grouped_gemm", "_k_grouped_kernel", gg._k_grouped_tuned,
+                          "fp32 out", ptrs, ints, {"stride_bsn": 1, "BLOCK_K": q.TILE},
                           ("M", "N", "stride_am", "stride_bn", "stride_ce", "stride_cm"))
     return cases
 

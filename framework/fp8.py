@@ -36,10 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.model.attention import MLA
-from framework.model.mlp import MLP
-from framework.model.moe import ExpertRows, GroupedExperts
-from framework.model.mtp import MTPModule
 from duet_kernels.deferred import defer_or_return
 from duet_kernels.fp8 import (
     TILE,
@@ -53,6 +49,10 @@ from duet_kernels.fp8 import (
     weight_cache,
 )
 from duet_kernels.fp8.tuning import warming_up
+from framework.model.attention import MLA
+from framework.model.mlp import MLP
+from framework.model.moe import ExpertRows, GroupedExperts
+from framework.model.mtp import MTPModule
 
 FP8_COMPUTE = "fp8"
 # Around one optimizer step's forward/backward passes: each weight quantised once, not per

@@ -71,8 +71,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from framework.model.moe import MoE, Router
 from duet_kernels.fp8.quantize import dequantize_act, quantize_act
+from framework.model.moe import MoE, Router
 from parallel import comm
 from parallel.data_parallel import global_dtensor
 from parallel.grad_reducer import is_expert

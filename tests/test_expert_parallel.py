@@ -20,10 +20,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from duet_kernels.fp8.reference import dequantize, quantize_act
 from framework.config import ModelConfig
 from framework.model.init import draw_seed, init_weights
 from framework.model.moe import MoE
-from duet_kernels.fp8.reference import dequantize, quantize_act
 from launch.ranks import run_ranks
 from parallel import comm
 from parallel.expert_parallel import AllToAllDispatcher, layout_stats, limit_nodes, shard_experts

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duet_kernels.fp8 import calc_diff, dequantize_act, dequantize_weight, quantize_act, quantize_weight
 from framework.config import ModelConfig, OptimConfig
 from framework.fp8 import (
     Float8Linear,
@@ -31,7 +32,6 @@ from framework.model import GroupedExperts, RMSNorm, Router, Transformer
 from framework.model.init import draw_seed, init_weights
 from framework.optim import build_optimizer
 from framework.trainer import Trainer
-from duet_kernels.fp8 import calc_diff, dequantize_act, dequantize_weight, quantize_act, quantize_weight
 from launch.run import compose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -374,7 +374,8 @@ def test_weights_quantised_once_per_optimizer_step_not_per_micro_batch(monkeypat
 
     from framework.fp8 import fp8_weight_cache
 
-    wc = importlib.import_module("duet_kernels.fp8.weight_cache")  # the package re-exports a function of that name
+    # (the package re-exports a function of that name)
+    wc = importlib.import_module("duet_kernels.fp8.weight_cache")
 
     calls = []
     real = wc.quantize_weight

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from duet_kernels.fp8 import contiguous_layout
 from framework.config import ModelConfig
 from framework.fp8 import PaddedLayout
 from framework.model.init import draw_seed, init_weights
 from framework.model.moe import GroupedExperts, MoE
-from duet_kernels.fp8 import contiguous_layout
 from launch.ranks import run_ranks
 from parallel.pipeline.wgrad import SplitGroupedExperts, capture
 

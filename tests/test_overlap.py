@@ -19,9 +19,9 @@ import dataclasses
 import pytest
 import torch
 
+from duet_kernels.fp8.reference import calc_diff
 from framework.model import Transformer
 from framework.model.substeps import StagePass, Step, StepContext, interleave
-from duet_kernels.fp8.reference import calc_diff
 from launch.ranks import run_ranks
 from parallel.pipeline.p2p import p2p_plan
 from parallel.pipeline.runtime import PipelineRunner, hold_stages, holders

@@ -18,9 +18,9 @@ import threading
 import pytest
 import torch
 
+from duet_kernels.fp8.reference import calc_diff
 from framework.config import ModelConfig
 from framework.model import Transformer
-from duet_kernels.fp8.reference import calc_diff
 from launch.ranks import run_ranks
 from parallel.pipeline.runtime import PipelineRunner, hold_stages, holders
 from parallel.pipeline.schedules import Placement, build, check

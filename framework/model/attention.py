@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from duet_kernels.cpu_attention import causal_attention
 from framework.config import ModelConfig
 from framework.model.norm import RMSNorm
 from framework.model.rope import apply_rope, rope_tables, softmax_scale
-from duet_kernels.cpu_attention import causal_attention
 
 # DeepSeek's reference and transformers both build the two latent norms with eps 1e-6 regardless
 # of the model's norm eps; keep that so imported checkpoints behave identically.

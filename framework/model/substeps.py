@@ -59,10 +59,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from duet_kernels.deferred import WeightGradWork, capture
 from framework.model.moe import MoE
 from framework.model.recompute import recomputed
 from framework.model.transformer import mtp_depths, mtp_weighted
-from duet_kernels.deferred import WeightGradWork, capture
 
 # (event "issue" | "compute" | "wait", sub-step name); issue and compute are noted when the
 # step has run, a wait when it returns (inside the step that needs the result)

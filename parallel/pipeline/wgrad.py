@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from framework.model.moe import GroupedExperts
 from duet_kernels.deferred import WeightGradWork, capture, current, defer_or_return  # noqa: F401 (re-export)
+from framework.model.moe import GroupedExperts
 
 
 class _SplitLinearFn(torch.autograd.Function):
