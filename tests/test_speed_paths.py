@@ -14,7 +14,7 @@ from framework.model import transformer as transformer_module
 from framework.model.attention import attention_core
 from framework.model.loss import head_cross_entropy
 from framework.model.norm import RMSNorm
-from framework.model.rope import apply_rope
+from framework.model.rope import apply_rope, rope_tail
 from framework.precision import resolve_compute
 from launch.run import compose
 
@@ -99,6 +99,24 @@ def test_rope_equals_the_pairwise_rotation_bit_for_bit_and_a_complex_product():
         torch.ones_like(angle_TF), angle_TF)[:, None]
     assert torch.allclose(apply_rope(x, angle_TF.cos(), angle_TF.sin()), torch.view_as_real(z).flatten(-2),
                           rtol=0, atol=1e-12)
+
+
+def test_rope_tail_equals_split_rope_and_cat_bit_for_bit():
+    """MLA's query: rope_tail writes [x[..., :N] | apply_rope(x[..., N:])] in one tensor. Its output
+    and its gradient equal those of the split -> apply_rope -> cat it replaces, also for the strided
+    upstream gradient that the attention core hands back ([B, H, T, K] seen as [B, T, H, K])."""
+    torch.manual_seed(0)
+    B, T, H, N, R = 2, 7, 3, 5, 8
+    angle_TF = torch.rand(T, R // 2, dtype=torch.float64) * 6.3
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        table = torch.float64 if dtype == torch.float64 else torch.float32
+        cos_TF, sin_TF = angle_TF.cos().to(table), angle_TF.sin().to(table)
+        x = torch.randn(B, T, H, N + R, dtype=dtype, requires_grad=True)
+        got = rope_tail(x, cos_TF, sin_TF)
+        ref = torch.cat([x[..., :N], apply_rope(x[..., N:], cos_TF, sin_TF)], dim=-1)
+        assert torch.equal(got, ref), dtype
+        g = torch.randn(B, H, T, N + R, dtype=dtype).transpose(1, 2)
+        assert torch.equal(*(torch.autograd.grad(y, x, g)[0] for y in (got, ref))), dtype
 
 
 def test_rms_norm_backward_equals_autograd_of_the_reference_formula():

@@ -24,7 +24,7 @@ from torch import nn
 from duet_kernels.cpu_attention import causal_attention
 from framework.config import ModelConfig
 from framework.model.norm import RMSNorm
-from framework.model.rope import apply_rope, rope_tables, softmax_scale
+from framework.model.rope import apply_rope, rope_tables, rope_tail, softmax_scale
 
 # DeepSeek's reference and transformers both build the two latent norms with eps 1e-6 regardless
 # of the model's norm eps; keep that so imported checkpoints behave identically.
@@ -84,9 +84,7 @@ class MLA(nn.Module):
             q_BTX = self.wq_b(self.q_norm(self.wq_a(x_BTD)))
         else:
             q_BTX = self.wq(x_BTD)
-        q_BTHK = q_BTX.view(B, T, H, N + R)
-        q_nope_BTHN, q_rope_BTHR = q_BTHK.split([N, R], dim=-1)
-        q_rope_BTHR = apply_rope(q_rope_BTHR, cos_TF, sin_TF)
+        q_BTHK = rope_tail(q_BTX.view(B, T, H, N + R), cos_TF, sin_TF)  # [no-rope | rotated rope] part
 
         kv_BTX = self.wkv_a(x_BTD)
         c_kv_BTC, k_rope_BTR = kv_BTX.split([self.cfg.kv_lora_rank, R], dim=-1)
@@ -94,7 +92,6 @@ class MLA(nn.Module):
         kv_BTHX = self.wkv_b(self.kv_norm(c_kv_BTC)).view(B, T, H, N + V)
         k_nope_BTHN, v_BTHV = kv_BTHX.split([N, V], dim=-1)
 
-        q_BTHK = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1)
         # The rope key is shared by all heads: broadcast it instead of learning it per head.
         k_BTHK = torch.cat([k_nope_BTHN, k_rope_BT1R.expand(B, T, H, R)], dim=-1)
         o_BHTV = attention_core(q_BTHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHV.transpose(1, 2),

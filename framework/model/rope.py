@@ -95,6 +95,13 @@ class _SwapPairs(torch.autograd.Function):
         return _swap_pairs(g)
 
 
+def _pair_tables(cos_TF: torch.Tensor, sin_TF: torch.Tensor, dtype: torch.dtype):
+    """(cos2_T1R, sin2_T1R) = ((cos, cos), (-sin, sin)) per pair, shaped to broadcast over B and H."""
+    cos2_T1R = cos_TF.to(dtype).repeat_interleave(2, dim=-1)[:, None, :]
+    sin2_T1R = torch.stack((-sin_TF, sin_TF), dim=-1).flatten(-2).to(dtype)[:, None, :]
+    return cos2_T1R, sin2_T1R
+
+
 def apply_rope(x_BTHR: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of the last dim by the per-position angles (computed in fp32, or in
     fp64 for fp64 inputs: an fp32 round trip would cap fp64 reference checks at ~1e-7).
@@ -104,7 +111,42 @@ def apply_rope(x_BTHR: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor)
     bits, in three passes over x instead of nine (no unflatten, stack and flatten)."""
     dtype = torch.promote_types(x_BTHR.dtype, torch.float32)
     x = x_BTHR.to(dtype)
-    cos2_T1R = cos_TF.to(dtype).repeat_interleave(2, dim=-1)[:, None, :]
-    sin2_T1R = torch.stack((-sin_TF, sin_TF), dim=-1).flatten(-2).to(dtype)[:, None, :]
+    cos2_T1R, sin2_T1R = _pair_tables(cos_TF, sin_TF, dtype)
     out = (x * cos2_T1R).add_(_SwapPairs.apply(x) * sin2_T1R)
     return out.to(x_BTHR.dtype)
+
+
+def _pass_and_rotate(x_BTHK: torch.Tensor, rotate, cos2_T1R: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor: x's leading columns copied, its last R from rotate(them in the
+    tables' dtype), rounded once into x's dtype by the slice write (as apply_rope's .to)."""
+    R = cos2_T1R.shape[-1]
+    out_BTHK = torch.empty(x_BTHK.shape, dtype=x_BTHK.dtype, device=x_BTHK.device)
+    out_BTHK[..., :-R] = x_BTHK[..., :-R]
+    out_BTHK[..., -R:] = rotate(x_BTHK[..., -R:].to(cos2_T1R.dtype))
+    return out_BTHK
+
+
+class _RopeTail(torch.autograd.Function):
+    """x_BTHK with apply_rope on its last R columns and the rest passed through, in one new tensor.
+
+    MLA's query is [no-rope part | rope part] of one projection. Built as split -> rope -> cat, it
+    costs a pass over the whole query in the cat and another in the split's backward (which cats
+    the two gradients); here each direction writes its result once. Same arithmetic as apply_rope
+    (the backward is autograd's of it: g * cos2 + swap(g * sin2)), so the same bits."""
+
+    @staticmethod
+    def forward(ctx, x_BTHK, cos2_T1R, sin2_T1R):
+        ctx.save_for_backward(cos2_T1R, sin2_T1R)
+        return _pass_and_rotate(x_BTHK, lambda r: (r * cos2_T1R).add_(_swap_pairs(r) * sin2_T1R), cos2_T1R)
+
+    @staticmethod
+    def backward(ctx, g_BTHK):
+        cos2_T1R, sin2_T1R = ctx.saved_tensors
+        return _pass_and_rotate(g_BTHK, lambda r: (r * cos2_T1R).add_(_swap_pairs(r * sin2_T1R)),
+                                cos2_T1R), None, None
+
+
+def rope_tail(x_BTHK: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+    """cat([x[..., :-R], apply_rope(x[..., -R:])], -1) with R = 2F, bit for bit, in fewer passes."""
+    dtype = torch.promote_types(x_BTHK.dtype, torch.float32)
+    return _RopeTail.apply(x_BTHK, *_pair_tables(cos_TF, sin_TF, dtype))
