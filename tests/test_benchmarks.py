@@ -50,3 +50,23 @@ def test_pipeline_bubble_benchmark_measures_every_schedule_and_draws_a_timeline(
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in result["files"]
         assert imread(png).shape[:2] == (timeline_height(2), 1200)
         assert (tmp_path / f"{name}.trace.json").exists()
+
+
+def test_peers_benchmark_runs_both_models_at_the_same_size_and_names_the_allocator(tmp_path, capsys):
+    """benchmarks/peers.py against transformers (which a transformers release that shadowed a package
+    of ours once broke): the same 33,014,016 parameters on both sides (torchtitan's count for the
+    debug model, ANCHORS.md), a ratio over the best peer, and the allocator in the header."""
+    from benchmarks import peers
+
+    result = peers.main(["--quick"])
+    out = capsys.readouterr().out
+    (shape,) = result["results"]
+    assert set(shape["params"].values()) == {33_014_016}
+    best = shape["contenders"][shape["best_peer"]]["tok_s_median"]
+    assert shape["ratio_median"] == shape["contenders"][f"duet {result['compute']}"]["tok_s_median"] / best
+    assert f", {result['malloc']}; speed is never asserted" in out
+    maps = tmp_path / "maps"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert peers.malloc_in_use(str(maps)) == "glibc malloc"
+    maps.write_text("7f00-7f01 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4.5.10\n")
+    assert peers.malloc_in_use(str(maps)) == "tcmalloc"
