@@ -7,7 +7,7 @@ where the other ranks wait). Here instead:
 
 - A key buckets the sizes that follow the batch (M, and the wgrad's token K) up to a power of
   two; the sizes fixed by the model (N, K of a layer, experts E) stay exact. A 50-step run then
-  touches a handful of keys per layer shape (tests/test_fp8_kernels.py counts them).
+  touches a handful of keys per layer shape (tests/test_fp8_tuning.py counts them).
 - A key with no entry is tuned only where tuning is allowed: in one process, or inside
   `warming_up()` (a warm-up before the first step, e.g. `framework.fp8.warm_up`). Inside a
   multi-rank run it takes the entry of the nearest tuned M (same other fields), else the

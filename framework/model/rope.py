@@ -111,9 +111,13 @@ def apply_rope(x_BTHR: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor)
     bits, in three passes over x instead of nine (no unflatten, stack and flatten)."""
     dtype = torch.promote_types(x_BTHR.dtype, torch.float32)
     x = x_BTHR.to(dtype)
-    cos2_T1R, sin2_T1R = _pair_tables(cos_TF, sin_TF, dtype)
-    out = (x * cos2_T1R).add_(_SwapPairs.apply(x) * sin2_T1R)
-    return out.to(x_BTHR.dtype)
+    return _rotate(x, *_pair_tables(cos_TF, sin_TF, dtype), swap=_SwapPairs.apply).to(x_BTHR.dtype)
+
+
+def _rotate(x: torch.Tensor, cos2_T1R: torch.Tensor, sin2_T1R: torch.Tensor,
+            swap=_swap_pairs) -> torch.Tensor:
+    """x * cos2 + swap(x) * sin2: the rotation of every pair, in the tables' dtype."""
+    return (x * cos2_T1R).add_(swap(x) * sin2_T1R)
 
 
 def _pass_and_rotate(x_BTHK: torch.Tensor, rotate, cos2_T1R: torch.Tensor) -> torch.Tensor:
@@ -137,7 +141,7 @@ class _RopeTail(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BTHK, cos2_T1R, sin2_T1R):
         ctx.save_for_backward(cos2_T1R, sin2_T1R)
-        return _pass_and_rotate(x_BTHK, lambda r: (r * cos2_T1R).add_(_swap_pairs(r) * sin2_T1R), cos2_T1R)
+        return _pass_and_rotate(x_BTHK, lambda r: _rotate(r, cos2_T1R, sin2_T1R), cos2_T1R)
 
     @staticmethod
     def backward(ctx, g_BTHK):
