@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -417,8 +418,14 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     return Trainer(cfg)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, on_failure: Callable[[], None] | None = None) -> TrainResult:
+    """Build and run; `on_failure` runs on an exception before the process group is left,
+    so while the peers still wait on this rank rather than on a closed connection."""
     try:
         return build_trainer(cfg).run()
+    except BaseException:
+        if on_failure is not None:
+            on_failure()
+        raise
     finally:
         shutdown()  # leave the process group (a no-op in a single process)

@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,7 +49,46 @@ def worker_entry(values: dict) -> None:
     """What every spawned rank runs. Module-level so the spawn start method can pickle it."""
     from framework.trainer import train
 
-    train(config_from_dict(values))
+    cfg = config_from_dict(values)
+    marker = failure_marker(Path(cfg.run_dir).expanduser() / "logs", int(os.environ["RANK"]))
+    marker.unlink(missing_ok=True)  # a previous attempt's, when launch.max_restarts restarted the group
+    train(cfg, on_failure=lambda: write_failure_marker(marker))
+
+
+def failure_marker(log_dir: Path, rank: int) -> Path:
+    """Where a rank that raised records when (to the microsecond) and what. The launcher needs
+    both: torch's error files keep whole seconds, so a peer that fails on the broken connection
+    within the same second ties with the rank that caused it, and torch names the lower rank;
+    and the rank that caused it may still be exiting when the agent's poll sees that peer, so
+    torch's failure list can lack it altogether."""
+    return log_dir / f"failed-at.rank{rank}"
+
+
+def write_failure_marker(marker: Path) -> None:
+    """Inside an `except` block: the exception being handled, with the time."""
+    error = sys.exc_info()[1]
+    marker.write_text(json.dumps({"time": time.time(), "error": f"{type(error).__name__}: {error}",
+                                  "traceback": traceback.format_exc()}))
+
+
+def read_failure_markers(log_dir: Path, world: int) -> dict[int, dict]:
+    markers = {}
+    for rank in range(world):
+        with contextlib.suppress(OSError, ValueError):
+            markers[rank] = json.loads(failure_marker(log_dir, rank).read_text())
+    return markers
+
+
+def first_failed_rank(exit_codes: dict[int, int], fallback: int, markers: dict[int, dict]) -> int:
+    """The rank whose failure caused the others'. One that ended without raising, so without a
+    marker, is taken first: a rank killed by a signal other than the launcher's SIGTERM, then one
+    that exited with a status other than Python's 1 for an exception (the hang watchdog's 3).
+    Then the earliest marker; else `fallback` (torch's pick)."""
+    unraised = sorted((code >= 0, rank) for rank, code in exit_codes.items()
+                      if rank not in markers and code not in (0, 1, -signal.SIGTERM))
+    if unraised:
+        return unraised[0][1]
+    return min(markers, key=lambda rank: markers[rank]["time"]) if markers else fallback
 
 
 def free_port() -> int:
@@ -83,16 +123,22 @@ def spawn_local(cfg: TrainConfig) -> int:
         with _reporting_restarts(Path(cfg.run_dir).expanduser()):
             elastic_launch(launch_cfg, worker_entry)(asdict(cfg))
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        message = failure.message  # a dict from a @record-ed worker's error file, else a string
-        reason = message.get("message", "") if isinstance(message, dict) else ""
+        markers = read_failure_markers(log_dir, world)
+        codes = {r: f.exitcode for r, f in err.failures.items()}
+        rank = first_failed_rank(codes, err.get_first_failure()[0], markers)
+        if rank in markers:
+            reason, message = markers[rank]["error"], markers[rank]["traceback"]
+        else:
+            message = err.failures[rank].message  # a dict from a @record-ed rank's error file, or a str
+            reason = message.get("message", "") if isinstance(message, dict) else ""
+            if isinstance(message, dict):
+                message = message.get("extraInfo", {}).get("py_callstack") or message.get("message", message)
         if reason.startswith("TrainingError: "):  # a stated reason (e.g. too many NaN steps): one line
             print(f"duet-train: error: {reason.removeprefix('TrainingError: ')}", file=sys.stderr)
             return 2
-        if isinstance(message, dict):
-            message = message.get("extraInfo", {}).get("py_callstack") or message.get("message", message)
         print(str(message).rstrip(), file=sys.stderr)
-        print(f"duet-train: rank {rank} failed (exit code {failure.exitcode}); all logs in {log_dir}",
+        # a rank that raised exits 1, though it may still be exiting when its peer is seen
+        print(f"duet-train: rank {rank} failed (exit code {codes.get(rank, 1)}); all logs in {log_dir}",
               file=sys.stderr)
         return 1
     return 0
@@ -169,8 +215,8 @@ class RestartReporter:
     def _first_death(self, worker_group) -> tuple[int, str]:
         """(global rank, 'exited (SIGKILL)' or 'exited (exit code 1: RuntimeError: ...)') of the
         rank that died first. torch reports the first one its poll saw and SIGTERMs the rest; a
-        peer that failed on the broken connection before that poll may be the one it saw, so a
-        rank killed by another signal (SIGKILL, SIGSEGV, ...) is taken over a plain exit."""
+        peer that failed on the broken connection before that poll may be the one it saw, so
+        `first_failed_rank` decides."""
         failures = getattr(self, "_last_failures", {})
         processes = getattr(getattr(self._pcontext, "_pc", None), "processes", None) or []
         codes = {worker_group.workers[i].global_rank: p.exitcode for i, p in enumerate(processes)
@@ -179,17 +225,15 @@ class RestartReporter:
         seen = sorted(failures) or sorted(r for r, code in codes.items() if code != 0)
         if not seen:
             return -1, "exited"
-        rank = seen[0]
-        if codes[rank] >= 0:
-            killed = sorted(r for r, code in codes.items() if code < 0 and -code != signal.SIGTERM)
-            rank = killed[0] if killed else rank
-        code = codes[rank]
+        markers = read_failure_markers(self.run_dir / "logs", len(worker_group.workers))
+        rank = first_failed_rank(codes, seen[0], markers)
+        code = codes.get(rank, 1)  # a rank that raised exits 1, though it may still be exiting
         if code < 0:
             try:
                 return rank, f"exited ({signal.Signals(-code).name})"
             except ValueError:
                 return rank, f"exited (signal {-code})"
-        message = failures[rank].message if rank in failures else ""
+        message = markers[rank]["error"] if rank in markers else getattr(failures.get(rank), "message", "")
         if isinstance(message, dict):
             message = message.get("message", "")
         first = str(message).strip().splitlines()[0][:160] if str(message).strip() else ""

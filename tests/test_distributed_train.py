@@ -20,6 +20,7 @@ from framework.hf import load_duet_checkpoint
 from framework.trainer import Trainer
 from launch.ranks import run_ranks
 from launch.run import compose
+from launch.spawn import failure_marker, first_failed_rank, read_failure_markers
 
 STEPS = 20
 # A small, fast run; constant lr after warm-up so runs of different lengths share a schedule.
@@ -163,6 +164,23 @@ def test_failing_rank_traceback_is_shown_once(corpus, tmp_path):
     assert "duet-train: rank 1 failed" in proc.stderr
 
 
+def test_first_failed_rank_goes_by_the_failure_markers_not_the_rank_order(tmp_path):
+    # rank 1 raised, and rank 0 failed on the broken connection 30 ms later, in the same second
+    # of torch's error files (whose tie torch gives to rank 0, the fallback here)
+    for rank, when in ((1, 1000.25), (0, 1000.28)):
+        failure_marker(tmp_path, rank).write_text(json.dumps({"time": when, "error": f"E{rank}"}))
+    failure_marker(tmp_path, 3).write_text("{cut short")  # a rank killed mid-write
+    markers = read_failure_markers(tmp_path, 4)
+    assert sorted(markers) == [0, 1] and markers[1]["error"] == "E1"
+    assert first_failed_rank({0: 1, 1: 1}, 0, markers) == 1
+    assert first_failed_rank({0: 1}, 0, markers) == 1  # rank 1 still exiting at the agent's poll
+    assert first_failed_rank({0: 1, 1: 1, 2: -9}, 0, markers) == 2  # SIGKILLed: left no marker
+    assert first_failed_rank({0: 1, 1: 1, 2: -15}, 0, markers) == 1  # the launcher's SIGTERM
+    assert first_failed_rank({0: 1, 2: 3}, 0, markers) == 2  # the hang watchdog's exit, no marker
+    assert first_failed_rank({0: 1, 2: 3, 3: -11}, 0, markers) == 3  # a crash before an exit
+    assert first_failed_rank({4: 1, 5: 1}, 5, {}) == 5  # no markers: torch's pick
+
+
 def ep_train_worker(rank: int, world: int, argv: list[str]) -> dict:
     trainer = Trainer(compose(argv))
     result = trainer.run()
@@ -200,8 +218,8 @@ def test_expert_parallel_training_equals_single_process(corpus, reference, refer
         # The resumed steps' loads replace the sharded run's in metrics.jsonl; its state differs from
         # the reference's by reduction order, so it may meet a near-tie flip of its own.
         flip = routing_flip_step(run_dir, reference_run)
-        assert_losses_match(dict(enumerate(resumed.losses, start=11)), reference, range(11, flip or STEPS + 1),
-                            1e-5)
+        assert_losses_match(dict(enumerate(resumed.losses, start=11)), reference,
+                            range(11, flip or STEPS + 1), 1e-5)
 
 
 @pytest.mark.parametrize("layout", [
