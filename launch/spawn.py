@@ -9,9 +9,11 @@
 
 Rank 0's stdout (the progress bar, the final report) reaches the console with a `[rank0]`
 prefix; every rank's full stdout/stderr goes to `<run_dir>/logs/`. When a rank fails, the
-launcher prints that rank's traceback once, then one line naming the rank and its log. When
-`launch.max_restarts` lets the group restart instead, one line names the rank that died, how,
-the last step logged and the checkpoint step the group restarts from.
+launcher prints, once, the traceback of the rank that failed first (a rank that raises records
+when in `logs/failed-at.rank<N>`, so a peer failing on the broken connection is not taken for
+it), then one line naming the rank and its log. When `launch.max_restarts` lets the group
+restart instead, one line names the rank that died, how, the last step logged and the
+checkpoint step the group restarts from.
 """
 
 from __future__ import annotations
