@@ -67,10 +67,12 @@ def failure_marker(log_dir: Path, rank: int) -> Path:
 
 
 def write_failure_marker(marker: Path) -> None:
-    """Inside an `except` block: the exception being handled, with the time."""
+    """Inside an `except` block: the exception being handled, with the time. A marker that
+    cannot be written (a full disk) must not replace that exception: torch's pick stands."""
     error = sys.exc_info()[1]
-    marker.write_text(json.dumps({"time": time.time(), "error": f"{type(error).__name__}: {error}",
-                                  "traceback": traceback.format_exc()}))
+    with contextlib.suppress(OSError):
+        marker.write_text(json.dumps({"time": time.time(), "error": f"{type(error).__name__}: {error}",
+                                      "traceback": traceback.format_exc()}))
 
 
 def read_failure_markers(log_dir: Path, world: int) -> dict[int, dict]:
