@@ -95,6 +95,22 @@ def first_failed_rank(exit_codes: dict[int, int], fallback: int, markers: dict[i
     return min(markers, key=lambda rank: markers[rank]["time"]) if markers else fallback
 
 
+def first_failure(failures: dict, exit_codes: dict[int, int], fallback: int, log_dir: Path,
+                  world: int) -> tuple[int, int, str, str]:
+    """(rank, exit code, 'Type: message', traceback) of the rank `first_failed_rank` names, from
+    its marker, else from torch's record of it in `failures` (rank -> ProcessFailure)."""
+    markers = read_failure_markers(log_dir, world)
+    rank = first_failed_rank(exit_codes, fallback, markers)
+    code = exit_codes.get(rank, 1)  # a rank that raised exits 1, though it may still be exiting
+    if rank in markers:
+        return rank, code, markers[rank]["error"], markers[rank]["traceback"]
+    message = getattr(failures.get(rank), "message", "")  # a @record-ed rank's error file (dict), or a str
+    if not isinstance(message, dict):
+        return rank, code, str(message), str(message)
+    callstack = message.get("extraInfo", {}).get("py_callstack")
+    return rank, code, message.get("message", ""), callstack or message.get("message", message)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,23 +143,14 @@ def spawn_local(cfg: TrainConfig) -> int:
         with _reporting_restarts(Path(cfg.run_dir).expanduser()):
             elastic_launch(launch_cfg, worker_entry)(asdict(cfg))
     except ChildFailedError as err:
-        markers = read_failure_markers(log_dir, world)
         codes = {r: f.exitcode for r, f in err.failures.items()}
-        rank = first_failed_rank(codes, err.get_first_failure()[0], markers)
-        if rank in markers:
-            reason, message = markers[rank]["error"], markers[rank]["traceback"]
-        else:
-            message = err.failures[rank].message  # a dict from a @record-ed rank's error file, or a str
-            reason = message.get("message", "") if isinstance(message, dict) else ""
-            if isinstance(message, dict):
-                message = message.get("extraInfo", {}).get("py_callstack") or message.get("message", message)
+        rank, code, reason, trace = first_failure(err.failures, codes, err.get_first_failure()[0],
+                                                  log_dir, world)
         if reason.startswith("TrainingError: "):  # a stated reason (e.g. too many NaN steps): one line
             print(f"duet-train: error: {reason.removeprefix('TrainingError: ')}", file=sys.stderr)
             return 2
-        print(str(message).rstrip(), file=sys.stderr)
-        # a rank that raised exits 1, though it may still be exiting when its peer is seen
-        print(f"duet-train: rank {rank} failed (exit code {codes.get(rank, 1)}); all logs in {log_dir}",
-              file=sys.stderr)
+        print(str(trace).rstrip(), file=sys.stderr)
+        print(f"duet-train: rank {rank} failed (exit code {code}); all logs in {log_dir}", file=sys.stderr)
         return 1
     return 0
 
@@ -229,17 +236,13 @@ class RestartReporter:
         seen = sorted(failures) or sorted(r for r, code in codes.items() if code != 0)
         if not seen:
             return -1, "exited"
-        markers = read_failure_markers(self.run_dir / "logs", len(worker_group.workers))
-        rank = first_failed_rank(codes, seen[0], markers)
-        code = codes.get(rank, 1)  # a rank that raised exits 1, though it may still be exiting
+        rank, code, message, _ = first_failure(failures, codes, seen[0], self.run_dir / "logs",
+                                               len(worker_group.workers))
         if code < 0:
             try:
                 return rank, f"exited ({signal.Signals(-code).name})"
             except ValueError:
                 return rank, f"exited (signal {-code})"
-        message = markers[rank]["error"] if rank in markers else getattr(failures.get(rank), "message", "")
-        if isinstance(message, dict):
-            message = message.get("message", "")
         first = str(message).strip().splitlines()[0][:160] if str(message).strip() else ""
         detail = f": {first}" if first and not first.startswith("To enable traceback") else ""
         return rank, f"exited (exit code {code}{detail})"
