@@ -76,57 +76,28 @@ def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tens
     return angle_TF.cos() * k, angle_TF.sin() * k
 
 
-def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) along the last dim."""
-    return torch.stack((x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+def _phasors(cos_TF: torch.Tensor, sin_TF: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T, 1, F] unit phasors cos + i sin in the compute dtype's complex type (fp32 tables give
+    complex64, fp64 give complex128), shaped to broadcast over B and H."""
+    return torch.complex(cos_TF.to(dtype), sin_TF.to(dtype))[:, None, :]
 
 
-class _SwapPairs(torch.autograd.Function):
-    """A pair swap is a permutation that is its own transpose, so its backward is itself. Autograd's
-    own backward of flip or stack is 3-6x the forward on CPU (4 x 512 x 16 x 64 fp32: 11.6 ms fwd +
-    bwd for flip against 2.8 ms here)."""
+def _pass_and_rotate(x_BTHK: torch.Tensor, f_T1F: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor: x's leading columns copied, its last R = 2F rotated pairwise by f.
 
-    @staticmethod
-    def forward(ctx, x):
-        return _swap_pairs(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _swap_pairs(g)
-
-
-def _pair_tables(cos_TF: torch.Tensor, sin_TF: torch.Tensor, dtype: torch.dtype):
-    """(cos2_T1R, sin2_T1R) = ((cos, cos), (-sin, sin)) per pair, shaped to broadcast over B and H."""
-    cos2_T1R = cos_TF.to(dtype).repeat_interleave(2, dim=-1)[:, None, :]
-    sin2_T1R = torch.stack((-sin_TF, sin_TF), dim=-1).flatten(-2).to(dtype)[:, None, :]
-    return cos2_T1R, sin2_T1R
-
-
-def apply_rope(x_BTHR: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of the last dim by the per-position angles (computed in fp32, or in
-    fp64 for fp64 inputs: an fp32 round trip would cap fp64 reference checks at ~1e-7).
-
-    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), written as x * cos2 + swap(x) * sin2 with
-    cos2 = (cos, cos) and sin2 = (-sin, sin) per pair: the same products and sums, so the same
-    bits, in three passes over x instead of nine (no unflatten, stack and flatten)."""
-    dtype = torch.promote_types(x_BTHR.dtype, torch.float32)
-    x = x_BTHR.to(dtype)
-    return _rotate(x, *_pair_tables(cos_TF, sin_TF, dtype), swap=_SwapPairs.apply).to(x_BTHR.dtype)
-
-
-def _rotate(x: torch.Tensor, cos2_T1R: torch.Tensor, sin2_T1R: torch.Tensor,
-            swap=_swap_pairs) -> torch.Tensor:
-    """x * cos2 + swap(x) * sin2: the rotation of every pair, in the tables' dtype."""
-    return (x * cos2_T1R).add_(swap(x) * sin2_T1R)
-
-
-def _pass_and_rotate(x_BTHK: torch.Tensor, rotate, cos2_T1R: torch.Tensor) -> torch.Tensor:
-    """A new contiguous tensor: x's leading columns copied, its last R from rotate(them in the
-    tables' dtype), rounded once into x's dtype by the slice write (as apply_rope's .to)."""
-    R = cos2_T1R.shape[-1]
+    A pair (x0, x1) read as x0 + i x1 times cos + i sin is (x0 cos - x1 sin) + i (x0 sin + x1 cos):
+    the same two products and one sum per output as the written-out rotation, so on CPU (where
+    torch's complex product is a multiply and a horizontal add, no FMA) the same bits, which the
+    tests pin. It takes one pass over the pairs where the written-out form takes five (x * cos,
+    swap, swap * sin, add, and the cat inside swap). The rounded-once write into x's dtype is the
+    slice assignment's (as apply_rope's .to)."""
+    R = 2 * f_T1F.shape[-1]
     out_BTHK = torch.empty(x_BTHK.shape, dtype=x_BTHK.dtype, device=x_BTHK.device)
     out_BTHK[..., :-R] = x_BTHK[..., :-R]
-    out_BTHK[..., -R:] = rotate(x_BTHK[..., -R:].to(cos2_T1R.dtype))
+    # view_as_complex wants unit-stride pairs at even offsets: the slice of an odd-width row, or a
+    # transposed gradient, is copied once into that layout (a cast copies anyway).
+    pairs = x_BTHK[..., -R:].to(f_T1F.real.dtype).contiguous().unflatten(-1, (-1, 2))
+    out_BTHK[..., -R:] = torch.view_as_real(torch.view_as_complex(pairs) * f_T1F).flatten(-2)
     return out_BTHK
 
 
@@ -135,22 +106,31 @@ class _RopeTail(torch.autograd.Function):
 
     MLA's query is [no-rope part | rope part] of one projection. Built as split -> rope -> cat, it
     costs a pass over the whole query in the cat and another in the split's backward (which cats
-    the two gradients); here each direction writes its result once. Same arithmetic as apply_rope
-    (the backward is autograd's of it: g * cos2 + swap(g * sin2)), so the same bits."""
+    the two gradients); here each direction writes its result once. A rotation's transpose is
+    the rotation back, so the backward is the same product with the conjugate phasors: per pair
+    (g0 cos + g1 sin, g1 cos - g0 sin), the products and sums of autograd's backward of apply_rope."""
 
     @staticmethod
-    def forward(ctx, x_BTHK, cos2_T1R, sin2_T1R):
-        ctx.save_for_backward(cos2_T1R, sin2_T1R)
-        return _pass_and_rotate(x_BTHK, lambda r: _rotate(r, cos2_T1R, sin2_T1R), cos2_T1R)
+    def forward(ctx, x_BTHK, f_T1F):
+        ctx.save_for_backward(f_T1F)
+        return _pass_and_rotate(x_BTHK, f_T1F)
 
     @staticmethod
     def backward(ctx, g_BTHK):
-        cos2_T1R, sin2_T1R = ctx.saved_tensors
-        return _pass_and_rotate(g_BTHK, lambda r: (r * cos2_T1R).add_(_swap_pairs(r * sin2_T1R)),
-                                cos2_T1R), None, None
+        (f_T1F,) = ctx.saved_tensors
+        return _pass_and_rotate(g_BTHK, f_T1F.conj().resolve_conj()), None
 
 
 def rope_tail(x_BTHK: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
-    """cat([x[..., :-R], apply_rope(x[..., -R:])], -1) with R = 2F, bit for bit, in fewer passes."""
+    """cat([x[..., :-R], apply_rope(x[..., -R:])], -1) with R = 2F, in one pass each way."""
     dtype = torch.promote_types(x_BTHK.dtype, torch.float32)
-    return _RopeTail.apply(x_BTHK, *_pair_tables(cos_TF, sin_TF, dtype))
+    return _RopeTail.apply(x_BTHK, _phasors(cos_TF, sin_TF, dtype))
+
+
+def apply_rope(x_BTHR: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of the last dim by the per-position angles: (x0, x1) ->
+    (x0 cos - x1 sin, x0 sin + x1 cos), computed in fp32, or in fp64 for fp64 inputs (an fp32
+    round trip would cap fp64 reference checks at ~1e-7), rounded once into x's dtype.
+
+    It is rope_tail with nothing to pass through, so the two share one arithmetic."""
+    return rope_tail(x_BTHR, cos_TF, sin_TF)
